@@ -1,0 +1,189 @@
+"""The project's own PostgreSQL cluster: created, configured, started and stopped
+under the project's data folder, run by an unprivileged OS user because
+PostgreSQL refuses to run as root."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+
+from app import migrate
+from app.settings import PROJECT_ROOT, Settings
+
+PG_HBA = """\
+# Written by `rewards db up`.
+# The Unix socket lives in the project's data folder, reachable only by root and
+# the cluster's OS user, so local connections are trusted; TCP needs a password.
+local   all          all                     trust
+host    all          all   127.0.0.1/32      scram-sha-256
+host    replication  all   127.0.0.1/32      scram-sha-256
+"""
+
+
+def _as_owner(settings: Settings, *command: str | Path) -> list[str]:
+    """The command, run as the cluster's OS user when we are root."""
+    argv = [str(part) for part in command]
+    if os.geteuid() == 0:
+        return ["runuser", "-u", settings.pg_os_user, "--", *argv]
+    return argv
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=True, text=True, capture_output=True)
+
+
+def _ensure_os_user(settings: Settings) -> None:
+    if os.geteuid() != 0:
+        return
+    try:
+        pwd.getpwnam(settings.pg_os_user)
+    except KeyError:
+        _run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", settings.pg_os_user])
+
+
+def _grant_traverse(settings: Settings, folder: Path) -> None:
+    """Let the OS user reach the data folder: a clone under /root, say, is closed
+    to other users, so grant search (x) on just the ancestors that need it."""
+    if os.geteuid() != 0:
+        return
+    for ancestor in reversed(folder.parents):
+        probe = subprocess.run(_as_owner(settings, "test", "-x", ancestor), check=False)
+        if probe.returncode != 0:
+            _run(["setfacl", "-m", f"u:{settings.pg_os_user}:x", str(ancestor)])
+
+
+def _citus_installed(settings: Settings) -> bool:
+    pkglibdir = _run([str(settings.pg_bin / "pg_config"), "--pkglibdir"]).stdout.strip()
+    return Path(pkglibdir, "citus.so").exists()
+
+
+def _knows_setting(settings: Settings, name: str) -> bool:
+    described = _run(_as_owner(settings, settings.pg_bin / "postgres", "--describe-config")).stdout
+    return any(line.split("\t", 1)[0] == name for line in described.splitlines())
+
+
+def use_citus(settings: Settings) -> bool:
+    if settings.citus == "off":
+        return False
+    installed = _citus_installed(settings)
+    if settings.citus == "on" and not installed:
+        raise SystemExit("REWARDS_CITUS=on but the citus extension is not installed in this PostgreSQL")
+    return installed
+
+
+def _machine_conf(settings: Settings) -> str:
+    preload = (["citus"] if use_citus(settings) else []) + ["pg_cron"]
+    lines = [
+        "# Written by `rewards db up` for this machine.",
+        f"port = {settings.pg_port}",
+        f"unix_socket_directories = '{settings.socket_dir}'",
+        # citus must come first when present.
+        f"shared_preload_libraries = '{','.join(preload)}'",
+        f"cron.database_name = '{settings.database}'",
+    ]
+    # Since 15.19 only listed plugins may decode; older servers lack the setting.
+    if _knows_setting(settings, "output_plugin_libraries"):
+        lines.append("output_plugin_libraries = 'pgoutput, test_decoding, wal2json'")
+    return "\n".join(lines) + "\n"
+
+
+def _write_owned(settings: Settings, path: Path, text: str) -> None:
+    path.write_text(text)
+    if os.geteuid() == 0:
+        shutil.chown(path, settings.pg_os_user, settings.pg_os_user)
+
+
+def _initdb(settings: Settings) -> None:
+    for folder in (settings.data_dir, settings.socket_dir, settings.log_file.parent):
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(folder, settings.pg_os_user, settings.pg_os_user)
+    _grant_traverse(settings, settings.data_dir)
+    if (settings.pg_data / "PG_VERSION").exists():
+        return
+    _run(_as_owner(
+        settings, settings.pg_bin / "initdb",
+        "-D", settings.pg_data, "-U", settings.pg_superuser,
+        "--encoding=UTF8", "--locale=C.UTF-8", "--data-checksums",
+        "--auth-local=trust", "--auth-host=scram-sha-256",
+    ))
+    with (settings.pg_data / "postgresql.conf").open("a") as conf:
+        conf.write("\ninclude_dir = 'conf.d'\n")
+    (settings.pg_data / "conf.d").mkdir(exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(settings.pg_data / "conf.d", settings.pg_os_user, settings.pg_os_user)
+
+
+def _configure(settings: Settings) -> None:
+    conf_d = settings.pg_data / "conf.d"
+    _write_owned(settings, conf_d / "10-project.conf", (PROJECT_ROOT / "ops" / "postgresql.conf").read_text())
+    _write_owned(settings, conf_d / "20-machine.conf", _machine_conf(settings))
+    _write_owned(settings, settings.pg_data / "pg_hba.conf", PG_HBA)
+
+
+def is_running(settings: Settings) -> bool:
+    status = subprocess.run(
+        _as_owner(settings, settings.pg_bin / "pg_ctl", "status", "-D", settings.pg_data),
+        check=False, capture_output=True,
+    )
+    return status.returncode == 0
+
+
+def _start(settings: Settings) -> None:
+    if is_running(settings):
+        _run(_as_owner(settings, settings.pg_bin / "pg_ctl", "reload", "-D", settings.pg_data))
+        return
+    _run(_as_owner(
+        settings, settings.pg_bin / "pg_ctl", "start", "-w", "-t", "120",
+        "-D", settings.pg_data, "-l", settings.log_file,
+    ))
+
+
+def wait_ready(settings: Settings, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with psycopg.connect(settings.superuser_conninfo("postgres"), connect_timeout=2):
+                return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _prepare_database(settings: Settings) -> None:
+    with psycopg.connect(settings.superuser_conninfo("postgres"), autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (settings.database,)).fetchone()
+        if not exists:
+            conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(settings.database)))
+    if settings.citus == "on":
+        with psycopg.connect(settings.superuser_conninfo(), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS citus")
+    migrate.upgrade(settings.superuser_conninfo())
+    with psycopg.connect(settings.superuser_conninfo(), autocommit=True) as conn:
+        conn.execute(
+            psycopg.sql.SQL("ALTER ROLE rewards_api LOGIN PASSWORD {}").format(
+                psycopg.sql.Literal(settings.api_password)
+            )
+        )
+
+
+def up(settings: Settings) -> None:
+    """Create (once), configure, start and migrate. Safe to run again."""
+    _ensure_os_user(settings)
+    _initdb(settings)
+    _configure(settings)
+    _start(settings)
+    wait_ready(settings)
+    _prepare_database(settings)
+
+
+def down(settings: Settings) -> None:
+    if (settings.pg_data / "PG_VERSION").exists() and is_running(settings):
+        _run(_as_owner(settings, settings.pg_bin / "pg_ctl", "stop", "-w", "-m", "fast", "-D", settings.pg_data))

@@ -1,0 +1,38 @@
+"""Alembic, driven from Python so the CLI and the tests migrate the same way."""
+
+from __future__ import annotations
+
+from alembic import command
+from alembic.config import Config
+
+from app.settings import PROJECT_ROOT
+
+
+def _config(conninfo: str) -> Config:
+    config = Config(str(PROJECT_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
+    config.attributes["conninfo"] = conninfo
+    return config
+
+
+def upgrade(conninfo: str, revision: str = "head") -> None:
+    command.upgrade(_config(conninfo), revision)
+
+
+def current(conninfo: str) -> None:
+    command.current(_config(conninfo), verbose=True)
+
+
+def run_sql_file(path: str) -> None:
+    """Run a whole SQL file inside the migration's transaction.
+
+    It goes to psycopg as one simple-protocol query: no bind-parameter parsing of
+    the text (SQLAlchemy's would read `:name` inside strings) and dollar-quoted
+    bodies pass through untouched.
+    """
+    from alembic import op  # only importable while a migration runs
+
+    sql_text = (PROJECT_ROOT / path).read_text()
+    driver_connection = op.get_bind().connection.driver_connection
+    with driver_connection.cursor() as cursor:
+        cursor.execute(sql_text)

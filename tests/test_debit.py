@@ -1,0 +1,33 @@
+from tests.ledger import balance, credit, debit, entries, row_counts
+
+
+def test_debit_spends_available_points(db):
+    credit(db, "alice", "c1", 100)
+    result = debit(db, "alice", "d1", 30)
+    assert (result["status"], result["amount"], result["available"]) == ("ok", 30, 70)
+    assert [e["kind"] for e in entries(db, "alice")] == ["credit", "debit"]
+    assert balance(db, "alice")["lifetime_earned"] == 100
+
+
+def test_debit_of_more_than_available_is_refused_without_an_entry(db):
+    credit(db, "alice", "c1", 100)
+    refused = debit(db, "alice", "d1", 101)
+    assert refused["status"] == "insufficient_points"
+    assert refused["entry_id"] is None
+    assert refused["available"] == 100
+    assert len(entries(db, "alice")) == 1
+    assert balance(db, "alice")["available"] == 100
+
+
+def test_debit_can_spend_to_exactly_zero(db):
+    credit(db, "alice", "c1", 100)
+    assert debit(db, "alice", "d1", 100)["available"] == 0
+    assert debit(db, "alice", "d2", 1)["status"] == "insufficient_points"
+
+
+def test_a_refused_debit_replays_as_refused_even_after_funding(db):
+    refused = debit(db, "alice", "d1", 10)
+    credit(db, "alice", "c1", 100)
+    before = row_counts(db)
+    assert debit(db, "alice", "d1", 10) == refused | {"replayed": True}
+    assert row_counts(db) == before
