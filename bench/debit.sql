@@ -2,4 +2,4 @@
 -- so this measures spends, not refusals.
 \set uid random(1, :users)
 \set key random(1, 9000000000000000000)
-SELECT status FROM ledger.debit('bench-' || :uid, 'k' || :key, 1, 'bench debit');
+SELECT status FROM ledger.debit('bench-' || :uid, 'k' || :key, 1, 'bench debit', '{}');

@@ -1111,7 +1111,7 @@ BEGIN
         'ledger.balance(text)',
         'ledger.reservation(text, bigint)'
     ]::regprocedure[] LOOP
-        PERFORM create_distributed_function(v_function::text, 'p_user_id',
+        PERFORM create_distributed_function(v_function, 'p_user_id',
                                             colocate_with => 'ledger.accounts',
                                             force_delegation => true);
     END LOOP;

@@ -1,0 +1,20 @@
+# The README's commands. Each one installs what is missing first, so any of
+# them works on a fresh Debian 12 machine as root.
+UV := uv
+
+.PHONY: install run test bench stop
+
+install:
+	bash ops/install.sh
+
+run: install
+	$(UV) run rewards db up
+
+test: run
+	$(UV) run pytest
+
+bench: run
+	$(UV) run python bench/run.py
+
+stop:
+	@if command -v $(UV) >/dev/null && [ -d .venv ]; then $(UV) run rewards db down; fi

@@ -1,0 +1,87 @@
+"""Garbage in: every invalid argument raises SQLSTATE 22023 naming the argument,
+and nothing is written."""
+
+import psycopg
+import pytest
+
+from tests.ledger import CREDIT, DEBIT, RELEASE, RESERVE, credit, reserve, row_counts
+
+MAX_AMOUNT = 100_000_000
+
+
+def _ok_credit(**changes):
+    args = {"user": "alice", "key": "k1", "amount": 10, "reason": "ad view",
+            "source": None, "external_id": None, "metadata": "{}"}
+    args.update(changes)
+    return (CREDIT, tuple(args.values()))
+
+
+def _ok_reserve(**changes):
+    args = {"user": "alice", "key": "r1", "amount": 10, "ttl": 60, "reason": "voucher", "metadata": "{}"}
+    args.update(changes)
+    return (RESERVE, tuple(args.values()))
+
+
+CASES = {
+    "negative amount": (_ok_credit(amount=-5), "amount"),
+    "zero amount": (_ok_credit(amount=0), "amount"),
+    "over max amount": (_ok_credit(amount=MAX_AMOUNT + 1), "amount"),
+    "null amount": (_ok_credit(amount=None), "amount"),
+    "empty user": (_ok_credit(user=""), "user_id"),
+    "overlong user": (_ok_credit(user="u" * 65), "user_id"),
+    "user with a space": (_ok_credit(user="al ice"), "user_id"),
+    "user with unicode": (_ok_credit(user="alicé"), "user_id"),
+    "null user": (_ok_credit(user=None), "user_id"),
+    "empty key": (_ok_credit(key=""), "idempotency_key"),
+    "overlong key": (_ok_credit(key="k" * 256), "idempotency_key"),
+    "key with a space": (_ok_credit(key="a b"), "idempotency_key"),
+    "key with a newline": (_ok_credit(key="ab\n"), "idempotency_key"),
+    "null key": (_ok_credit(key=None), "idempotency_key"),
+    "empty reason": (_ok_credit(reason=""), "reason"),
+    "overlong reason": (_ok_credit(reason="r" * 201), "reason"),
+    "reason with control character": (_ok_credit(reason="a\x07b"), "reason"),
+    "null reason": (_ok_credit(reason=None), "reason"),
+    "metadata array": (_ok_credit(metadata="[1, 2]"), "metadata"),
+    "metadata scalar": (_ok_credit(metadata='"x"'), "metadata"),
+    "metadata too large": (_ok_credit(metadata='{"x": "' + "y" * 5000 + '"}'), "metadata"),
+    "null metadata": (_ok_credit(metadata=None), "metadata"),
+    "source without external id": (_ok_credit(source="adnet"), "action"),
+    "external id without source": (_ok_credit(external_id="e1"), "action"),
+    "bad source": (_ok_credit(source="ad net", external_id="e1"), "action_source"),
+    "bad external id": (_ok_credit(source="adnet", external_id=""), "action_external_id"),
+    "debit zero": ((DEBIT, ("alice", "d1", 0, "gift", "{}")), "amount"),
+    "debit null user": ((DEBIT, (None, "d1", 5, "gift", "{}")), "user_id"),
+    "reserve ttl zero": (_ok_reserve(ttl=0), "ttl_seconds"),
+    "reserve ttl negative": (_ok_reserve(ttl=-1), "ttl_seconds"),
+    "reserve ttl over a week": (_ok_reserve(ttl=7 * 86400 + 1), "ttl_seconds"),
+    "reserve ttl null": (_ok_reserve(ttl=None), "ttl_seconds"),
+    "reserve amount over max": (_ok_reserve(amount=MAX_AMOUNT + 1), "amount"),
+    "release null id": ((RELEASE, ("alice", "x1", None)), "reservation_id"),
+    "release negative id": ((RELEASE, ("alice", "x1", -1)), "reservation_id"),
+    "commit zero amount": (("SELECT * FROM ledger.commit_reservation('alice', 'c1', 1, 0)", ()), "amount"),
+    "page limit zero": (("SELECT * FROM ledger.entries_page('alice', NULL, 0)", ()), "limit"),
+    "page limit huge": (("SELECT * FROM ledger.entries_page('alice', NULL, 501)", ()), "limit"),
+    "balance of a bad user": (("SELECT * FROM ledger.balance('no way')", ()), "user_id"),
+}
+
+
+@pytest.mark.parametrize("call, argument", CASES.values(), ids=CASES.keys())
+def test_invalid_arguments_raise_22023_and_write_nothing(db, call, argument):
+    credit(db, "alice", "seed", 100)
+    reserve(db, "alice", "seed-hold", 10)
+    before = row_counts(db)
+    query, params = call
+
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as raised:
+        db.execute(query, params)
+
+    assert raised.value.diag.sqlstate == "22023"
+    assert raised.value.diag.column_name == argument
+    assert row_counts(db) == before
+
+
+def test_an_amount_beyond_bigint_fails_before_the_call(db):
+    before = row_counts(db)
+    with pytest.raises(psycopg.errors.NumericValueOutOfRange):
+        db.execute("SELECT * FROM ledger.credit('alice', 'k', '99999999999999999999'::bigint, 'x', NULL, NULL, '{}')")
+    assert row_counts(db) == before
