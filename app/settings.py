@@ -17,6 +17,9 @@ class Settings:
     pg_port: int
     pg_os_user: str
     pg_superuser: str
+    # Where the superuser connects: the cluster's socket folder unless set (a
+    # host name reaches a server elsewhere, with PGPASSWORD as libpq reads it).
+    pg_host: str | None
     database: str
     # "auto": preload citus when the extension is installed; "on": also create it in
     # the service database so the migration distributes the tables; "off": never.
@@ -39,7 +42,7 @@ class Settings:
     def superuser_conninfo(self, dbname: str | None = None) -> str:
         """libpq conninfo for the superuser over the cluster's Unix socket."""
         return (
-            f"host={self.socket_dir} port={self.pg_port} user={self.pg_superuser} "
+            f"host={self.pg_host or self.socket_dir} port={self.pg_port} user={self.pg_superuser} "
             f"dbname={dbname or self.database}"
         )
 
@@ -58,6 +61,7 @@ def load() -> Settings:
         pg_port=int(env.get("REWARDS_PG_PORT", "54329")),
         pg_os_user=env.get("REWARDS_PG_OS_USER", "rewards"),
         pg_superuser=env.get("REWARDS_PG_SUPERUSER", "postgres"),
+        pg_host=env.get("REWARDS_PG_HOST") or None,
         database=env.get("REWARDS_DATABASE", "rewards"),
         citus=env.get("REWARDS_CITUS", "auto"),
         api_password=env.get("REWARDS_API_DB_PASSWORD", "rewards-api-dev"),

@@ -1,4 +1,4 @@
--- One immediate debit per transaction; accounts are funded by bench/run.sh first,
+-- One immediate debit per transaction; accounts are funded by bench/run.py first,
 -- so this measures spends, not refusals.
 \set uid random(1, :users)
 \set key random(1, 9000000000000000000)
