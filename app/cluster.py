@@ -174,13 +174,19 @@ def _prepare_database(settings: Settings) -> None:
         )
 
 
-def up(settings: Settings) -> None:
-    """Create (once), configure, start and migrate. Safe to run again."""
+def start_node(settings: Settings) -> None:
+    """Create (once), configure and start a cluster, without touching its databases:
+    enough for a Citus worker, whose schema the coordinator manages."""
     _ensure_os_user(settings)
     _initdb(settings)
     _configure(settings)
     _start(settings)
     wait_ready(settings)
+
+
+def up(settings: Settings) -> None:
+    """Create (once), configure, start and migrate. Safe to run again."""
+    start_node(settings)
     _prepare_database(settings)
 
 

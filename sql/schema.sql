@@ -17,15 +17,34 @@
 -- ===========================================================================
 
 DO $roles$
+DECLARE
+    v_create constant text := $create$
+        DO $do$
+        BEGIN
+            IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_owner') THEN
+                -- Owns every ledger object; nobody logs in as it.
+                CREATE ROLE rewards_owner NOLOGIN;
+            END IF;
+            IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_api') THEN
+                -- The API's role: may execute the public functions and nothing else.
+                -- `rewards db up` gives it LOGIN and a password.
+                CREATE ROLE rewards_api NOLOGIN;
+            END IF;
+        END
+        $do$
+    $create$;
+    v_failures text;
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_owner') THEN
-        -- Owns every ledger object; nobody logs in as it.
-        CREATE ROLE rewards_owner NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_api') THEN
-        -- The API's role: may execute the public functions and nothing else.
-        -- `rewards db up` gives it LOGIN and a password.
-        CREATE ROLE rewards_api NOLOGIN;
+    EXECUTE v_create;
+    IF EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        -- Roles belong to the cluster, not the database, and Citus does not carry
+        -- roles that existed before its extension to the workers: make them there too.
+        SELECT string_agg(format('%s:%s: %s', nodename, nodeport, result), '; ') INTO v_failures
+        FROM run_command_on_workers(v_create)
+        WHERE NOT success;
+        IF v_failures IS NOT NULL THEN
+            RAISE EXCEPTION 'could not create the ledger roles on the workers: %', v_failures;
+        END IF;
     END IF;
 END
 $roles$;
@@ -36,10 +55,6 @@ $roles$;
 
 CREATE SCHEMA ledger AUTHORIZATION rewards_owner;
 REVOKE ALL ON SCHEMA ledger FROM PUBLIC;
-
--- Everything below until RESET ROLE is owned by rewards_owner, so the
--- SECURITY DEFINER functions run with its rights, never a superuser's.
-SET ROLE rewards_owner;
 
 -- ===========================================================================
 -- Types
@@ -1021,7 +1036,37 @@ CREATE TRIGGER reservations_end_once
     BEFORE UPDATE OR DELETE ON ledger.reservations
     FOR EACH ROW EXECUTE FUNCTION ledger._guard_reservation();
 
-RESET ROLE;
+-- ===========================================================================
+-- Ownership: every ledger object belongs to rewards_owner, so the SECURITY
+-- DEFINER functions run with its rights, never a superuser's. (Created as the
+-- migrating superuser and handed over, rather than created under SET ROLE,
+-- because Citus would open its connections to the workers as that NOLOGIN role.)
+-- ===========================================================================
+
+DO $owner$
+DECLARE
+    v_object record;
+BEGIN
+    FOR v_object IN
+        SELECT format('ALTER %s %s OWNER TO rewards_owner',
+                      CASE c.relkind WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END,
+                      c.oid::regclass) AS command
+        FROM pg_catalog.pg_class c
+        WHERE c.relnamespace = 'ledger'::regnamespace AND c.relkind IN ('r', 'p', 'v')
+        UNION ALL
+        SELECT format('ALTER ROUTINE %s OWNER TO rewards_owner', p.oid::regprocedure)
+        FROM pg_catalog.pg_proc p
+        WHERE p.pronamespace = 'ledger'::regnamespace
+        UNION ALL
+        SELECT format('ALTER TYPE %s OWNER TO rewards_owner', t.oid::regtype)
+        FROM pg_catalog.pg_type t
+        JOIN pg_catalog.pg_class c ON c.oid = t.typrelid
+        WHERE t.typnamespace = 'ledger'::regnamespace AND c.relkind = 'c'
+    LOOP
+        EXECUTE v_object.command;
+    END LOOP;
+END
+$owner$;
 
 -- ===========================================================================
 -- Configuration
@@ -1099,21 +1144,32 @@ BEGIN
     PERFORM create_distributed_table('ledger.reservations', 'user_id', colocate_with => 'ledger.accounts');
     PERFORM create_distributed_table('ledger.idempotency_keys', 'user_id', colocate_with => 'ledger.accounts');
 
-    -- Each public write runs wholly on the worker that holds its user, even
-    -- inside a transaction block (force_delegation).
-    FOREACH v_function IN ARRAY ARRAY[
-        'ledger.credit(text, text, bigint, text, text, text, jsonb)',
-        'ledger.debit(text, text, bigint, text, jsonb)',
-        'ledger.reserve(text, text, bigint, integer, text, jsonb)',
-        'ledger.commit_reservation(text, text, bigint, bigint, text, jsonb)',
-        'ledger.release_reservation(text, text, bigint, text, jsonb)',
-        'ledger._expire_one(text, bigint)',
-        'ledger.balance(text)',
-        'ledger.reservation(text, bigint)'
-    ]::regprocedure[] LOOP
-        PERFORM create_distributed_function(v_function, 'p_user_id',
-                                            colocate_with => 'ledger.accounts',
-                                            force_delegation => true);
+    -- Each public call runs wholly on the worker that holds its user, even
+    -- inside a transaction block (force_delegation). The helpers it calls are
+    -- distributed too, without an argument, which puts them on every worker.
+    FOR v_function IN
+        SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+        WHERE p.pronamespace = 'ledger'::regnamespace AND p.prokind = 'f'
+        ORDER BY p.proname LIKE '\_%' DESC  -- helpers first
+    LOOP
+        IF v_function = ANY (ARRAY[
+            'ledger.credit(text, text, bigint, text, text, text, jsonb)',
+            'ledger.debit(text, text, bigint, text, jsonb)',
+            'ledger.reserve(text, text, bigint, integer, text, jsonb)',
+            'ledger.commit_reservation(text, text, bigint, bigint, text, jsonb)',
+            'ledger.release_reservation(text, text, bigint, text, jsonb)',
+            'ledger._expire_one(text, bigint)',
+            'ledger.balance(text)',
+            'ledger.entries_page(text, bigint, integer)',
+            'ledger.reservation(text, bigint)',
+            'ledger.verify_chain(text)'
+        ]::regprocedure[]) THEN
+            PERFORM create_distributed_function(v_function, 'p_user_id',
+                                                colocate_with => 'ledger.accounts',
+                                                force_delegation => true);
+        ELSE
+            PERFORM create_distributed_function(v_function);
+        END IF;
     END LOOP;
 END
 $citus$;

@@ -3,6 +3,7 @@ settings a reference table, the functions distributed by their user argument."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterator
 
@@ -11,7 +12,7 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from app import migrate
+from app import cluster, migrate
 from tests.conftest import SETTINGS
 from tests.ledger import balance, commit, credit, debit, reserve, unreconciled_accounts
 
@@ -92,3 +93,106 @@ def test_the_ledger_works_on_citus(cdb):
     assert balance(cdb, user)["available"] == 70
     assert cdb.execute("SELECT ok FROM ledger.verify_chain(%s)", (user,)).fetchone()["ok"] is True
     assert unreconciled_accounts(cdb) == []
+
+
+# --- a coordinator and a worker: every shard on the worker -------------------
+
+@pytest.fixture(scope="module")
+def two_node_db() -> Iterator[str]:
+    """A database on the project's cluster as coordinator, with a second cluster
+    (under the data folder, next port) as its only worker."""
+    reason = _citus_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    worker = dataclasses.replace(SETTINGS, data_dir=SETTINGS.data_dir / "citus-worker",
+                                 pg_port=SETTINGS.pg_port + 1)
+    cluster.start_node(worker)
+    name = f"rewards_2node_{uuid.uuid4().hex[:10]}"
+    nodes = (SETTINGS, worker)
+    try:
+        for node in nodes:
+            with psycopg.connect(node.superuser_conninfo("postgres"), autocommit=True) as admin:
+                admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            with psycopg.connect(node.superuser_conninfo(name), autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION citus")
+        with psycopg.connect(SETTINGS.superuser_conninfo(name), autocommit=True) as conn:
+            conn.execute("SELECT citus_set_coordinator_host(%s, %s)", (str(SETTINGS.socket_dir), SETTINGS.pg_port))
+            conn.execute("SELECT citus_add_node(%s, %s)", (str(worker.socket_dir), worker.pg_port))
+        migrate.upgrade(SETTINGS.superuser_conninfo(name))
+        yield name
+    finally:
+        for node in reversed(nodes):
+            with psycopg.connect(node.superuser_conninfo("postgres"), autocommit=True) as admin:
+                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        cluster.down(worker)
+
+
+@pytest.fixture
+def coordinator(two_node_db: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(SETTINGS.superuser_conninfo(two_node_db), autocommit=True, row_factory=dict_row) as conn:
+        yield conn
+
+
+def _remote_commands(conn: psycopg.Connection, call) -> list[str]:
+    """What the coordinator sends to workers while `call` runs."""
+    seen: list[str] = []
+    conn.add_notice_handler(lambda notice: seen.append(notice.message_primary))
+    conn.execute("SET citus.log_remote_commands = on")
+    conn.execute("SET client_min_messages = log")
+    try:
+        call()
+    finally:
+        conn.execute("RESET client_min_messages")
+        conn.execute("RESET citus.log_remote_commands")
+    return [message for message in seen if message.startswith("issuing")]
+
+
+def test_every_shard_is_on_the_worker(coordinator):
+    ports = coordinator.execute(
+        "SELECT DISTINCT nodeport FROM citus_shards WHERE table_name::text LIKE 'ledger.%'"
+        " AND citus_table_type = 'distributed'"
+    ).fetchall()
+    assert ports == [{"nodeport": SETTINGS.pg_port + 1}]
+
+
+def test_a_credit_runs_wholly_on_the_worker_as_one_call(coordinator):
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    results = []
+    sent = _remote_commands(coordinator, lambda: results.append(credit(coordinator, user, "c1", 100)))
+    assert results[0]["status"] == "ok"
+    # One statement crosses to the worker: the call itself, not its inner queries.
+    assert len([s for s in sent if "ledger." in s]) == 1
+    assert any("ledger.credit(" in s for s in sent)
+
+
+def test_a_call_inside_a_transaction_block_is_still_delegated(coordinator):
+    user = f"u-{uuid.uuid4().hex[:8]}"
+
+    def in_transaction():
+        with coordinator.transaction():
+            credit(coordinator, user, "c1", 100)
+            debit(coordinator, user, "d1", 30)
+
+    sent = _remote_commands(coordinator, in_transaction)
+    assert any("ledger.credit(" in s for s in sent) and any("ledger.debit(" in s for s in sent)
+    assert not any("INSERT INTO ledger.entries" in s for s in sent)
+    assert balance(coordinator, user)["available"] == 70
+
+
+def test_the_ledger_holds_its_guarantees_across_nodes(coordinator, two_node_db):
+    from tests.test_concurrency import _together
+
+    user = f"u-{uuid.uuid4().hex[:8]}"
+    credit(coordinator, user, "fund", 100)
+    dsn = SETTINGS.superuser_conninfo(two_node_db)
+    storm = _together(dsn, lambda conn, i: credit(conn, user, "same-key", 5), count=20)
+    assert len({r["entry_id"] for r in storm}) == 1
+    spends = _together(dsn, lambda conn, i: debit(conn, user, f"spend-{i}", 7), count=20)
+    assert sum(r["status"] == "ok" for r in spends) == 105 // 7
+    assert balance(coordinator, user)["available"] == 0
+    credit(coordinator, user, "top-up", 10)
+    held = reserve(coordinator, user, "r1", 5)
+    assert held["status"] == "ok"
+    assert commit(coordinator, user, "m1", held["reservation_id"])["status"] == "ok"
+    assert coordinator.execute("SELECT ok FROM ledger.verify_chain(%s)", (user,)).fetchone()["ok"] is True
+    assert unreconciled_accounts(coordinator) == []
