@@ -20,7 +20,12 @@ DO $roles$
 DECLARE
     v_create constant text := $create$
         DO $do$
+        DECLARE
+            v_propagation constant text := current_setting('citus.enable_ddl_propagation', true);
         BEGIN
+            -- Citus would carry a CREATE ROLE on a worker back to the other nodes
+            -- as "create or alter", resetting attributes such as LOGIN there.
+            PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', 'off', true);
             IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_owner') THEN
                 -- Owns every ledger object; nobody logs in as it.
                 CREATE ROLE rewards_owner NOLOGIN;
@@ -29,6 +34,9 @@ DECLARE
                 -- The API's role: may execute the public functions and nothing else.
                 -- `rewards db up` gives it LOGIN and a password.
                 CREATE ROLE rewards_api NOLOGIN;
+            END IF;
+            IF v_propagation IS NOT NULL THEN
+                PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', v_propagation, true);
             END IF;
         END
         $do$

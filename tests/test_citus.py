@@ -4,6 +4,7 @@ settings a reference table, the functions distributed by their user argument."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import uuid
 from collections.abc import Iterator
 
@@ -125,6 +126,8 @@ def two_node_db() -> Iterator[str]:
             with psycopg.connect(node.superuser_conninfo("postgres"), autocommit=True) as admin:
                 admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         cluster.down(worker)
+        # A new worker each run, as on a fresh machine.
+        shutil.rmtree(worker.data_dir)
 
 
 @pytest.fixture
