@@ -85,3 +85,18 @@ def test_an_amount_beyond_bigint_fails_before_the_call(db):
     with pytest.raises(psycopg.errors.NumericValueOutOfRange):
         db.execute("SELECT * FROM ledger.credit('alice', 'k', '99999999999999999999'::bigint, 'x', NULL, NULL, '{}')")
     assert row_counts(db) == before
+
+
+@pytest.mark.parametrize("statement, constraint", [
+    ("INSERT INTO ledger.accounts (user_id) VALUES ('bad user')", "user_id_format"),
+    ("INSERT INTO ledger.accounts (user_id) VALUES ('')", "user_id_format"),
+    ("INSERT INTO ledger.idempotency_keys (user_id, idempotency_key, operation, request_hash, status,"
+     " available, reserved) VALUES ('alice', 'bad key', 'credit', '\\x00', 'ok', 0, 0)", "idempotency_key_format"),
+    ("UPDATE ledger.accounts SET available = -1", "accounts_available_nonnegative"),
+    ("UPDATE ledger.accounts SET reserved = -1", "accounts_reserved_nonnegative"),
+])
+def test_the_tables_hold_the_rules_whatever_the_code_does(db, statement, constraint):
+    credit(db, "alice", "seed", 100)
+    with pytest.raises(psycopg.errors.CheckViolation) as raised:
+        db.execute(statement)
+    assert raised.value.diag.constraint_name == constraint
