@@ -68,13 +68,11 @@ REVOKE ALL ON SCHEMA ledger FROM PUBLIC;
 -- Types
 -- ===========================================================================
 
--- The identifier rules, held by the database whatever the code does. Domains
--- rather than table CHECKs: a domain is checked where a value enters the column
--- (and its check is cached per session), while a table CHECK is rebuilt and
--- re-run on every UPDATE of the row, though user ids never change.
-CREATE DOMAIN ledger.user_id AS text
-    CONSTRAINT user_id_format CHECK (length(VALUE) BETWEEN 1 AND 64 AND VALUE !~ '[^A-Za-z0-9._:-]');
-
+-- An idempotency key's rule, held by the database whatever the code does. A
+-- domain rather than a table CHECK: it is checked where a value enters the
+-- column, with its check cached per session, where a table CHECK is rebuilt for
+-- every statement. (user_id cannot be a domain: Citus will not coerce the text
+-- argument of a delegated call to a domain-typed distribution column.)
 CREATE DOMAIN ledger.idempotency_key AS text
     CONSTRAINT idempotency_key_format CHECK (octet_length(VALUE) BETWEEN 1 AND 255 AND VALUE !~ '[^!-~]');
 
@@ -156,7 +154,7 @@ CREATE TABLE ledger.settings (
 
 -- One row per user: the balance the ledger sums to, and the head of its hash chain.
 CREATE TABLE ledger.accounts (
-    user_id          ledger.user_id NOT NULL,
+    user_id          text NOT NULL,
     available        bigint NOT NULL DEFAULT 0,
     reserved         bigint NOT NULL DEFAULT 0,
     lifetime_earned  bigint NOT NULL DEFAULT 0,
@@ -166,6 +164,7 @@ CREATE TABLE ledger.accounts (
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT accounts_pkey PRIMARY KEY (user_id),
+    CONSTRAINT accounts_user_id_format CHECK (length(user_id) BETWEEN 1 AND 64 AND user_id !~ '[^A-Za-z0-9._:-]'),
     CONSTRAINT accounts_available_nonnegative CHECK (available >= 0),
     CONSTRAINT accounts_reserved_nonnegative CHECK (reserved >= 0),
     -- One constraint for the rest: each CHECK is rebuilt for every UPDATE statement.
@@ -176,7 +175,7 @@ CREATE TABLE ledger.accounts (
 
 -- The ledger: append-only, one row per balance change, chained per account by hash.
 CREATE TABLE ledger.entries (
-    user_id             ledger.user_id NOT NULL,
+    user_id             text NOT NULL,
     entry_id            bigserial NOT NULL,
     -- position in the account's chain: 1, 2, 3, ... with no gaps
     seq                 bigint NOT NULL,
@@ -216,7 +215,7 @@ CREATE UNIQUE INDEX entries_action_once
 
 -- Points held for a redemption until it is committed, released or expired.
 CREATE TABLE ledger.reservations (
-    user_id           ledger.user_id NOT NULL,
+    user_id           text NOT NULL,
     reservation_id    bigserial NOT NULL,
     amount            bigint NOT NULL,
     status            text NOT NULL DEFAULT 'open',
@@ -245,7 +244,7 @@ CREATE INDEX reservations_open_deadline
 -- One row per idempotency key: the request's fingerprint and the result it got,
 -- so a retry gets the same answer and changes nothing.
 CREATE TABLE ledger.idempotency_keys (
-    user_id          ledger.user_id NOT NULL,
+    user_id          text NOT NULL,
     idempotency_key  ledger.idempotency_key NOT NULL,
     operation        text NOT NULL,
     request_hash     bytea NOT NULL,

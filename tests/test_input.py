@@ -88,8 +88,8 @@ def test_an_amount_beyond_bigint_fails_before_the_call(db):
 
 
 @pytest.mark.parametrize("statement, constraint", [
-    ("INSERT INTO ledger.accounts (user_id) VALUES ('bad user')", "user_id_format"),
-    ("INSERT INTO ledger.accounts (user_id) VALUES ('')", "user_id_format"),
+    ("INSERT INTO ledger.accounts (user_id) VALUES ('bad user')", "accounts_user_id_format"),
+    ("INSERT INTO ledger.accounts (user_id) VALUES ('')", "accounts_user_id_format"),
     ("INSERT INTO ledger.idempotency_keys (user_id, idempotency_key, operation, request_hash, status,"
      " available, reserved) VALUES ('alice', 'bad key', 'credit', '\\x00', 'ok', 0, 0)", "idempotency_key_format"),
     ("UPDATE ledger.accounts SET available = -1", "accounts_available_nonnegative"),
