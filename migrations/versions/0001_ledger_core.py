@@ -1,9 +1,8 @@
 """Ledger core: accounts, entries, reservations, idempotency keys and their functions.
 
-The baseline is sql/schema.sql itself. The first later revision must freeze it
-(copy sql/schema.sql as it stood into migrations/sql/0001.sql and run that here);
-every later revision carries only its change (migrations/sql/<revision>.sql) and
-edits sql/schema.sql to match, which tests/test_migrations.py holds it to.
+sql/schema.sql as it stood at this revision, frozen in migrations/sql/. Every
+later revision carries only its change (migrations/sql/<revision>.sql) and edits
+sql/schema.sql to match, which tests/test_migrations.py holds it to.
 
 Revision ID: 0001
 Revises:
@@ -19,7 +18,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    run_sql_file("sql/schema.sql")
+    run_sql_file("migrations/sql/0001_ledger_core.sql")
 
 
 def downgrade() -> None:

@@ -1,0 +1,1 @@
+"""The HTTP API: Litestar over PgBouncer, one SQL function call per request."""

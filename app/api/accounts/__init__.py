@@ -1,0 +1,1 @@
+"""Accounts: credits, debits, reservations, balance and history of one user."""

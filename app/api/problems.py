@@ -1,0 +1,48 @@
+"""RFC 9457 problem details: one stable `type` per cause."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar.exceptions import HTTPException
+from litestar.plugins.problem_details import ProblemDetailsException
+
+TYPE_PREFIX = "urn:rewards-ledger:problem:"
+
+# cause -> (HTTP status, title)
+CAUSES: dict[str, tuple[int, str]] = {
+    "validation": (400, "The request is not valid"),
+    "unauthorized": (401, "A valid API key is required"),
+    "forbidden": (403, "The API key lacks the scope this needs"),
+    "not-found": (404, "No such resource"),
+    "method-not-allowed": (405, "Method not allowed"),
+    "payload-too-large": (413, "The request body is too large"),
+    "unsupported-media-type": (415, "The request body must be JSON"),
+    "insufficient-points": (409, "Not enough available points"),
+    "action-already-credited": (409, "This action has already earned points"),
+    "reservation-not-open": (409, "The reservation has already ended"),
+    "amount-exceeds-reservation": (409, "The amount is more than the reservation holds"),
+    "idempotency-key-reused": (422, "The idempotency key was used for a different request"),
+    "rate-limited": (429, "Too many requests"),
+    "overloaded": (503, "The service is busy; retry after the given delay"),
+    "unavailable": (503, "The database is unavailable; retry after the given delay"),
+    "internal": (500, "Internal error"),
+}
+
+_CAUSE_BY_STATUS = {status: cause for cause, (status, _) in CAUSES.items()}
+
+
+def problem(cause: str, detail: str = "", *, headers: dict[str, str] | None = None,
+            extra: dict[str, Any] | None = None) -> ProblemDetailsException:
+    status, title = CAUSES[cause]
+    return ProblemDetailsException(
+        status_code=status, type_=TYPE_PREFIX + cause, title=title, detail=detail,
+        headers=headers, extra=extra,
+    )
+
+
+def from_http_exception(exc: HTTPException) -> ProblemDetailsException:
+    """Litestar's own refusals (bad JSON, wrong types, unknown routes...) as problems."""
+    cause = _CAUSE_BY_STATUS.get(exc.status_code, "validation" if exc.status_code < 500 else "internal")
+    extra = {"errors": exc.extra} if isinstance(exc.extra, list) else exc.extra
+    return problem(cause, detail=exc.detail, headers=exc.headers, extra=extra)

@@ -1,0 +1,167 @@
+"""Token buckets per user (earning and redeeming apart), per API key and global,
+shared by every API process through Redis.
+
+Written here rather than taken from a library: the ones at hand count requests
+in fixed or sliding windows, one limit per call; these buckets need all three
+tiers taken or refused together in one atomic round trip, which one Lua script
+does. When Redis does not answer, each process keeps serving from buckets of
+its own (the same algorithm, in memory), says so once in the log and in a
+metric, and goes back to Redis by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as redis
+from litestar.connection import ASGIConnection
+from litestar.handlers import BaseRouteHandler
+
+from app.api import metrics
+from app.api.problems import problem
+from app.settings import Settings, Tier
+
+log = logging.getLogger("rewards.ratelimit")
+
+# KEYS: the buckets. ARGV: cost, then rate and burst of each bucket in turn.
+# Takes `cost` from every bucket, or from none when any is short; answers
+# {allowed, retry_after_ms, remaining, burst, ms_until_full} for the tightest bucket.
+_TAKE = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local cost = tonumber(ARGV[1])
+local levels = {}
+local wait, tight = 0, 1
+for i = 1, #KEYS do
+  local rate, burst = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local state = redis.call('HMGET', KEYS[i], 'level', 'at')
+  local level = tonumber(state[1]) or burst
+  local at = tonumber(state[2]) or now
+  level = math.min(burst, level + math.max(0, now - at) * rate / 1000)
+  levels[i] = level
+  local short = (cost - level) * 1000 / rate
+  if short > wait then wait, tight = short, i end
+end
+if wait > 0 then
+  return {0, math.ceil(wait), math.floor(levels[tight]), tonumber(ARGV[2 * tight + 1]), 0}
+end
+local least = 1
+for i = 1, #KEYS do
+  local rate, burst = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  levels[i] = levels[i] - cost
+  redis.call('HSET', KEYS[i], 'level', tostring(levels[i]), 'at', now)
+  redis.call('PEXPIRE', KEYS[i], math.ceil(burst * 1000 / rate) + 1000)
+  if levels[i] / burst < levels[least] / tonumber(ARGV[2 * least + 1]) then least = i end
+end
+local rate, burst = tonumber(ARGV[2 * least]), tonumber(ARGV[2 * least + 1])
+return {1, 0, math.floor(levels[least]), burst, math.ceil((burst - levels[least]) * 1000 / rate)}
+"""
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    retry_after_ms: int
+    remaining: int
+    limit: int
+    reset_ms: int
+
+    def headers(self) -> dict[str, str]:
+        headers = {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(max(self.remaining, 0)),
+            "RateLimit-Reset": str(math.ceil((self.retry_after_ms or self.reset_ms) / 1000)),
+        }
+        if not self.allowed:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after_ms / 1000)))
+        return headers
+
+
+class _LocalBuckets:
+    """The same buckets in this process's memory, for while Redis is away."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, buckets: list[tuple[str, Tier]], cost: int = 1) -> Decision:
+        now = time.monotonic() * 1000
+        levels = []
+        wait, tight = 0.0, 0
+        for i, (key, tier) in enumerate(buckets):
+            level, at = self._buckets.get(key, (tier.burst, now))
+            level = min(tier.burst, level + max(0.0, now - at) * tier.rate / 1000)
+            levels.append(level)
+            short = (cost - level) * 1000 / tier.rate
+            if short > wait:
+                wait, tight = short, i
+        if wait > 0:
+            return Decision(False, math.ceil(wait), math.floor(levels[tight]), buckets[tight][1].burst, 0)
+        for i, (key, _) in enumerate(buckets):
+            levels[i] -= cost
+            self._buckets[key] = (levels[i], now)
+        least = min(range(len(buckets)), key=lambda i: levels[i] / buckets[i][1].burst)
+        tier = buckets[least][1]
+        return Decision(True, 0, math.floor(levels[least]), tier.burst,
+                        math.ceil((tier.burst - levels[least]) * 1000 / tier.rate))
+
+
+class RateLimiter:
+    RETRY_REDIS_AFTER = 5.0
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._redis = redis.from_url(settings.redis_url, socket_timeout=0.1, socket_connect_timeout=0.1)
+        self._take = self._redis.register_script(_TAKE)
+        self._local = _LocalBuckets()
+        self._redis_down_until = 0.0
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    def buckets(self, kind: str, user_id: str | None, key_id: int) -> list[tuple[str, Tier]]:
+        s, prefix = self.settings, self.settings.redis_prefix
+        chosen = [(f"{prefix}:rl:global", s.rate_global), (f"{prefix}:rl:key:{key_id}", s.rate_api_key)]
+        if user_id is not None and kind in ("earn", "redeem"):
+            tier = s.rate_user_earn if kind == "earn" else s.rate_user_redeem
+            chosen.append((f"{prefix}:rl:user:{kind}:{user_id}", tier))
+        return chosen
+
+    async def take(self, buckets: list[tuple[str, Tier]]) -> Decision:
+        if time.monotonic() >= self._redis_down_until:
+            args: list[float] = [1]
+            for _, tier in buckets:
+                args += [tier.rate, tier.burst]
+            try:
+                answer = await self._take(keys=[key for key, _ in buckets], args=args)
+            except (redis.RedisError, OSError) as exc:
+                if self._redis_down_until == 0.0:
+                    log.warning("redis unreachable, rate limiting per process until it answers: %s", exc)
+                    metrics.RATELIMIT_FALLBACK.set(1)
+                self._redis_down_until = time.monotonic() + self.RETRY_REDIS_AFTER
+            else:
+                if self._redis_down_until:
+                    log.warning("redis answers again, rate limits are shared again")
+                    metrics.RATELIMIT_FALLBACK.set(0)
+                    self._redis_down_until = 0.0
+                return Decision(bool(answer[0]), *(int(v) for v in answer[1:]))
+        return self._local.take(buckets)
+
+
+def rate_limited(kind: str):
+    """A guard: take a token from each of the request's buckets or refuse with 429.
+    `kind` is "earn", "redeem" or "read" (reads share only the key and global buckets)."""
+
+    async def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        limiter: RateLimiter = connection.app.state.rate_limiter
+        user_id = connection.path_params.get("user_id")
+        decision = await limiter.take(limiter.buckets(kind, user_id, connection.user.key_id))
+        connection.state.rate_limit = decision
+        if not decision.allowed:
+            metrics.RATE_LIMITED.labels(kind).inc()
+            raise problem("rate-limited", "a rate limit is exhausted; retry after the given delay",
+                          headers=decision.headers())
+
+    return guard

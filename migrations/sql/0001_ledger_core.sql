@@ -1,0 +1,1207 @@
+-- Rewards Ledger: the whole current schema.
+--
+-- Migrations apply this file (migrations/versions/); tests prove that a database
+-- migrated to head equals one built fresh from here. Sections, in order:
+--   roles, schema, types, tables, constraints and indexes, private functions,
+--   public functions, triggers, privileges, comments, distribution (Citus),
+--   schedule (pg_cron).
+--
+-- Every name is schema-qualified because Citus does not propagate search_path to
+-- the workers that run pushed-down calls. Balance-changing writes go through
+-- ledger._append_entry only, so a balance can never move without a ledger entry.
+-- Locks are always taken in one order: the account row first, then the
+-- reservation row.
+
+-- ===========================================================================
+-- Roles (cluster-wide, so created only when missing)
+-- ===========================================================================
+
+DO $roles$
+DECLARE
+    v_create constant text := $create$
+        DO $do$
+        DECLARE
+            v_propagation constant text := current_setting('citus.enable_ddl_propagation', true);
+        BEGIN
+            -- Citus would carry a CREATE ROLE on a worker back to the other nodes
+            -- as "create or alter", resetting attributes such as LOGIN there.
+            PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', 'off', true);
+            IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_owner') THEN
+                -- Owns every ledger object; nobody logs in as it.
+                CREATE ROLE rewards_owner NOLOGIN;
+            END IF;
+            IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_api') THEN
+                -- The API's role: may execute the public functions and nothing else.
+                -- `rewards db up` gives it LOGIN and a password.
+                CREATE ROLE rewards_api NOLOGIN;
+            END IF;
+            IF v_propagation IS NOT NULL THEN
+                PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', v_propagation, true);
+            END IF;
+        END
+        $do$
+    $create$;
+    v_failures text;
+BEGIN
+    EXECUTE v_create;
+    IF EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        -- Roles belong to the cluster, not the database, and Citus does not carry
+        -- roles that existed before its extension to the workers: make them there too.
+        SELECT string_agg(format('%s:%s: %s', nodename, nodeport, result), '; ') INTO v_failures
+        FROM run_command_on_workers(v_create)
+        WHERE NOT success;
+        IF v_failures IS NOT NULL THEN
+            RAISE EXCEPTION 'could not create the ledger roles on the workers: %', v_failures;
+        END IF;
+    END IF;
+END
+$roles$;
+
+-- ===========================================================================
+-- Schema
+-- ===========================================================================
+
+CREATE SCHEMA ledger AUTHORIZATION rewards_owner;
+REVOKE ALL ON SCHEMA ledger FROM PUBLIC;
+
+-- ===========================================================================
+-- Types
+-- ===========================================================================
+
+-- An idempotency key's rule, held by the database whatever the code does. A
+-- domain rather than a table CHECK: it is checked where a value enters the
+-- column, with its check cached per session, where a table CHECK is rebuilt for
+-- every statement. (user_id cannot be a domain: Citus will not coerce the text
+-- argument of a delegated call to a domain-typed distribution column.)
+CREATE DOMAIN ledger.idempotency_key AS text
+    CONSTRAINT idempotency_key_format CHECK (octet_length(VALUE) BETWEEN 1 AND 255 AND VALUE !~ '[^!-~]');
+
+-- What every write function returns. `status` is 'ok' or a business refusal the
+-- caller branches on (see sql/README.md); genuine errors raise instead.
+CREATE TYPE ledger.result AS (
+    status          text,
+    user_id         text,
+    entry_id        bigint,
+    reservation_id  bigint,
+    amount          bigint,
+    available       bigint,
+    reserved        bigint,
+    expires_at      timestamptz,
+    created_at      timestamptz,
+    replayed        boolean
+);
+
+-- The shape every ledger entry must have, by kind (see entries_well_formed).
+CREATE FUNCTION ledger._entry_well_formed(
+    p_kind text,
+    p_seq bigint,
+    p_amount bigint,
+    p_available_delta bigint,
+    p_reserved_delta bigint,
+    p_reservation_id bigint,
+    p_action_source text,
+    p_action_external_id text,
+    p_idempotency_key text,
+    p_prev_hash bytea,
+    p_hash bytea
+)
+RETURNS boolean
+LANGUAGE plpgsql
+IMMUTABLE
+PARALLEL SAFE
+AS $$
+BEGIN
+    RETURN p_seq > 0
+        AND octet_length(p_hash) = 32 AND octet_length(p_prev_hash) = 32
+        -- only expiries, which the database does on its own, come without a key
+        AND (p_idempotency_key IS NULL) = (p_kind = 'expire')
+        -- only credits carry a verified action, as a (source, external id) pair
+        AND (p_action_source IS NULL) = (p_action_external_id IS NULL)
+        AND (p_action_source IS NULL OR p_kind = 'credit')
+        -- every kind but credit and debit belongs to a reservation
+        AND (p_reservation_id IS NULL) = (p_kind IN ('credit', 'debit'))
+        AND CASE p_kind
+            WHEN 'credit'  THEN p_available_delta = p_amount AND p_reserved_delta = 0
+            WHEN 'debit'   THEN p_available_delta = -p_amount AND p_reserved_delta = 0
+            WHEN 'reserve' THEN p_available_delta = -p_amount AND p_reserved_delta = p_amount
+            -- commit: the hold leaves `reserved`; what is not spent returns to `available`
+            WHEN 'commit'  THEN p_reserved_delta < 0 AND p_available_delta >= 0
+                                AND p_available_delta + p_amount = -p_reserved_delta
+            WHEN 'release' THEN p_available_delta = p_amount AND p_reserved_delta = -p_amount
+            WHEN 'expire'  THEN p_available_delta = p_amount AND p_reserved_delta = -p_amount
+            ELSE false
+        END;
+END;
+$$;
+
+-- ===========================================================================
+-- Tables
+-- ===========================================================================
+
+-- Operating limits. One row; a reference table under Citus.
+CREATE TABLE ledger.settings (
+    singleton            boolean PRIMARY KEY DEFAULT true,
+    max_amount           bigint NOT NULL,
+    max_reservation_ttl  interval NOT NULL,
+    max_metadata_bytes   integer NOT NULL,
+    max_reason_length    integer NOT NULL,
+    CONSTRAINT settings_singleton CHECK (singleton),
+    CONSTRAINT settings_max_amount_positive CHECK (max_amount > 0),
+    CONSTRAINT settings_ttl_positive CHECK (max_reservation_ttl >= interval '1 second'),
+    CONSTRAINT settings_metadata_positive CHECK (max_metadata_bytes > 1),
+    CONSTRAINT settings_reason_positive CHECK (max_reason_length > 0)
+);
+
+-- One row per user: the balance the ledger sums to, and the head of its hash chain.
+CREATE TABLE ledger.accounts (
+    user_id          text NOT NULL,
+    available        bigint NOT NULL DEFAULT 0,
+    reserved         bigint NOT NULL DEFAULT 0,
+    lifetime_earned  bigint NOT NULL DEFAULT 0,
+    -- seq of the newest entry; 0 before the first one
+    version          bigint NOT NULL DEFAULT 0,
+    last_entry_hash  bytea NOT NULL DEFAULT '\x0000000000000000000000000000000000000000000000000000000000000000',
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT accounts_pkey PRIMARY KEY (user_id),
+    CONSTRAINT accounts_user_id_format CHECK (length(user_id) BETWEEN 1 AND 64 AND user_id !~ '[^A-Za-z0-9._:-]'),
+    CONSTRAINT accounts_available_nonnegative CHECK (available >= 0),
+    CONSTRAINT accounts_reserved_nonnegative CHECK (reserved >= 0),
+    -- One constraint for the rest: each CHECK is rebuilt for every UPDATE statement.
+    CONSTRAINT accounts_counters_valid CHECK (
+        lifetime_earned >= 0 AND version >= 0 AND octet_length(last_entry_hash) = 32
+    )
+) WITH (fillfactor = 80);  -- room for HOT updates: only the row changes, never its key
+
+-- The ledger: append-only, one row per balance change, chained per account by hash.
+CREATE TABLE ledger.entries (
+    user_id             text NOT NULL,
+    entry_id            bigserial NOT NULL,
+    -- position in the account's chain: 1, 2, 3, ... with no gaps
+    seq                 bigint NOT NULL,
+    kind                text NOT NULL,
+    -- credit/debit/reserve/release/expire: the points moved; commit: the points spent
+    amount              bigint NOT NULL,
+    available_delta     bigint NOT NULL,
+    reserved_delta      bigint NOT NULL,
+    available_after     bigint NOT NULL,
+    reserved_after      bigint NOT NULL,
+    reservation_id      bigint,
+    reason              text NOT NULL,
+    action_source       text,
+    action_external_id  text,
+    metadata            jsonb NOT NULL DEFAULT '{}',
+    -- NULL only for expiries, which the database does on its own
+    idempotency_key     text,
+    created_at          timestamptz NOT NULL,
+    prev_hash           bytea NOT NULL,
+    hash                bytea NOT NULL,
+    CONSTRAINT entries_pkey PRIMARY KEY (user_id, entry_id),
+    CONSTRAINT entries_seq_key UNIQUE (user_id, seq),
+    CONSTRAINT entries_amount_positive CHECK (amount > 0),
+    CONSTRAINT entries_after_nonnegative CHECK (available_after >= 0 AND reserved_after >= 0),
+    -- The per-kind rules live in one function: PostgreSQL rebuilds every CHECK
+    -- expression for each INSERT statement, and one call is far cheaper to
+    -- rebuild than the same rules spelled out as a large expression.
+    CONSTRAINT entries_well_formed CHECK (ledger._entry_well_formed(
+        kind, seq, amount, available_delta, reserved_delta, reservation_id,
+        action_source, action_external_id, idempotency_key, prev_hash, hash))
+);
+
+-- A verified action earns points once per user, ever.
+CREATE UNIQUE INDEX entries_action_once
+    ON ledger.entries (user_id, action_source, action_external_id)
+    WHERE action_source IS NOT NULL;
+
+-- Points held for a redemption until it is committed, released or expired.
+CREATE TABLE ledger.reservations (
+    user_id           text NOT NULL,
+    reservation_id    bigserial NOT NULL,
+    amount            bigint NOT NULL,
+    status            text NOT NULL DEFAULT 'open',
+    committed_amount  bigint,
+    reason            text NOT NULL,
+    metadata          jsonb NOT NULL DEFAULT '{}',
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    expires_at        timestamptz NOT NULL,
+    ended_at          timestamptz,
+    CONSTRAINT reservations_pkey PRIMARY KEY (user_id, reservation_id),
+    CONSTRAINT reservations_amount_positive CHECK (amount > 0),
+    CONSTRAINT reservations_status CHECK (status IN ('open', 'committed', 'released', 'expired')),
+    CONSTRAINT reservations_committed_amount CHECK (
+        (status = 'committed') = (committed_amount IS NOT NULL)
+        AND (committed_amount IS NULL OR committed_amount BETWEEN 1 AND amount)
+    ),
+    CONSTRAINT reservations_ended CHECK ((status = 'open') = (ended_at IS NULL)),
+    CONSTRAINT reservations_deadline CHECK (expires_at > created_at)
+);
+
+-- What the expiry job scans: only open reservations, by deadline.
+CREATE INDEX reservations_open_deadline
+    ON ledger.reservations (expires_at)
+    WHERE status = 'open';
+
+-- One row per idempotency key: the request's fingerprint and the result it got,
+-- so a retry gets the same answer and changes nothing.
+CREATE TABLE ledger.idempotency_keys (
+    user_id          text NOT NULL,
+    idempotency_key  ledger.idempotency_key NOT NULL,
+    operation        text NOT NULL,
+    request_hash     bytea NOT NULL,
+    status           text NOT NULL,
+    entry_id         bigint,
+    reservation_id   bigint,
+    amount           bigint,
+    available        bigint NOT NULL,
+    reserved         bigint NOT NULL,
+    expires_at       timestamptz,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT idempotency_keys_pkey PRIMARY KEY (user_id, idempotency_key),
+    CONSTRAINT idempotency_keys_operation CHECK (
+        operation IN ('credit', 'debit', 'reserve', 'commit', 'release')
+    )
+);
+
+-- ===========================================================================
+-- Views: what the read functions return
+-- ===========================================================================
+
+CREATE VIEW ledger.balances AS
+    SELECT user_id, available, reserved, lifetime_earned, version, updated_at
+    FROM ledger.accounts;
+
+CREATE VIEW ledger.account_entries AS
+    SELECT user_id, entry_id, seq, kind, amount, available_delta, reserved_delta,
+           available_after, reserved_after, reservation_id, reason,
+           action_source, action_external_id, metadata, created_at
+    FROM ledger.entries;
+
+CREATE VIEW ledger.reservation_states AS
+    SELECT user_id, reservation_id, amount, status, committed_amount, reason,
+           metadata, created_at, expires_at, ended_at
+    FROM ledger.reservations;
+
+-- ===========================================================================
+-- Private functions
+-- ===========================================================================
+
+-- The two identifier shapes. Plain SQL expressions, so the planner inlines them;
+-- the table CHECK constraints spell the same rules out again.
+-- A user id or action source: 1-64 characters of A-Z a-z 0-9 . _ : -
+CREATE FUNCTION ledger._is_name(p_value text)
+RETURNS boolean
+LANGUAGE sql
+IMMUTABLE
+PARALLEL SAFE
+AS $$
+    SELECT coalesce(length(p_value) BETWEEN 1 AND 64 AND p_value !~ '[^A-Za-z0-9._:-]', false);
+$$;
+
+-- An idempotency key or external id: 1-255 visible ASCII characters.
+CREATE FUNCTION ledger._is_token(p_value text)
+RETURNS boolean
+LANGUAGE sql
+IMMUTABLE
+PARALLEL SAFE
+AS $$
+    SELECT coalesce(octet_length(p_value) BETWEEN 1 AND 255 AND p_value !~ '[^!-~]', false);
+$$;
+
+-- Raise the one error every invalid argument gets: SQLSTATE 22023 with the
+-- argument's name in the COLUMN field, which callers map without reading text.
+CREATE FUNCTION ledger._invalid(p_argument text, p_message text)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION USING
+        ERRCODE = 'invalid_parameter_value',
+        COLUMN = p_argument,
+        MESSAGE = format('invalid %s: %s', p_argument, p_message);
+END;
+$$;
+
+CREATE FUNCTION ledger._settings()
+RETURNS ledger.settings
+LANGUAGE plpgsql
+STABLE
+AS $$
+BEGIN
+    RETURN (SELECT s FROM ledger.settings AS s WHERE s.singleton);
+END;
+$$;
+
+-- The checks every write shares: user id, idempotency key, reason, metadata.
+CREATE FUNCTION ledger._check_request(
+    p_settings ledger.settings,
+    p_user_id text,
+    p_idempotency_key text,
+    p_reason text,
+    p_metadata jsonb
+)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF NOT ledger._is_name(p_user_id) THEN
+        PERFORM ledger._invalid('user_id', 'must be 1-64 characters of A-Z a-z 0-9 . _ : -');
+    END IF;
+    IF NOT ledger._is_token(p_idempotency_key) THEN
+        PERFORM ledger._invalid('idempotency_key', 'must be 1-255 visible ASCII characters');
+    END IF;
+    IF p_reason IS NULL OR length(p_reason) NOT BETWEEN 1 AND p_settings.max_reason_length
+       OR p_reason ~ '[[:cntrl:]]' THEN
+        PERFORM ledger._invalid('reason', format(
+            'must be 1-%s characters without control characters', p_settings.max_reason_length));
+    END IF;
+    IF p_metadata IS NULL OR jsonb_typeof(p_metadata) <> 'object'
+       OR octet_length(p_metadata::text) > p_settings.max_metadata_bytes THEN
+        PERFORM ledger._invalid('metadata', format(
+            'must be a JSON object of at most %s bytes', p_settings.max_metadata_bytes));
+    END IF;
+END;
+$$;
+
+CREATE FUNCTION ledger._check_amount(p_settings ledger.settings, p_argument text, p_amount bigint)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF p_amount IS NULL OR p_amount < 1 OR p_amount > p_settings.max_amount THEN
+        PERFORM ledger._invalid(p_argument, format('must be an integer from 1 to %s', p_settings.max_amount));
+    END IF;
+END;
+$$;
+
+-- Lock the account row, creating it on first use. Every write starts here, so
+-- all writes of one user (and every retry of one key) serialize on this row.
+CREATE FUNCTION ledger._lock_account(p_user_id text)
+RETURNS ledger.accounts
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_account ledger.accounts;
+BEGIN
+    SELECT * INTO v_account FROM ledger.accounts WHERE user_id = p_user_id FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO ledger.accounts (user_id) VALUES (p_user_id) ON CONFLICT (user_id) DO NOTHING;
+        SELECT * INTO STRICT v_account FROM ledger.accounts WHERE user_id = p_user_id FOR UPDATE;
+    END IF;
+    RETURN v_account;
+END;
+$$;
+
+-- The earlier result for this key: replayed when the request is the same,
+-- 'idempotency_key_reused' when it differs, NULL when the key is new (test
+-- .status: a row value IS NOT NULL only when every field is). Call only with
+-- the account locked.
+CREATE FUNCTION ledger._replay(
+    p_account ledger.accounts,
+    p_idempotency_key text,
+    p_operation text,
+    p_request_hash bytea
+)
+RETURNS ledger.result
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_key ledger.idempotency_keys;
+BEGIN
+    SELECT * INTO v_key FROM ledger.idempotency_keys
+    WHERE user_id = p_account.user_id AND idempotency_key = p_idempotency_key;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF v_key.operation <> p_operation OR v_key.request_hash <> p_request_hash THEN
+        RETURN ROW('idempotency_key_reused', p_account.user_id, NULL, NULL, NULL,
+                   p_account.available, p_account.reserved, NULL, NULL, false)::ledger.result;
+    END IF;
+    RETURN ROW(v_key.status, v_key.user_id, v_key.entry_id, v_key.reservation_id, v_key.amount,
+               v_key.available, v_key.reserved, v_key.expires_at, v_key.created_at, true)::ledger.result;
+END;
+$$;
+
+-- Store the result under its key, then hand it back for the caller to return.
+CREATE FUNCTION ledger._remember(
+    p_idempotency_key text,
+    p_operation text,
+    p_request_hash bytea,
+    p_result ledger.result
+)
+RETURNS ledger.result
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    INSERT INTO ledger.idempotency_keys (
+        user_id, idempotency_key, operation, request_hash, status, entry_id,
+        reservation_id, amount, available, reserved, expires_at, created_at)
+    VALUES (
+        p_result.user_id, p_idempotency_key, p_operation, p_request_hash, p_result.status,
+        p_result.entry_id, p_result.reservation_id, p_result.amount, p_result.available,
+        p_result.reserved, p_result.expires_at, p_result.created_at);
+    RETURN p_result;
+END;
+$$;
+
+-- A refusal that changes no balance, reported with the account as it stands.
+CREATE FUNCTION ledger._refusal(p_status text, p_account ledger.accounts, p_reservation_id bigint DEFAULT NULL)
+RETURNS ledger.result
+LANGUAGE plpgsql
+STABLE
+AS $$
+BEGIN
+    RETURN ROW(p_status, p_account.user_id, NULL, p_reservation_id, NULL,
+                   p_account.available, p_account.reserved, NULL, now(), false)::ledger.result;
+END;
+$$;
+
+-- Fingerprint of a request, to tell a retry from a different request under the same key.
+CREATE FUNCTION ledger._fingerprint(p_request jsonb)
+RETURNS bytea
+LANGUAGE plpgsql
+IMMUTABLE
+PARALLEL SAFE
+AS $$
+BEGIN
+    RETURN sha256(convert_to(p_request::text, 'UTF8'));
+END;
+$$;
+
+-- sha256(previous hash || canonical bytes of the entry). The canonical form is
+-- a JSON array: unambiguous whatever the text fields hold, and independent of
+-- the session's time zone because the time is in epoch microseconds.
+CREATE FUNCTION ledger._entry_hash(p_prev_hash bytea, p_entry ledger.entries)
+RETURNS bytea
+LANGUAGE plpgsql
+IMMUTABLE
+PARALLEL SAFE
+AS $$
+BEGIN
+    RETURN sha256(p_prev_hash || convert_to(jsonb_build_array(
+            p_entry.user_id, p_entry.entry_id, p_entry.seq, p_entry.kind, p_entry.amount,
+            p_entry.available_delta, p_entry.reserved_delta, p_entry.available_after,
+            p_entry.reserved_after, p_entry.reservation_id, p_entry.reason,
+            p_entry.action_source, p_entry.action_external_id, p_entry.metadata,
+            p_entry.idempotency_key,
+            (extract(epoch FROM p_entry.created_at) * 1000000)::bigint
+        )::text, 'UTF8'));
+END;
+$$;
+
+-- The one place a balance changes: appends the entry (chained to the account's
+-- last hash) and moves the account in the same transaction.
+-- Call only with the account locked; p_account is its locked row.
+CREATE FUNCTION ledger._append_entry(
+    p_account ledger.accounts,
+    p_kind text,
+    p_amount bigint,
+    p_available_delta bigint,
+    p_reserved_delta bigint,
+    p_reservation_id bigint,
+    p_reason text,
+    p_metadata jsonb,
+    p_idempotency_key text,
+    p_action_source text DEFAULT NULL,
+    p_action_external_id text DEFAULT NULL
+)
+RETURNS ledger.entries
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_entry ledger.entries;
+BEGIN
+    v_entry.user_id := p_account.user_id;
+    v_entry.entry_id := nextval('ledger.entries_entry_id_seq');
+    v_entry.seq := p_account.version + 1;
+    v_entry.kind := p_kind;
+    v_entry.amount := p_amount;
+    v_entry.available_delta := p_available_delta;
+    v_entry.reserved_delta := p_reserved_delta;
+    v_entry.available_after := p_account.available + p_available_delta;
+    v_entry.reserved_after := p_account.reserved + p_reserved_delta;
+    v_entry.reservation_id := p_reservation_id;
+    v_entry.reason := p_reason;
+    v_entry.action_source := p_action_source;
+    v_entry.action_external_id := p_action_external_id;
+    v_entry.metadata := p_metadata;
+    v_entry.idempotency_key := p_idempotency_key;
+    v_entry.created_at := now();
+    v_entry.prev_hash := p_account.last_entry_hash;
+    v_entry.hash := ledger._entry_hash(v_entry.prev_hash, v_entry);
+
+    INSERT INTO ledger.entries SELECT v_entry.*;
+
+    UPDATE ledger.accounts SET
+        available = v_entry.available_after,
+        reserved = v_entry.reserved_after,
+        lifetime_earned = lifetime_earned + CASE WHEN p_kind = 'credit' THEN p_amount ELSE 0 END,
+        version = v_entry.seq,
+        last_entry_hash = v_entry.hash,
+        updated_at = v_entry.created_at
+    WHERE user_id = p_account.user_id;
+
+    RETURN v_entry;
+END;
+$$;
+
+CREATE FUNCTION ledger._entry_result(p_entry ledger.entries, p_expires_at timestamptz DEFAULT NULL)
+RETURNS ledger.result
+LANGUAGE plpgsql
+IMMUTABLE
+AS $$
+BEGIN
+    RETURN ROW('ok', p_entry.user_id, p_entry.entry_id, p_entry.reservation_id, p_entry.amount,
+                   p_entry.available_after, p_entry.reserved_after, p_expires_at,
+                   p_entry.created_at, false)::ledger.result;
+END;
+$$;
+
+-- End an open reservation: the held points leave `reserved`; whatever is not
+-- spent goes back to `available`. Call only with account and reservation locked.
+CREATE FUNCTION ledger._end_reservation(
+    p_account ledger.accounts,
+    p_reservation ledger.reservations,
+    p_status text,
+    p_spent bigint,
+    p_idempotency_key text,
+    p_reason text,
+    p_metadata jsonb
+)
+RETURNS ledger.entries
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_entry ledger.entries;
+BEGIN
+    v_entry := ledger._append_entry(
+        p_account,
+        CASE p_status WHEN 'committed' THEN 'commit' WHEN 'released' THEN 'release' ELSE 'expire' END,
+        coalesce(p_spent, p_reservation.amount),
+        p_reservation.amount - coalesce(p_spent, 0),
+        -p_reservation.amount,
+        p_reservation.reservation_id,
+        p_reason,
+        p_metadata,
+        p_idempotency_key);
+    UPDATE ledger.reservations SET
+        status = p_status,
+        committed_amount = p_spent,
+        ended_at = v_entry.created_at
+    WHERE user_id = p_reservation.user_id AND reservation_id = p_reservation.reservation_id;
+    RETURN v_entry;
+END;
+$$;
+
+-- Expire one reservation if it is still open and past its deadline. Locks the
+-- account, then the reservation; true when it expired it.
+CREATE FUNCTION ledger._expire_one(p_user_id text, p_reservation_id bigint)
+RETURNS boolean
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_account ledger.accounts;
+    v_reservation ledger.reservations;
+BEGIN
+    SELECT * INTO v_account FROM ledger.accounts WHERE user_id = p_user_id FOR UPDATE;
+    SELECT * INTO v_reservation FROM ledger.reservations
+    WHERE user_id = p_user_id AND reservation_id = p_reservation_id FOR UPDATE;
+    IF NOT FOUND OR v_reservation.status <> 'open' OR v_reservation.expires_at > now() THEN
+        RETURN false;
+    END IF;
+    PERFORM ledger._end_reservation(v_account, v_reservation, 'expired', NULL, NULL,
+                                    'reservation expired', '{}'::jsonb);
+    RETURN true;
+END;
+$$;
+
+-- Commit and release share everything but the final step.
+CREATE FUNCTION ledger._finish_reservation(
+    p_operation text,
+    p_user_id text,
+    p_idempotency_key text,
+    p_reservation_id bigint,
+    p_amount bigint,
+    p_reason text,
+    p_metadata jsonb
+)
+RETURNS ledger.result
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_settings ledger.settings := ledger._settings();
+    v_account ledger.accounts;
+    v_reservation ledger.reservations;
+    v_request bytea;
+    v_result ledger.result;
+    v_entry ledger.entries;
+BEGIN
+    PERFORM ledger._check_request(v_settings, p_user_id, p_idempotency_key, p_reason, p_metadata);
+    IF p_reservation_id IS NULL OR p_reservation_id < 1 THEN
+        PERFORM ledger._invalid('reservation_id', 'must be a positive integer');
+    END IF;
+    IF p_amount IS NOT NULL THEN
+        PERFORM ledger._check_amount(v_settings, 'amount', p_amount);
+    END IF;
+
+    v_account := ledger._lock_account(p_user_id);
+    v_request := ledger._fingerprint(jsonb_build_array(p_reservation_id, p_amount, p_reason, p_metadata));
+    v_result := ledger._replay(v_account, p_idempotency_key, p_operation, v_request);
+    IF v_result.status IS NOT NULL THEN
+        RETURN v_result;
+    END IF;
+
+    SELECT * INTO v_reservation FROM ledger.reservations
+    WHERE user_id = p_user_id AND reservation_id = p_reservation_id FOR UPDATE;
+    IF NOT FOUND THEN
+        v_result := ledger._refusal('reservation_not_found', v_account, p_reservation_id);
+    ELSIF v_reservation.status <> 'open' THEN
+        v_result := ledger._refusal('reservation_' || v_reservation.status, v_account, p_reservation_id);
+    ELSIF v_reservation.expires_at <= now() THEN
+        -- Past its deadline but not yet swept: it ends now, as expired, exactly
+        -- as the scheduled job would have ended it.
+        v_entry := ledger._end_reservation(v_account, v_reservation, 'expired', NULL, NULL,
+                                           'reservation expired', '{}'::jsonb);
+        v_result := ledger._entry_result(v_entry);
+        v_result.status := 'reservation_expired';
+    ELSIF p_amount > v_reservation.amount THEN
+        v_result := ledger._refusal('amount_exceeds_reservation', v_account, p_reservation_id);
+    ELSE
+        v_entry := ledger._end_reservation(
+            v_account, v_reservation,
+            CASE p_operation WHEN 'commit' THEN 'committed' ELSE 'released' END,
+            CASE p_operation WHEN 'commit' THEN coalesce(p_amount, v_reservation.amount) END,
+            p_idempotency_key, p_reason, p_metadata);
+        v_result := ledger._entry_result(v_entry);
+    END IF;
+    RETURN ledger._remember(p_idempotency_key, p_operation, v_request, v_result);
+END;
+$$;
+
+-- ===========================================================================
+-- Public functions
+-- ===========================================================================
+
+CREATE FUNCTION ledger.credit(
+    p_user_id text,
+    p_idempotency_key text,
+    p_amount bigint,
+    p_reason text,
+    p_action_source text DEFAULT NULL,
+    p_action_external_id text DEFAULT NULL,
+    p_metadata jsonb DEFAULT '{}'
+)
+RETURNS ledger.result
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_settings ledger.settings := ledger._settings();
+    v_account ledger.accounts;
+    v_request bytea;
+    v_result ledger.result;
+BEGIN
+    PERFORM ledger._check_request(v_settings, p_user_id, p_idempotency_key, p_reason, p_metadata);
+    PERFORM ledger._check_amount(v_settings, 'amount', p_amount);
+    IF (p_action_source IS NULL) <> (p_action_external_id IS NULL) THEN
+        PERFORM ledger._invalid('action', 'source and external_id come together or not at all');
+    END IF;
+    IF p_action_source IS NOT NULL AND NOT ledger._is_name(p_action_source) THEN
+        PERFORM ledger._invalid('action_source', 'must be 1-64 characters of A-Z a-z 0-9 . _ : -');
+    END IF;
+    IF p_action_external_id IS NOT NULL AND NOT ledger._is_token(p_action_external_id) THEN
+        PERFORM ledger._invalid('action_external_id', 'must be 1-255 visible ASCII characters');
+    END IF;
+
+    v_account := ledger._lock_account(p_user_id);
+    v_request := ledger._fingerprint(jsonb_build_array(
+        p_amount, p_reason, p_action_source, p_action_external_id, p_metadata));
+    v_result := ledger._replay(v_account, p_idempotency_key, 'credit', v_request);
+    IF v_result.status IS NOT NULL THEN
+        RETURN v_result;
+    END IF;
+
+    IF p_action_source IS NOT NULL AND EXISTS (
+        SELECT FROM ledger.entries
+        WHERE user_id = p_user_id
+          AND action_source = p_action_source
+          AND action_external_id = p_action_external_id
+    ) THEN
+        v_result := ledger._refusal('action_already_credited', v_account);
+    ELSE
+        v_result := ledger._entry_result(ledger._append_entry(
+            v_account, 'credit', p_amount, p_amount, 0, NULL, p_reason, p_metadata,
+            p_idempotency_key, p_action_source, p_action_external_id));
+    END IF;
+    RETURN ledger._remember(p_idempotency_key, 'credit', v_request, v_result);
+END;
+$$;
+
+CREATE FUNCTION ledger.debit(
+    p_user_id text,
+    p_idempotency_key text,
+    p_amount bigint,
+    p_reason text,
+    p_metadata jsonb DEFAULT '{}'
+)
+RETURNS ledger.result
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_settings ledger.settings := ledger._settings();
+    v_account ledger.accounts;
+    v_request bytea;
+    v_result ledger.result;
+BEGIN
+    PERFORM ledger._check_request(v_settings, p_user_id, p_idempotency_key, p_reason, p_metadata);
+    PERFORM ledger._check_amount(v_settings, 'amount', p_amount);
+
+    v_account := ledger._lock_account(p_user_id);
+    v_request := ledger._fingerprint(jsonb_build_array(p_amount, p_reason, p_metadata));
+    v_result := ledger._replay(v_account, p_idempotency_key, 'debit', v_request);
+    IF v_result.status IS NOT NULL THEN
+        RETURN v_result;
+    END IF;
+
+    IF v_account.available < p_amount THEN
+        v_result := ledger._refusal('insufficient_points', v_account);
+    ELSE
+        v_result := ledger._entry_result(ledger._append_entry(
+            v_account, 'debit', p_amount, -p_amount, 0, NULL, p_reason, p_metadata, p_idempotency_key));
+    END IF;
+    RETURN ledger._remember(p_idempotency_key, 'debit', v_request, v_result);
+END;
+$$;
+
+CREATE FUNCTION ledger.reserve(
+    p_user_id text,
+    p_idempotency_key text,
+    p_amount bigint,
+    p_ttl_seconds integer,
+    p_reason text,
+    p_metadata jsonb DEFAULT '{}'
+)
+RETURNS ledger.result
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_settings ledger.settings := ledger._settings();
+    v_account ledger.accounts;
+    v_request bytea;
+    v_result ledger.result;
+    v_reservation ledger.reservations;
+BEGIN
+    PERFORM ledger._check_request(v_settings, p_user_id, p_idempotency_key, p_reason, p_metadata);
+    PERFORM ledger._check_amount(v_settings, 'amount', p_amount);
+    IF p_ttl_seconds IS NULL OR p_ttl_seconds < 1
+       OR make_interval(secs => p_ttl_seconds) > v_settings.max_reservation_ttl THEN
+        PERFORM ledger._invalid('ttl_seconds', format(
+            'must be from 1 to %s seconds', extract(epoch FROM v_settings.max_reservation_ttl)::bigint));
+    END IF;
+
+    v_account := ledger._lock_account(p_user_id);
+    v_request := ledger._fingerprint(jsonb_build_array(p_amount, p_ttl_seconds, p_reason, p_metadata));
+    v_result := ledger._replay(v_account, p_idempotency_key, 'reserve', v_request);
+    IF v_result.status IS NOT NULL THEN
+        RETURN v_result;
+    END IF;
+
+    IF v_account.available < p_amount THEN
+        v_result := ledger._refusal('insufficient_points', v_account);
+    ELSE
+        INSERT INTO ledger.reservations (user_id, amount, reason, metadata, expires_at)
+        VALUES (p_user_id, p_amount, p_reason, p_metadata, now() + make_interval(secs => p_ttl_seconds))
+        RETURNING * INTO v_reservation;
+        v_result := ledger._entry_result(
+            ledger._append_entry(v_account, 'reserve', p_amount, -p_amount, p_amount,
+                                 v_reservation.reservation_id, p_reason, p_metadata, p_idempotency_key),
+            v_reservation.expires_at);
+    END IF;
+    RETURN ledger._remember(p_idempotency_key, 'reserve', v_request, v_result);
+END;
+$$;
+
+CREATE FUNCTION ledger.commit_reservation(
+    p_user_id text,
+    p_idempotency_key text,
+    p_reservation_id bigint,
+    p_amount bigint DEFAULT NULL,
+    p_reason text DEFAULT 'redemption',
+    p_metadata jsonb DEFAULT '{}'
+)
+RETURNS ledger.result
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN ledger._finish_reservation('commit', p_user_id, p_idempotency_key, p_reservation_id,
+                                          p_amount, p_reason, p_metadata);
+END;
+$$;
+
+CREATE FUNCTION ledger.release_reservation(
+    p_user_id text,
+    p_idempotency_key text,
+    p_reservation_id bigint,
+    p_reason text DEFAULT 'released',
+    p_metadata jsonb DEFAULT '{}'
+)
+RETURNS ledger.result
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN ledger._finish_reservation('release', p_user_id, p_idempotency_key, p_reservation_id,
+                                          NULL, p_reason, p_metadata);
+END;
+$$;
+
+-- Ends every open reservation whose deadline has passed, committing after each
+-- batch so no account stays locked for long. Bounded by the deadline at the
+-- start, so a stream of new expiries cannot keep it running.
+-- Not SECURITY DEFINER: PostgreSQL refuses COMMIT in such procedures. pg_cron
+-- runs it as the superuser who scheduled it; by hand, a DBA does.
+CREATE PROCEDURE ledger.expire_reservations(INOUT expired bigint DEFAULT 0, batch_size integer DEFAULT 100)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_cutoff timestamptz := clock_timestamp();
+    v_due record;
+    v_in_batch integer;
+BEGIN
+    expired := 0;
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        PERFORM ledger._invalid('batch_size', 'must be a positive integer');
+    END IF;
+    LOOP
+        v_in_batch := 0;
+        FOR v_due IN
+            SELECT user_id, reservation_id FROM ledger.reservations
+            WHERE status = 'open' AND expires_at <= v_cutoff
+            ORDER BY expires_at
+            LIMIT batch_size
+        LOOP
+            v_in_batch := v_in_batch + 1;
+            IF ledger._expire_one(v_due.user_id, v_due.reservation_id) THEN
+                expired := expired + 1;
+            END IF;
+        END LOOP;
+        EXIT WHEN v_in_batch < batch_size;
+        COMMIT;
+    END LOOP;
+END;
+$$;
+
+CREATE FUNCTION ledger.balance(p_user_id text)
+RETURNS ledger.balances
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_balance ledger.balances;
+BEGIN
+    IF NOT ledger._is_name(p_user_id) THEN
+        PERFORM ledger._invalid('user_id', 'must be 1-64 characters of A-Z a-z 0-9 . _ : -');
+    END IF;
+    SELECT * INTO v_balance FROM ledger.balances WHERE user_id = p_user_id;
+    IF NOT FOUND THEN
+        -- A user who never had points reads as zeros; reads create nothing.
+        v_balance := ROW(p_user_id, 0, 0, 0, 0, NULL)::ledger.balances;
+    END IF;
+    RETURN v_balance;
+END;
+$$;
+
+-- One page of an account's entries, newest first. Pass the last seq of the
+-- previous page as p_before_seq to get the next one.
+CREATE FUNCTION ledger.entries_page(p_user_id text, p_before_seq bigint DEFAULT NULL, p_limit integer DEFAULT 50)
+RETURNS SETOF ledger.account_entries
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT ledger._is_name(p_user_id) THEN
+        PERFORM ledger._invalid('user_id', 'must be 1-64 characters of A-Z a-z 0-9 . _ : -');
+    END IF;
+    IF p_limit IS NULL OR p_limit NOT BETWEEN 1 AND 500 THEN
+        PERFORM ledger._invalid('limit', 'must be from 1 to 500');
+    END IF;
+    IF p_before_seq < 1 THEN
+        PERFORM ledger._invalid('before_seq', 'must be a positive integer');
+    END IF;
+    RETURN QUERY
+        SELECT * FROM ledger.account_entries
+        WHERE user_id = p_user_id AND seq < coalesce(p_before_seq, 9223372036854775807)
+        ORDER BY seq DESC
+        LIMIT p_limit;
+END;
+$$;
+
+CREATE FUNCTION ledger.reservation(p_user_id text, p_reservation_id bigint)
+RETURNS ledger.reservation_states
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_state ledger.reservation_states;
+BEGIN
+    IF NOT ledger._is_name(p_user_id) THEN
+        PERFORM ledger._invalid('user_id', 'must be 1-64 characters of A-Z a-z 0-9 . _ : -');
+    END IF;
+    SELECT * INTO v_state FROM ledger.reservation_states
+    WHERE user_id = p_user_id AND reservation_id = p_reservation_id;
+    RETURN v_state;  -- all NULL when there is no such reservation
+END;
+$$;
+
+-- Recompute an account's hash chain from its first entry. ok is false when an
+-- entry's stored hash or link differs from the recomputed one, or the account's
+-- head does not match its last entry; first_broken_* name the first bad entry.
+CREATE FUNCTION ledger.verify_chain(p_user_id text)
+RETURNS TABLE (ok boolean, entries_checked bigint, first_broken_entry_id bigint, first_broken_seq bigint)
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_entry ledger.entries;
+    v_expected_prev bytea := '\x0000000000000000000000000000000000000000000000000000000000000000';
+    v_expected_seq bigint := 1;
+    v_head ledger.accounts;
+BEGIN
+    entries_checked := 0;
+    FOR v_entry IN SELECT * FROM ledger.entries WHERE user_id = p_user_id ORDER BY seq LOOP
+        IF v_entry.seq <> v_expected_seq
+           OR v_entry.prev_hash <> v_expected_prev
+           OR v_entry.hash <> ledger._entry_hash(v_entry.prev_hash, v_entry) THEN
+            ok := false;
+            first_broken_entry_id := v_entry.entry_id;
+            first_broken_seq := v_entry.seq;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+        entries_checked := entries_checked + 1;
+        v_expected_prev := v_entry.hash;
+        v_expected_seq := v_expected_seq + 1;
+    END LOOP;
+    SELECT * INTO v_head FROM ledger.accounts WHERE user_id = p_user_id;
+    ok := NOT FOUND OR (v_head.last_entry_hash = v_expected_prev AND v_head.version = v_expected_seq - 1);
+    RETURN NEXT;
+END;
+$$;
+
+-- ===========================================================================
+-- Triggers
+-- ===========================================================================
+
+CREATE FUNCTION ledger._refuse_entry_change()
+RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    RAISE EXCEPTION USING
+        ERRCODE = 'insufficient_privilege',
+        TABLE = TG_TABLE_NAME,
+        MESSAGE = format('ledger entries are append-only: %s refused', TG_OP);
+END;
+$$;
+
+CREATE TRIGGER entries_append_only
+    BEFORE UPDATE OR DELETE ON ledger.entries
+    FOR EACH ROW EXECUTE FUNCTION ledger._refuse_entry_change();
+
+CREATE TRIGGER entries_no_truncate
+    BEFORE TRUNCATE ON ledger.entries
+    FOR EACH STATEMENT EXECUTE FUNCTION ledger._refuse_entry_change();
+
+-- A reservation leaves 'open' once and never changes again.
+CREATE FUNCTION ledger._guard_reservation()
+RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF TG_OP = 'DELETE' OR OLD.status <> 'open'
+       OR (NEW.user_id, NEW.reservation_id, NEW.amount, NEW.expires_at, NEW.created_at)
+          IS DISTINCT FROM (OLD.user_id, OLD.reservation_id, OLD.amount, OLD.expires_at, OLD.created_at) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'object_not_in_prerequisite_state',
+            TABLE = TG_TABLE_NAME,
+            MESSAGE = format('reservation %s is %s and cannot change', OLD.reservation_id, OLD.status);
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER reservations_end_once
+    BEFORE UPDATE OR DELETE ON ledger.reservations
+    FOR EACH ROW EXECUTE FUNCTION ledger._guard_reservation();
+
+-- ===========================================================================
+-- Ownership: every ledger object belongs to rewards_owner, so the SECURITY
+-- DEFINER functions run with its rights, never a superuser's. (Created as the
+-- migrating superuser and handed over, rather than created under SET ROLE,
+-- because Citus would open its connections to the workers as that NOLOGIN role.)
+-- ===========================================================================
+
+DO $owner$
+DECLARE
+    v_object record;
+BEGIN
+    FOR v_object IN
+        SELECT format('ALTER %s %s OWNER TO rewards_owner',
+                      CASE c.relkind WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END,
+                      c.oid::regclass) AS command
+        FROM pg_catalog.pg_class c
+        WHERE c.relnamespace = 'ledger'::regnamespace AND c.relkind IN ('r', 'p', 'v')
+        UNION ALL
+        SELECT format('ALTER ROUTINE %s OWNER TO rewards_owner', p.oid::regprocedure)
+        FROM pg_catalog.pg_proc p
+        WHERE p.pronamespace = 'ledger'::regnamespace
+        UNION ALL
+        SELECT format('ALTER TYPE %s OWNER TO rewards_owner', t.oid::regtype)
+        FROM pg_catalog.pg_type t
+        JOIN pg_catalog.pg_class c ON c.oid = t.typrelid
+        WHERE t.typnamespace = 'ledger'::regnamespace AND c.relkind = 'c'
+        UNION ALL
+        SELECT format('ALTER DOMAIN %s OWNER TO rewards_owner', t.oid::regtype)
+        FROM pg_catalog.pg_type t
+        WHERE t.typnamespace = 'ledger'::regnamespace AND t.typtype = 'd'
+    LOOP
+        EXECUTE v_object.command;
+    END LOOP;
+END
+$owner$;
+
+-- ===========================================================================
+-- Configuration
+-- ===========================================================================
+
+INSERT INTO ledger.settings (singleton, max_amount, max_reservation_ttl, max_metadata_bytes, max_reason_length)
+VALUES (true, 100000000, interval '7 days', 4096, 200);
+
+-- ===========================================================================
+-- Privileges
+-- ===========================================================================
+
+REVOKE ALL ON ALL TABLES IN SCHEMA ledger FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA ledger FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA ledger FROM PUBLIC;
+REVOKE ALL ON ALL PROCEDURES IN SCHEMA ledger FROM PUBLIC;
+-- Not even the owner may rewrite history.
+REVOKE UPDATE, DELETE, TRUNCATE ON ledger.entries FROM rewards_owner;
+
+GRANT USAGE ON SCHEMA ledger TO rewards_api;
+GRANT EXECUTE ON FUNCTION
+    ledger.credit(text, text, bigint, text, text, text, jsonb),
+    ledger.debit(text, text, bigint, text, jsonb),
+    ledger.reserve(text, text, bigint, integer, text, jsonb),
+    ledger.commit_reservation(text, text, bigint, bigint, text, jsonb),
+    ledger.release_reservation(text, text, bigint, text, jsonb),
+    ledger.balance(text),
+    ledger.entries_page(text, bigint, integer),
+    ledger.reservation(text, bigint),
+    ledger.verify_chain(text)
+TO rewards_api;
+
+-- ===========================================================================
+-- Comments (the SQL API; sql/README.md says the same at more length)
+-- ===========================================================================
+
+COMMENT ON FUNCTION ledger.credit(text, text, bigint, text, text, text, jsonb) IS
+'Add points. Args: user_id, idempotency_key, amount (1..settings.max_amount), reason, action_source and action_external_id (both or neither: a verified action earns once per user, ever), metadata (JSON object). Status: ok | idempotency_key_reused | action_already_credited. Invalid arguments raise 22023 naming the argument in COLUMN.';
+COMMENT ON FUNCTION ledger.debit(text, text, bigint, text, jsonb) IS
+'Spend points at once. Args: user_id, idempotency_key, amount, reason, metadata. Status: ok | insufficient_points | idempotency_key_reused. Invalid arguments raise 22023.';
+COMMENT ON FUNCTION ledger.reserve(text, text, bigint, integer, text, jsonb) IS
+'Hold points for a redemption (available down, reserved up) until committed, released or expired after ttl_seconds. Status: ok (reservation_id, expires_at set) | insufficient_points | idempotency_key_reused. Invalid arguments raise 22023.';
+COMMENT ON FUNCTION ledger.commit_reservation(text, text, bigint, bigint, text, jsonb) IS
+'Spend a held reservation, all of it or amount (<= held; the rest returns to available). Status: ok | reservation_not_found | reservation_committed | reservation_released | reservation_expired | amount_exceeds_reservation | idempotency_key_reused. Invalid arguments raise 22023.';
+COMMENT ON FUNCTION ledger.release_reservation(text, text, bigint, text, jsonb) IS
+'Return a held reservation to available. Status: ok | reservation_not_found | reservation_committed | reservation_released | reservation_expired | idempotency_key_reused. Invalid arguments raise 22023.';
+COMMENT ON PROCEDURE ledger.expire_reservations(bigint, integer) IS
+'Expire every open reservation past its deadline, committing every batch_size; returns how many it expired. Run each minute by pg_cron; CALL it by hand at any time.';
+COMMENT ON FUNCTION ledger.balance(text) IS
+'The account''s available, reserved and lifetime earned points; zeros for a user who never had any.';
+COMMENT ON FUNCTION ledger.entries_page(text, bigint, integer) IS
+'Up to p_limit (1..500) entries of an account, newest first, with seq < p_before_seq when given (keyset pagination).';
+COMMENT ON FUNCTION ledger.reservation(text, bigint) IS
+'One reservation''s state; a row of NULLs when the user has no such reservation.';
+COMMENT ON FUNCTION ledger.verify_chain(text) IS
+'Recompute the account''s hash chain; ok=false names the first broken entry (or none when only the account head disagrees).';
+
+-- ===========================================================================
+-- Distribution (only where the citus extension is installed)
+-- ===========================================================================
+
+DO $citus$
+DECLARE
+    v_function regprocedure;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        RETURN;
+    END IF;
+    -- The append-only and end-once triggers only ever look at their own row,
+    -- which is what makes them safe to run on each shard.
+    PERFORM pg_catalog.set_config('citus.enable_unsafe_triggers', 'on', true);
+    PERFORM create_reference_table('ledger.settings');
+    PERFORM create_distributed_table('ledger.accounts', 'user_id');
+    PERFORM create_distributed_table('ledger.entries', 'user_id', colocate_with => 'ledger.accounts');
+    PERFORM create_distributed_table('ledger.reservations', 'user_id', colocate_with => 'ledger.accounts');
+    PERFORM create_distributed_table('ledger.idempotency_keys', 'user_id', colocate_with => 'ledger.accounts');
+
+    -- Each public call runs wholly on the worker that holds its user, even
+    -- inside a transaction block (force_delegation). The helpers it calls are
+    -- distributed too, without an argument, which puts them on every worker.
+    FOR v_function IN
+        SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+        WHERE p.pronamespace = 'ledger'::regnamespace AND p.prokind = 'f'
+        ORDER BY p.proname LIKE '\_%' DESC  -- helpers first
+    LOOP
+        IF v_function = ANY (ARRAY[
+            'ledger.credit(text, text, bigint, text, text, text, jsonb)',
+            'ledger.debit(text, text, bigint, text, jsonb)',
+            'ledger.reserve(text, text, bigint, integer, text, jsonb)',
+            'ledger.commit_reservation(text, text, bigint, bigint, text, jsonb)',
+            'ledger.release_reservation(text, text, bigint, text, jsonb)',
+            'ledger._expire_one(text, bigint)',
+            'ledger.balance(text)',
+            'ledger.entries_page(text, bigint, integer)',
+            'ledger.reservation(text, bigint)',
+            'ledger.verify_chain(text)'
+        ]::regprocedure[]) THEN
+            PERFORM create_distributed_function(v_function, 'p_user_id',
+                                                colocate_with => 'ledger.accounts',
+                                                force_delegation => true);
+        ELSE
+            PERFORM create_distributed_function(v_function);
+        END IF;
+    END LOOP;
+END
+$citus$;
+
+-- ===========================================================================
+-- Schedule (only in the database pg_cron serves)
+-- ===========================================================================
+
+DO $cron$
+BEGIN
+    IF current_database() IS DISTINCT FROM current_setting('cron.database_name', true) THEN
+        RETURN;
+    END IF;
+    CREATE EXTENSION IF NOT EXISTS pg_cron;
+    PERFORM cron.schedule('rewards-expire-reservations', '* * * * *',
+                          'CALL ledger.expire_reservations()');
+END
+$cron$;
