@@ -8,7 +8,7 @@ install:
 	bash ops/install.sh
 
 run: install
-	$(UV) run rewards db up
+	$(UV) run rewards up
 
 test: run
 	$(UV) run pytest
@@ -17,4 +17,4 @@ bench: run
 	$(UV) run python bench/run.py
 
 stop:
-	@if command -v $(UV) >/dev/null && [ -d .venv ]; then $(UV) run rewards db down; fi
+	@if command -v $(UV) >/dev/null && [ -d .venv ]; then $(UV) run rewards down; fi

@@ -26,7 +26,7 @@ host    replication  all   127.0.0.1/32      scram-sha-256
 """
 
 
-def _as_owner(settings: Settings, *command: str | Path) -> list[str]:
+def as_owner(settings: Settings, *command: str | Path) -> list[str]:
     """The command, run as the cluster's OS user when we are root."""
     argv = [str(part) for part in command]
     if os.geteuid() == 0:
@@ -53,7 +53,7 @@ def _grant_traverse(settings: Settings, folder: Path) -> None:
     if os.geteuid() != 0:
         return
     for ancestor in reversed(folder.parents):
-        probe = subprocess.run(_as_owner(settings, "test", "-x", ancestor), check=False)
+        probe = subprocess.run(as_owner(settings, "test", "-x", ancestor), check=False)
         if probe.returncode != 0:
             _run(["setfacl", "-m", f"u:{settings.pg_os_user}:x", str(ancestor)])
 
@@ -64,7 +64,7 @@ def _citus_installed(settings: Settings) -> bool:
 
 
 def _knows_setting(settings: Settings, name: str) -> bool:
-    described = _run(_as_owner(settings, settings.pg_bin / "postgres", "--describe-config")).stdout
+    described = _run(as_owner(settings, settings.pg_bin / "postgres", "--describe-config")).stdout
     return any(line.split("\t", 1)[0] == name for line in described.splitlines())
 
 
@@ -107,7 +107,7 @@ def _initdb(settings: Settings) -> None:
     _grant_traverse(settings, settings.data_dir)
     if (settings.pg_data / "PG_VERSION").exists():
         return
-    _run(_as_owner(
+    _run(as_owner(
         settings, settings.pg_bin / "initdb",
         "-D", settings.pg_data, "-U", settings.pg_superuser,
         "--encoding=UTF8", "--locale=C.UTF-8", "--data-checksums",
@@ -129,7 +129,7 @@ def _configure(settings: Settings) -> None:
 
 def is_running(settings: Settings) -> bool:
     status = subprocess.run(
-        _as_owner(settings, settings.pg_bin / "pg_ctl", "status", "-D", settings.pg_data),
+        as_owner(settings, settings.pg_bin / "pg_ctl", "status", "-D", settings.pg_data),
         check=False, capture_output=True,
     )
     return status.returncode == 0
@@ -137,9 +137,9 @@ def is_running(settings: Settings) -> bool:
 
 def _start(settings: Settings) -> None:
     if is_running(settings):
-        _run(_as_owner(settings, settings.pg_bin / "pg_ctl", "reload", "-D", settings.pg_data))
+        _run(as_owner(settings, settings.pg_bin / "pg_ctl", "reload", "-D", settings.pg_data))
         return
-    _run(_as_owner(
+    _run(as_owner(
         settings, settings.pg_bin / "pg_ctl", "start", "-w", "-t", "120",
         "-D", settings.pg_data, "-l", settings.log_file,
     ))
@@ -192,4 +192,4 @@ def up(settings: Settings) -> None:
 
 def down(settings: Settings) -> None:
     if (settings.pg_data / "PG_VERSION").exists() and is_running(settings):
-        _run(_as_owner(settings, settings.pg_bin / "pg_ctl", "stop", "-w", "-m", "fast", "-D", settings.pg_data))
+        _run(as_owner(settings, settings.pg_bin / "pg_ctl", "stop", "-w", "-m", "fast", "-D", settings.pg_data))

@@ -1,0 +1,65 @@
+"""The ASGI application. Run with: uvicorn --factory app.api.main:create_app"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar
+from litestar.exceptions import HTTPException
+from litestar.middleware import DefineMiddleware
+from litestar.openapi import OpenAPIConfig
+from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsException, ProblemDetailsPlugin
+
+from app.api.accounts.controllers import AccountsController
+from app.api.database import make_pool
+from app.api.frontdoor import FrontDoor, configure_logging
+from app.api.health import healthz, prometheus_metrics, readyz
+from app.api.problems import from_http_exception, problem
+from app.api.ratelimit import RateLimiter
+from app.api.security import ApiKeyMiddleware, KeyCache
+from app.settings import Settings, load
+
+log = logging.getLogger("rewards.api")
+
+
+def _internal_error(exc: Exception) -> ProblemDetailsException:
+    log.exception("unhandled error", exc_info=exc)
+    return problem("internal", "the request failed; it wrote nothing")
+
+
+def create_litestar(settings: Settings) -> Litestar:
+    @asynccontextmanager
+    async def resources(app: Litestar) -> AsyncIterator[None]:
+        app.state.pool = make_pool(settings)
+        app.state.key_cache = KeyCache(settings.auth_cache_seconds)
+        app.state.rate_limiter = RateLimiter(settings)
+        # Start even while the database is away: /readyz says so, requests get 503.
+        await app.state.pool.open(wait=False)
+        try:
+            yield
+        finally:
+            await app.state.pool.close()
+            await app.state.rate_limiter.close()
+
+    return Litestar(
+        route_handlers=[AccountsController, healthz, readyz, prometheus_metrics],
+        middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=["^/schema"])],
+        plugins=[ProblemDetailsPlugin(ProblemDetailsConfig(exception_to_problem_detail_map={
+            HTTPException: from_http_exception,
+            Exception: _internal_error,
+        }))],
+        lifespan=[resources],
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="Rewards Ledger", version="1.0.0", path="/schema"),
+        # Logging is ours: JSON lines (app.api.frontdoor.configure_logging).
+        logging_config=None,
+        debug=False,
+    )
+
+
+def create_app() -> FrontDoor:
+    settings = load()
+    configure_logging()
+    return FrontDoor(create_litestar(settings), settings.max_in_flight)

@@ -1,0 +1,197 @@
+"""The processes beside the database: PgBouncer in front of it, Redis for the
+shared rate limits, and the API's workers. Each start is safe to repeat."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis
+
+from app import cluster
+from app.settings import PROJECT_ROOT, Settings
+
+PGBOUNCER_INI = """\
+; Written by `rewards up`.
+[databases]
+* = host={socket_dir} port={pg_port}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {bouncer_port}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {userlist}
+; One server connection per transaction: the API runs one function call per
+; transaction and prepares nothing.
+pool_mode = transaction
+max_client_conn = 4000
+default_pool_size = 24
+reserve_pool_size = 4
+reserve_pool_timeout = 1
+server_reset_query =
+ignore_startup_parameters = extra_float_digits
+logfile = {log_dir}/pgbouncer.log
+pidfile = {run_dir}/pgbouncer.pid
+"""
+
+
+def _pid_alive(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None
+
+
+def _stop(pid_file: Path, sig: signal.Signals = signal.SIGTERM, timeout: float = 15.0) -> None:
+    pid = _pid_alive(pid_file)
+    if pid is None:
+        return
+    os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid_file) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pid_file.unlink(missing_ok=True)
+
+
+# --- PgBouncer --------------------------------------------------------------
+
+def _bouncer_dir(settings: Settings) -> Path:
+    return settings.data_dir / "pgbouncer"
+
+
+def bouncer_up(settings: Settings) -> None:
+    folder = _bouncer_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    userlist = folder / "userlist.txt"
+    userlist.write_text(f'"rewards_api" "{settings.api_password}"\n')
+    userlist.chmod(0o600)
+    ini = folder / "pgbouncer.ini"
+    ini.write_text(PGBOUNCER_INI.format(
+        socket_dir=settings.socket_dir, pg_port=settings.pg_port, bouncer_port=settings.bouncer_port,
+        userlist=userlist, log_dir=settings.log_dir, run_dir=settings.socket_dir))
+    if os.geteuid() == 0:
+        for path in (folder, userlist, ini):
+            shutil.chown(path, settings.pg_os_user, settings.pg_os_user)
+    pid_file = settings.socket_dir / "pgbouncer.pid"
+    if _pid_alive(pid_file):
+        # Re-read the settings without dropping a connection.
+        os.kill(_pid_alive(pid_file), signal.SIGHUP)
+        return
+    # PgBouncer, like PostgreSQL, will not run as root.
+    subprocess.run(cluster.as_owner(settings, "pgbouncer", "-d", ini), check=True,
+                   capture_output=True, text=True)
+    _wait_for(lambda: _pid_alive(pid_file) is not None, "PgBouncer", settings.log_dir / "pgbouncer.log")
+
+
+def bouncer_down(settings: Settings) -> None:
+    _stop(settings.socket_dir / "pgbouncer.pid", signal.SIGINT)
+
+
+# --- Redis ------------------------------------------------------------------
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def redis_up(settings: Settings, url: str | None = None) -> None:
+    """Start Debian's redis-server for `url` unless something already answers there."""
+    url = url or settings.redis_url
+    if redis_answers(url):
+        return
+    parsed = urlparse(url)
+    if parsed.hostname not in ("127.0.0.1", "localhost"):
+        raise SystemExit(f"nothing answers at {url}, and only a local Redis can be started here")
+    port = parsed.port or 6379
+    folder = settings.data_dir / f"redis-{port}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(folder, settings.pg_os_user, settings.pg_os_user)
+    # Buckets refill within seconds: nothing of them is worth saving to disk.
+    subprocess.run(cluster.as_owner(
+        settings, "redis-server", "--bind", "127.0.0.1", "--port", str(port), "--daemonize", "yes",
+        "--dir", folder, "--pidfile", folder / "redis.pid", "--logfile", settings.log_dir / f"redis-{port}.log",
+        "--save", "", "--appendonly", "no", "--maxmemory", "256mb", "--maxmemory-policy", "volatile-ttl",
+    ), check=True, capture_output=True, text=True)
+    _wait_for(lambda: redis_answers(url), "Redis", settings.log_dir / f"redis-{port}.log")
+
+
+def redis_down(settings: Settings, url: str | None = None) -> None:
+    port = urlparse(url or settings.redis_url).port or 6379
+    _stop(settings.data_dir / f"redis-{port}" / "redis.pid")
+
+
+# --- The API ----------------------------------------------------------------
+
+def api_command(settings: Settings, workers: int) -> list[str]:
+    return [
+        sys.executable, "-m", "uvicorn", "--factory", "app.api.main:create_app",
+        "--host", settings.api_host, "--port", str(settings.api_port), "--workers", str(workers),
+        "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--timeout-graceful-shutdown", "10",
+    ]
+
+
+def api_up(settings: Settings, env: dict[str, str] | None = None, workers: int | None = None,
+           pid_file: Path | None = None) -> None:
+    pid_file = pid_file or settings.socket_dir / "api.pid"
+    if _pid_alive(pid_file):
+        return
+    metrics_dir = settings.socket_dir / f"prometheus-{settings.api_port}"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    log_file = settings.log_dir / f"api-{settings.api_port}.log"
+    process = subprocess.Popen(
+        api_command(settings, workers or settings.api_workers), cwd=PROJECT_ROOT,
+        env={**os.environ, **(env or {}), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+        stdin=subprocess.DEVNULL, stdout=log_file.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    pid_file.write_text(str(process.pid))
+    health = f"http://{settings.api_host}:{settings.api_port}/healthz"
+    _wait_for(lambda: process.poll() is None and _http_ok(health), "the API", log_file)
+
+
+def api_down(settings: Settings, pid_file: Path | None = None) -> None:
+    _stop(pid_file or settings.socket_dir / "api.pid")
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _wait_for(ready, what: str, log_file: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            tail = log_file.read_text()[-2000:] if log_file.exists() else "(no log)"
+            raise SystemExit(f"{what} did not come up within {timeout:.0f} s; its log ends:\n{tail}")
+        time.sleep(0.2)
+
+
+def up(settings: Settings) -> None:
+    cluster.up(settings)
+    bouncer_up(settings)
+    redis_up(settings)
+    api_up(settings)
+
+
+def down(settings: Settings) -> None:
+    api_down(settings)
+    redis_down(settings)
+    bouncer_down(settings)
+    cluster.down(settings)
