@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
+
+import msgspec
 
 from litestar import Controller, Request, Response, get, post
 from litestar.params import Parameter
@@ -39,6 +40,8 @@ IdempotencyKey = Annotated[str, Parameter(
     description="1-255 visible ASCII characters; a retry with the same key and body returns the original answer",
 )]
 
+T = TypeVar("T")
+
 # Ledger refusals -> problem causes. The ledger stores the refusal under the key,
 # so a retry gets the same problem back.
 _REFUSALS = {
@@ -70,6 +73,17 @@ def _answer(request: Request, result: dict[str, Any], status_code: int, body: An
     return Response(body(result), status_code=status_code, headers=headers)
 
 
+async def _strict(request: Request, struct: type[T]) -> T:
+    """The body decoded strictly. Litestar converts bodies leniently ("10" becomes
+    10); the API takes JSON types as they are, so the cached body is decoded again
+    strictly, and a wrong type is refused."""
+    raw = await request.body()
+    try:
+        return msgspec.json.decode(raw or b"{}", type=struct, strict=True)
+    except msgspec.ValidationError as exc:
+        raise problem("validation", str(exc)) from exc
+
+
 def _balance(result: dict[str, Any]) -> Balance:
     return Balance(available=result["available"], reserved=result["reserved"])
 
@@ -90,7 +104,7 @@ def _before_seq(cursor: str | None) -> int | None:
         kind, _, value = text.partition(":")
         if kind == "seq" and value.isdigit() and 0 < int(value) < 2**63:
             return int(value)
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # binascii.Error, non-ASCII text and bad UTF-8 are all ValueErrors
         pass
     raise problem("validation", "cursor is not one this API returned", extra={"field": "cursor"})
 
@@ -103,6 +117,7 @@ class AccountsController(Controller):
           summary="Add points")
     async def credit(self, request: Request, user_id: UserId, idempotency_key: IdempotencyKey,
                      data: CreditRequest) -> Response[EntryCreated]:
+        data = await _strict(request, CreditRequest)
         result = await fetch_one(request.app.state.pool, queries.CREDIT, {
             "user_id": user_id, "key": idempotency_key, "amount": data.amount, "reason": data.reason,
             "action_source": data.action.source if data.action else None,
@@ -116,6 +131,7 @@ class AccountsController(Controller):
           summary="Spend points at once")
     async def debit(self, request: Request, user_id: UserId, idempotency_key: IdempotencyKey,
                     data: DebitRequest) -> Response[EntryCreated]:
+        data = await _strict(request, DebitRequest)
         result = await fetch_one(request.app.state.pool, queries.DEBIT, {
             "user_id": user_id, "key": idempotency_key, "amount": data.amount, "reason": data.reason,
             "metadata": _metadata(data.metadata)})
@@ -127,6 +143,7 @@ class AccountsController(Controller):
           summary="Hold points for a redemption")
     async def reserve(self, request: Request, user_id: UserId, idempotency_key: IdempotencyKey,
                       data: ReservationRequest) -> Response[ReservationCreated]:
+        data = await _strict(request, ReservationRequest)
         result = await fetch_one(request.app.state.pool, queries.RESERVE, {
             "user_id": user_id, "key": idempotency_key, "amount": data.amount,
             "ttl_seconds": data.ttl_seconds, "reason": data.reason, "metadata": _metadata(data.metadata)})
@@ -138,7 +155,7 @@ class AccountsController(Controller):
           status_code=200, summary="Spend a reservation, all of it or part")
     async def commit(self, request: Request, user_id: UserId, reservation_id: ReservationId,
                      idempotency_key: IdempotencyKey, data: CommitRequest | None = None) -> Response[ReservationEnded]:
-        data = data or CommitRequest()
+        data = await _strict(request, CommitRequest)
         result = await fetch_one(request.app.state.pool, queries.COMMIT_RESERVATION, {
             "user_id": user_id, "key": idempotency_key, "reservation_id": reservation_id,
             "amount": data.amount, "reason": data.reason, "metadata": _metadata(data.metadata)})
@@ -150,7 +167,7 @@ class AccountsController(Controller):
           status_code=200, summary="Return a reservation to available points")
     async def release(self, request: Request, user_id: UserId, reservation_id: ReservationId,
                       idempotency_key: IdempotencyKey, data: ReleaseRequest | None = None) -> Response[ReservationEnded]:
-        data = data or ReleaseRequest()
+        data = await _strict(request, ReleaseRequest)
         result = await fetch_one(request.app.state.pool, queries.RELEASE_RESERVATION, {
             "user_id": user_id, "key": idempotency_key, "reservation_id": reservation_id,
             "reason": data.reason, "metadata": _metadata(data.metadata)})

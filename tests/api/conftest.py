@@ -1,0 +1,110 @@
+"""A real API for the HTTP tests: uvicorn running the app, through the project's
+PgBouncer to a database of its own, with a Redis of its own (so a test can stop
+it), started once per session."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from app import keys, migrate, services
+from app.settings import Settings
+from tests.conftest import SETTINGS
+
+DATABASE = "rewards_api_test"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Api:
+    settings: Settings
+    base_url: str
+    keys: dict[str, str]
+    pid_file: object
+
+    def client(self, key: str | None = "all") -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.keys[key]}"} if key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=10)
+
+    def db(self) -> psycopg.Connection:
+        return psycopg.connect(self.settings.superuser_conninfo(), autocommit=True, row_factory=dict_row)
+
+
+# Generous user buckets so storms of 50 reach the ledger; tests of the limits
+# themselves use the earn bucket, 50/s with a burst of 60.
+RATES = {"REWARDS_RATE_USER_EARN": "50/60", "REWARDS_RATE_USER_REDEEM": "200/200",
+         "REWARDS_RATE_API_KEY": "100000/100000", "REWARDS_RATE_GLOBAL": "100000/100000"}
+
+
+@pytest.fixture(scope="session")
+def api() -> Iterator[Api]:
+    redis_port, api_port = _free_port(), _free_port()
+    settings = dataclasses.replace(
+        SETTINGS, database=DATABASE, api_port=api_port,
+        redis_url=f"redis://127.0.0.1:{redis_port}/0", redis_prefix=f"test-{uuid.uuid4().hex[:8]}",
+    )
+    with psycopg.connect(SETTINGS.superuser_conninfo("postgres"), autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DATABASE)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+    migrate.upgrade(settings.superuser_conninfo())
+    with psycopg.connect(settings.superuser_conninfo(), autocommit=True, row_factory=dict_row) as conn:
+        made = {
+            "all": keys.create(conn, "all", ["points:earn", "points:redeem", "points:read"]),
+            "earn": keys.create(conn, "earner", ["points:earn"]),
+            "read": keys.create(conn, "reader", ["points:read"]),
+            "admin": keys.create(conn, "operator", ["admin"]),
+        }
+    services.bouncer_up(SETTINGS)
+    services.redis_up(settings)
+    pid_file = settings.socket_dir / f"api-{api_port}.pid"
+    env = {"REWARDS_DATABASE": DATABASE, "REWARDS_API_PORT": str(api_port),
+           "REWARDS_REDIS_URL": settings.redis_url, "REWARDS_REDIS_PREFIX": settings.redis_prefix,
+           "REWARDS_AUTH_CACHE_SECONDS": "1", **RATES}
+    services.api_up(settings, env=env, workers=1, pid_file=pid_file)
+    try:
+        yield Api(settings, f"http://127.0.0.1:{api_port}", {name: secret for name, (_, secret) in made.items()},
+                  pid_file)
+    finally:
+        services.api_down(settings, pid_file=pid_file)
+        services.redis_down(settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_api(api: Api) -> Iterator[Api]:
+    """The same database and keys behind an API that takes one request at a time."""
+    port = _free_port()
+    settings = dataclasses.replace(api.settings, api_port=port, max_in_flight=1, pool_max=1)
+    pid_file = settings.socket_dir / f"api-{port}.pid"
+    env = {"REWARDS_DATABASE": DATABASE, "REWARDS_API_PORT": str(port),
+           "REWARDS_REDIS_URL": settings.redis_url, "REWARDS_REDIS_PREFIX": settings.redis_prefix,
+           "REWARDS_MAX_IN_FLIGHT": "1", "REWARDS_POOL_MIN": "1", "REWARDS_POOL_MAX": "1", **RATES}
+    services.api_up(settings, env=env, workers=1, pid_file=pid_file)
+    try:
+        yield dataclasses.replace(api, settings=settings, base_url=f"http://127.0.0.1:{port}", pid_file=pid_file)
+    finally:
+        services.api_down(settings, pid_file=pid_file)
+
+
+@pytest.fixture
+def user() -> str:
+    """A user of this test alone."""
+    return f"u-{uuid.uuid4().hex[:12]}"
+
+
+def post(client: httpx.Client, path: str, body: dict | None = None, key: str | None = None) -> httpx.Response:
+    headers = {"Idempotency-Key": key or uuid.uuid4().hex}
+    return client.post(path, json=body, headers=headers)

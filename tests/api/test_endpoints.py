@@ -1,0 +1,96 @@
+"""Every endpoint's success path, over real HTTP."""
+
+from tests.api.conftest import post
+
+
+def test_credit_then_read_balance_and_entries(api, user):
+    with api.client() as http:
+        created = post(http, f"/v1/accounts/{user}/credits",
+                       {"amount": 120, "reason": "ad view", "action": {"source": "adnet", "external_id": "imp-1"},
+                        "metadata": {"campaign": "spring"}})
+        assert created.status_code == 201, created.text
+        body = created.json()
+        assert body["amount"] == 120 and body["balance"] == {"available": 120, "reserved": 0}
+        assert body["entry_id"] > 0 and body["user_id"] == user
+        assert created.headers["x-request-id"]
+        assert int(created.headers["ratelimit-limit"]) >= 1
+
+        balance = http.get(f"/v1/accounts/{user}/balance")
+        assert balance.status_code == 200
+        assert balance.json() | {"updated_at": None} == {
+            "user_id": user, "available": 120, "reserved": 0, "lifetime_earned": 120, "updated_at": None}
+
+        entries = http.get(f"/v1/accounts/{user}/entries").json()
+        assert [e["kind"] for e in entries["items"]] == ["credit"]
+        assert entries["items"][0]["action"] == {"source": "adnet", "external_id": "imp-1"}
+        assert entries["items"][0]["metadata"] == {"campaign": "spring"}
+        assert entries["next_cursor"] is None
+
+
+def test_unknown_account_reads_as_zeros(api, user):
+    with api.client() as http:
+        balance = http.get(f"/v1/accounts/{user}/balance")
+    assert balance.status_code == 200
+    assert (balance.json()["available"], balance.json()["reserved"], balance.json()["updated_at"]) == (0, 0, None)
+
+
+def test_debit(api, user):
+    with api.client() as http:
+        post(http, f"/v1/accounts/{user}/credits", {"amount": 50, "reason": "task"})
+        spent = post(http, f"/v1/accounts/{user}/debits", {"amount": 20, "reason": "gift card"})
+    assert spent.status_code == 201
+    assert spent.json()["balance"] == {"available": 30, "reserved": 0}
+
+
+def test_reserve_commit_part_and_read_the_reservation(api, user):
+    with api.client() as http:
+        post(http, f"/v1/accounts/{user}/credits", {"amount": 100, "reason": "task"})
+        held = post(http, f"/v1/accounts/{user}/reservations", {"amount": 40, "ttl_seconds": 60, "reason": "voucher"})
+        assert held.status_code == 201, held.text
+        hold = held.json()
+        assert (hold["status"], hold["amount"], hold["balance"]) == ("open", 40, {"available": 60, "reserved": 40})
+        rid = hold["reservation_id"]
+
+        done = post(http, f"/v1/accounts/{user}/reservations/{rid}/commit", {"amount": 25})
+        assert done.status_code == 200, done.text
+        assert (done.json()["status"], done.json()["amount"]) == ("committed", 25)
+        assert done.json()["balance"] == {"available": 75, "reserved": 0}
+
+        state = http.get(f"/v1/accounts/{user}/reservations/{rid}").json()
+        assert (state["status"], state["committed_amount"], state["amount"]) == ("committed", 25, 40)
+
+
+def test_release_without_a_body(api, user):
+    with api.client() as http:
+        post(http, f"/v1/accounts/{user}/credits", {"amount": 100, "reason": "task"})
+        rid = post(http, f"/v1/accounts/{user}/reservations",
+                   {"amount": 40, "ttl_seconds": 60, "reason": "voucher"}).json()["reservation_id"]
+        released = http.post(f"/v1/accounts/{user}/reservations/{rid}/release", headers={"Idempotency-Key": "x1"})
+    assert released.status_code == 200, released.text
+    assert released.json()["balance"] == {"available": 100, "reserved": 0}
+
+
+def test_entries_paginate_by_cursor(api, user):
+    with api.client() as http:
+        for amount in range(1, 8):
+            post(http, f"/v1/accounts/{user}/credits", {"amount": amount, "reason": "task"})
+        pages, cursor = [], None
+        while True:
+            params = {"limit": 3} | ({"cursor": cursor} if cursor else {})
+            page = http.get(f"/v1/accounts/{user}/entries", params=params).json()
+            pages.append([item["amount"] for item in page["items"]])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+    assert pages == [[7, 6, 5], [4, 3, 2], [1]]
+
+
+def test_health_readiness_and_metrics(api):
+    with api.client(key=None) as open_http:
+        assert open_http.get("/healthz").json() == {"status": "ok"}
+        assert open_http.get("/readyz").json() == {"status": "ready"}
+        assert open_http.get("/metrics").status_code == 401
+        assert open_http.get("/schema/openapi.json").status_code == 200
+    with api.client("admin") as admin:
+        text = admin.get("/metrics").text
+    assert "rewards_http_requests_total" in text
