@@ -136,6 +136,14 @@ def redis_down(settings: Settings, url: str | None = None) -> None:
 # --- The API ----------------------------------------------------------------
 
 def api_command(settings: Settings, workers: int) -> list[str]:
+    """The server command. uvicorn and granian both run the same ASGI factory;
+    bench/RESULTS.md has them measured side by side."""
+    if settings.api_server == "granian":
+        return [
+            sys.executable, "-m", "granian", "--interface", "asgi", "--factory", "app.api.main:create_app",
+            "--host", settings.api_host, "--port", str(settings.api_port), "--workers", str(workers),
+            "--loop", "uvloop", "--no-ws", "--log-level", "warning",
+        ]
     return [
         sys.executable, "-m", "uvicorn", "--factory", "app.api.main:create_app",
         "--host", settings.api_host, "--port", str(settings.api_port), "--workers", str(workers),

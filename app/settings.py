@@ -54,6 +54,8 @@ class Settings:
     api_host: str
     api_port: int
     api_workers: int
+    # "uvicorn" or "granian": both run the same app.
+    api_server: str
     # How long a process trusts a key it looked up: revocation takes this long.
     auth_cache_seconds: float
     # Requests one process works on at once; more are refused with 503.
@@ -125,6 +127,7 @@ def load() -> Settings:
         api_host=env.get("REWARDS_API_HOST", "127.0.0.1"),
         api_port=int(env.get("REWARDS_API_PORT", "8000")),
         api_workers=int(env.get("REWARDS_API_WORKERS", str(os.cpu_count() or 2))),
+        api_server=env.get("REWARDS_API_SERVER", "uvicorn"),
         auth_cache_seconds=float(env.get("REWARDS_AUTH_CACHE_SECONDS", "2")),
         max_in_flight=int(env.get("REWARDS_MAX_IN_FLIGHT", "256")),
         pool_min=int(env.get("REWARDS_POOL_MIN", "2")),

@@ -43,7 +43,8 @@ def _recreate(settings, name: str) -> None:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
-def _prepare(settings) -> None:
+def prepare_ledger(settings) -> None:
+    """A fresh rewards_bench database with USERS funded accounts."""
     _recreate(settings, LEDGER_DB)
     migrate.upgrade(settings.superuser_conninfo(LEDGER_DB))
     # Fund every bench account through the ledger itself, so debits spend.
@@ -57,19 +58,24 @@ def _prepare(settings) -> None:
                END $$""" % USERS
         )
         conn.execute("VACUUM ANALYZE")
+
+
+def _prepare(settings) -> None:
+    prepare_ledger(settings)
     _recreate(settings, TPCB_DB)
-    _pgbench(settings, TPCB_DB, ["-i", "-q", "-s", "10"])
+    pgbench(settings, TPCB_DB, ["-i", "-q", "-s", "10"])
 
 
-def _pgbench(settings, dbname: str, args: list[str]) -> str:
+def pgbench(settings, dbname: str, args: list[str]) -> str:
     command = [str(settings.pg_bin / "pgbench"), "-h", str(settings.socket_dir), "-p", str(settings.pg_port),
                "-U", settings.pg_superuser, *args, dbname]
     return subprocess.run(command, check=True, capture_output=True, text=True).stdout
 
 
-def _measure(settings, name: str, args: list[str], dbname: str, clients: int, seconds: int,
-             out: Path) -> tuple[float, float]:
-    text = _pgbench(settings, dbname, ["-n", "-c", str(clients), "-j", "2", "-T", str(seconds), *args])
+def measure(settings, args: list[str], dbname: str, clients: int, seconds: int,
+            out: Path) -> tuple[float, float]:
+    """pgbench for `seconds`; its TPS and mean latency, its output kept in `out`."""
+    text = pgbench(settings, dbname, ["-n", "-c", str(clients), "-j", "2", "-T", str(seconds), *args])
     out.write_text(text)
     tps = float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", text).group(1))
     latency = float(re.search(r"latency average = ([\d.]+) ms", text).group(1))
@@ -97,7 +103,7 @@ def main() -> int:
             else:
                 bench_args, dbname = ["-D", f"users={USERS}", "-f", str(BENCH / SCRIPTS[name])], LEDGER_DB
             slug = re.sub(r"\W+", "_", name)
-            result = _measure(settings, name, bench_args, dbname, args.clients, args.seconds,
+            result = measure(settings, bench_args, dbname, args.clients, args.seconds,
                               out_dir / f"{slug}.round{round_no}.txt")
             runs[name].append(result)
             print(f"round {round_no} {name}: {result[0]:.0f} tps, {result[1]:.2f} ms", file=sys.stderr)

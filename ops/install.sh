@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 packages=(
     postgresql-15 postgresql-15-partman postgresql-15-wal2json postgresql-15-cron
-    pgbouncer redis-server acl
+    pgbouncer redis-server acl wrk
 )
 
 missing=()

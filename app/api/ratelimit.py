@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import redis.asyncio as redis
 from litestar.connection import ASGIConnection
-from litestar.handlers import BaseRouteHandler
 
 from app.api import metrics
 from app.api.problems import problem
@@ -150,18 +149,15 @@ class RateLimiter:
         return self._local.take(buckets)
 
 
-def rate_limited(kind: str):
-    """A guard: take a token from each of the request's buckets or refuse with 429.
-    `kind` is "earn", "redeem" or "read" (reads share only the key and global buckets)."""
-
-    async def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-        limiter: RateLimiter = connection.app.state.rate_limiter
-        user_id = connection.path_params.get("user_id")
-        decision = await limiter.take(limiter.buckets(kind, user_id, connection.user.key_id))
-        connection.state.rate_limit = decision
-        if not decision.allowed:
-            metrics.RATE_LIMITED.labels(kind).inc()
-            raise problem("rate-limited", "a rate limit is exhausted; retry after the given delay",
-                          headers=decision.headers())
-
-    return guard
+async def take_token(connection: ASGIConnection, kind: str) -> None:
+    """Take a token from each of the request's buckets, or refuse with 429. `kind`
+    is "earn", "redeem" or "read" (reads share only the key and global buckets).
+    The decision stays on the connection for the response's RateLimit headers."""
+    limiter: RateLimiter = connection.app.state.rate_limiter
+    user_id = connection.path_params.get("user_id")
+    decision = await limiter.take(limiter.buckets(kind, user_id, connection.user.key_id))
+    connection.state.rate_limit = decision
+    if not decision.allowed:
+        metrics.RATE_LIMITED.labels(kind).inc()
+        raise problem("rate-limited", "a rate limit is exhausted; retry after the given delay",
+                      headers=decision.headers())

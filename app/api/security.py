@@ -13,6 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 from app import keys, queries
 from app.api.database import fetch_one
 from app.api.problems import problem
+from app.api.ratelimit import take_token
 
 
 @dataclass(frozen=True)
@@ -64,11 +65,30 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         return AuthenticationResult(user=principal, auth=principal.key_id)
 
 
+def _require_scope(connection: ASGIConnection, scope: str) -> None:
+    if not connection.user.may(scope):
+        raise problem("forbidden", f"this needs the {scope} scope")
+
+
+# Guards are async although the scope check awaits nothing: Litestar runs a plain
+# function guard in a worker thread. And each route has one guard, not a scope
+# guard and a rate guard, because Litestar copies the handler for every guard.
+
 def requires(scope: str):
     """A guard: the caller's key must carry `scope` (or admin)."""
 
-    def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-        if not connection.user.may(scope):
-            raise problem("forbidden", f"this needs the {scope} scope")
+    async def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        _require_scope(connection, scope)
+
+    return guard
+
+
+def allowed(scope: str, bucket: str):
+    """A guard: the key must carry `scope`, then the request takes a token from its
+    `bucket` kind ("earn", "redeem" or "read")."""
+
+    async def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        _require_scope(connection, scope)
+        await take_token(connection, bucket)
 
     return guard

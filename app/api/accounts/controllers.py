@@ -30,8 +30,7 @@ from app.api.accounts.schemas import (
 )
 from app.api.database import fetch_all, fetch_one
 from app.api.problems import problem
-from app.api.ratelimit import rate_limited
-from app.api.security import requires
+from app.api.security import allowed
 
 UserId = Annotated[str, Parameter(pattern=r"^[A-Za-z0-9._:-]{1,64}$", description="opaque user id")]
 ReservationId = Annotated[int, Parameter(ge=1, le=2**63 - 1)]
@@ -113,7 +112,7 @@ class AccountsController(Controller):
     path = "/v1/accounts/{user_id:str}"
     tags = ["accounts"]
 
-    @post("/credits", guards=[requires("points:earn"), rate_limited("earn")], status_code=201,
+    @post("/credits", guards=[allowed("points:earn", "earn")], status_code=201,
           summary="Add points")
     async def credit(self, request: Request, user_id: UserId, idempotency_key: IdempotencyKey,
                      data: CreditRequest) -> Response[EntryCreated]:
@@ -127,7 +126,7 @@ class AccountsController(Controller):
             entry_id=r["entry_id"], user_id=user_id, amount=r["amount"], balance=_balance(r),
             created_at=r["created_at"]))
 
-    @post("/debits", guards=[requires("points:redeem"), rate_limited("redeem")], status_code=201,
+    @post("/debits", guards=[allowed("points:redeem", "redeem")], status_code=201,
           summary="Spend points at once")
     async def debit(self, request: Request, user_id: UserId, idempotency_key: IdempotencyKey,
                     data: DebitRequest) -> Response[EntryCreated]:
@@ -139,7 +138,7 @@ class AccountsController(Controller):
             entry_id=r["entry_id"], user_id=user_id, amount=r["amount"], balance=_balance(r),
             created_at=r["created_at"]))
 
-    @post("/reservations", guards=[requires("points:redeem"), rate_limited("redeem")], status_code=201,
+    @post("/reservations", guards=[allowed("points:redeem", "redeem")], status_code=201,
           summary="Hold points for a redemption")
     async def reserve(self, request: Request, user_id: UserId, idempotency_key: IdempotencyKey,
                       data: ReservationRequest) -> Response[ReservationCreated]:
@@ -151,7 +150,7 @@ class AccountsController(Controller):
             reservation_id=r["reservation_id"], user_id=user_id, amount=r["amount"], status="open",
             expires_at=r["expires_at"], entry_id=r["entry_id"], balance=_balance(r), created_at=r["created_at"]))
 
-    @post("/reservations/{reservation_id:int}/commit", guards=[requires("points:redeem"), rate_limited("redeem")],
+    @post("/reservations/{reservation_id:int}/commit", guards=[allowed("points:redeem", "redeem")],
           status_code=200, summary="Spend a reservation, all of it or part")
     async def commit(self, request: Request, user_id: UserId, reservation_id: ReservationId,
                      idempotency_key: IdempotencyKey, data: CommitRequest | None = None) -> Response[ReservationEnded]:
@@ -163,7 +162,7 @@ class AccountsController(Controller):
             reservation_id=reservation_id, user_id=user_id, status="committed", amount=r["amount"],
             entry_id=r["entry_id"], balance=_balance(r), created_at=r["created_at"]))
 
-    @post("/reservations/{reservation_id:int}/release", guards=[requires("points:redeem"), rate_limited("redeem")],
+    @post("/reservations/{reservation_id:int}/release", guards=[allowed("points:redeem", "redeem")],
           status_code=200, summary="Return a reservation to available points")
     async def release(self, request: Request, user_id: UserId, reservation_id: ReservationId,
                       idempotency_key: IdempotencyKey, data: ReleaseRequest | None = None) -> Response[ReservationEnded]:
@@ -175,7 +174,7 @@ class AccountsController(Controller):
             reservation_id=reservation_id, user_id=user_id, status="released", amount=r["amount"],
             entry_id=r["entry_id"], balance=_balance(r), created_at=r["created_at"]))
 
-    @get("/reservations/{reservation_id:int}", guards=[requires("points:read"), rate_limited("read")],
+    @get("/reservations/{reservation_id:int}", guards=[allowed("points:read", "read")],
          summary="One reservation")
     async def reservation(self, request: Request, user_id: UserId, reservation_id: ReservationId) -> Response[ReservationState]:
         row = await fetch_one(request.app.state.pool, queries.RESERVATION,
@@ -184,7 +183,7 @@ class AccountsController(Controller):
             raise problem("not-found", "no such reservation for this user")
         return Response(ReservationState(**row), headers=request.state.rate_limit.headers())
 
-    @get("/balance", guards=[requires("points:read"), rate_limited("read")], summary="Available and reserved points")
+    @get("/balance", guards=[allowed("points:read", "read")], summary="Available and reserved points")
     async def balance(self, request: Request, user_id: UserId) -> Response[AccountBalance]:
         row = await fetch_one(request.app.state.pool, queries.BALANCE, {"user_id": user_id})
         return Response(AccountBalance(
@@ -192,7 +191,7 @@ class AccountsController(Controller):
             lifetime_earned=row["lifetime_earned"], updated_at=row["updated_at"],
         ), headers=request.state.rate_limit.headers())
 
-    @get("/entries", guards=[requires("points:read"), rate_limited("read")], summary="Ledger entries, newest first")
+    @get("/entries", guards=[allowed("points:read", "read")], summary="Ledger entries, newest first")
     async def entries(self, request: Request, user_id: UserId,
                       limit: Annotated[int, Parameter(ge=1, le=500)] = 50,
                       cursor: Annotated[str | None, Parameter(max_length=64)] = None) -> Response[EntriesPage]:

@@ -1,0 +1,41 @@
+-- wrk: POST a credit to a random one of `users` accounts with a fresh
+-- Idempotency-Key each time. Args: API key, number of users.
+local counter = 0
+local thread_id = 0
+local threads = {}
+
+function setup(thread)
+  thread:set("id", thread_id)
+  thread_id = thread_id + 1
+  table.insert(threads, thread)
+end
+
+function init(args)
+  api_key = args[1]
+  users = tonumber(args[2])
+  math.randomseed(os.time() * 1000 + id)
+  errors = 0
+end
+
+function request()
+  counter = counter + 1
+  local user = math.random(1, users)
+  return wrk.format("POST", "/v1/accounts/bench-" .. user .. "/credits", {
+    ["Authorization"] = "Bearer " .. api_key,
+    ["Content-Type"] = "application/json",
+    ["Idempotency-Key"] = "w" .. id .. "-" .. counter .. "-" .. math.random(1, 1000000000),
+  }, '{"amount": 10, "reason": "bench credit"}')
+end
+
+function response(status, headers, body)
+  if status ~= 201 then errors = errors + 1 end
+end
+
+function done(summary, latency, requests)
+  local failed = 0
+  for _, thread in ipairs(threads) do failed = failed + thread:get("errors") end
+  io.write(string.format(
+    'RESULT {"requests": %d, "seconds": %.3f, "non_2xx": %d, "p50_ms": %.2f, "p95_ms": %.2f, "p99_ms": %.2f}\n',
+    summary.requests, summary.duration / 1e6, failed,
+    latency:percentile(50) / 1000, latency:percentile(95) / 1000, latency:percentile(99) / 1000))
+end
