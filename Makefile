@@ -15,6 +15,7 @@ test: run
 
 bench: run
 	$(UV) run python bench/run.py
+	$(UV) run python bench/load.py
 
 stop:
 	@if command -v $(UV) >/dev/null && [ -d .venv ]; then $(UV) run rewards down; fi

@@ -27,7 +27,7 @@ def _citus_missing_reason() -> str | None:
     if not available:
         return "the citus extension is not installed in this PostgreSQL (it is in no package registry here)"
     if "citus" not in preload:
-        return "citus is installed but not preloaded: restart the cluster with `make stop run`"
+        return "citus is installed but not preloaded (REWARDS_CITUS=off?): restart with `make stop run`"
     return None
 
 
