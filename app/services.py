@@ -167,7 +167,11 @@ def api_up(settings: Settings, env: dict[str, str] | None = None, workers: int |
     )
     pid_file.write_text(str(process.pid))
     health = f"http://{settings.api_host}:{settings.api_port}/healthz"
-    _wait_for(lambda: process.poll() is None and _http_ok(health), "the API", log_file)
+    try:
+        _wait_for(lambda: process.poll() is None and _http_ok(health), "the API", log_file)
+    except SystemExit:
+        _stop(pid_file)  # leave nothing half-started behind
+        raise
 
 
 def api_down(settings: Settings, pid_file: Path | None = None) -> None:
