@@ -62,6 +62,49 @@ def _keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_streams(args: argparse.Namespace) -> list:
+    from app.audit.stream import Stream
+
+    settings = load()
+    target = settings.local_conninfo("rewards_audit_writer")
+    # One slot per source node: the single node by default, or each --node (a
+    # libpq conninfo, e.g. a Citus worker) in turn.
+    sources = args.node or [target]
+    return [Stream(source, target, slot=args.slot if len(sources) == 1 else f"{args.slot}_{i}")
+            for i, source in enumerate(sources)]
+
+
+def _audit_run(args: argparse.Namespace) -> int:
+    from app.api.frontdoor import configure_logging
+    from app.audit import stream
+
+    configure_logging()
+    stream.run(_audit_streams(args))
+    return 0
+
+
+def _audit_status(args: argparse.Namespace) -> int:
+    for stream in _audit_streams(args):
+        lag = stream.lag()
+        print(json.dumps(lag, default=str) if lag else json.dumps({"slot": stream.slot, "state": "no such slot"}))
+        stream.close()
+    return 0
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from app.audit import reconcile
+
+    report = reconcile.reconcile(load().superuser_conninfo(), batch_size=args.batch_size, repair=args.repair,
+                                 pause=args.pause, progress=reconcile.print_progress)
+    print(file=sys.stderr)
+    print(reconcile.summary(report))
+    reconcile.write_report(report, Path(args.report))
+    print(f"JSON report: {args.report}")
+    return 1 if report.findings else 0
+
+
 def _db_up(args: argparse.Namespace) -> int:
     settings = load()
     cluster.up(settings)
@@ -118,6 +161,22 @@ def _parser() -> argparse.ArgumentParser:
     revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id", type=int)
     revoke.set_defaults(func=_keys_revoke)
+
+    audit = groups.add_parser("audit", help="the change stream into the audit history").add_subparsers(
+        dest="command", required=True)
+    for name, func, text in (("run", _audit_run, "apply the ledger's changes to the history, forever"),
+                             ("status", _audit_status, "the stream's lag in bytes and its last commit")):
+        command = audit.add_parser(name, help=text)
+        command.add_argument("--slot", default="rewards_audit")
+        command.add_argument("--node", action="append", help="a source node's conninfo; repeat for each")
+        command.set_defaults(func=func)
+
+    rec = groups.add_parser("reconcile", help="prove balances, entries, chains and history agree; exit 1 if not")
+    rec.add_argument("--batch-size", type=int, default=500)
+    rec.add_argument("--pause", type=float, default=0.0, help="seconds between batches, to spare live traffic")
+    rec.add_argument("--report", default="reconcile-report.json")
+    rec.add_argument("--repair", action="store_true", help="copy entries missing from the history from the ledger")
+    rec.set_defaults(func=_reconcile)
 
     db = groups.add_parser("db", help="the project's PostgreSQL cluster").add_subparsers(dest="command", required=True)
     db.add_parser("up", help="create, configure, start and migrate (safe to repeat)").set_defaults(func=_db_up)

@@ -89,8 +89,13 @@ class Settings:
 
     def superuser_conninfo(self, dbname: str | None = None) -> str:
         """libpq conninfo for the superuser over the cluster's Unix socket."""
+        return self.local_conninfo(self.pg_superuser, dbname)
+
+    def local_conninfo(self, role: str, dbname: str | None = None) -> str:
+        """A role over the cluster's Unix socket (trusted: only root and the
+        cluster's OS user can reach it), as the audit consumer and sender connect."""
         return (
-            f"host={self.pg_host or self.socket_dir} port={self.pg_port} user={self.pg_superuser} "
+            f"host={self.pg_host or self.socket_dir} port={self.pg_port} user={role} "
             f"dbname={dbname or self.database}"
         )
 

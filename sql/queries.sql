@@ -51,3 +51,76 @@ SELECT * FROM api.revoke_key(%(key_id)s);
 
 -- name: ping
 SELECT 1 AS ok;
+
+-- name: slot_exists
+SELECT 1 FROM pg_replication_slots WHERE slot_name = %(slot)s;
+
+-- name: create_slot
+SELECT lsn FROM pg_create_logical_replication_slot(%(slot)s, 'wal2json');
+
+-- name: drop_slot
+SELECT pg_drop_replication_slot(%(slot)s);
+
+-- name: peek_changes
+SELECT lsn, data FROM pg_logical_slot_peek_changes(
+    %(slot)s, NULL, %(max_changes)s,
+    'format-version', '2', 'include-timestamp', '1',
+    'add-tables', 'ledger.entries,ledger.reservations', 'actions', 'insert,update');
+
+-- name: confirm_changes
+SELECT end_lsn FROM pg_replication_slot_advance(%(slot)s, %(lsn)s::pg_lsn);
+
+-- name: audit_insert_entry
+INSERT INTO audit.entries (
+    user_id, entry_id, seq, kind, amount, available_delta, reserved_delta, available_after,
+    reserved_after, reservation_id, reason, action_source, action_external_id, metadata,
+    idempotency_key, created_at, prev_hash, hash, committed_at, lsn)
+VALUES (
+    %(user_id)s, %(entry_id)s, %(seq)s, %(kind)s, %(amount)s, %(available_delta)s, %(reserved_delta)s,
+    %(available_after)s, %(reserved_after)s, %(reservation_id)s, %(reason)s, %(action_source)s,
+    %(action_external_id)s, %(metadata)s::jsonb, %(idempotency_key)s, %(created_at)s::timestamptz,
+    decode(%(prev_hash)s, 'hex'), decode(%(hash)s, 'hex'),  -- wal2json writes bytea as bare hex
+    %(committed_at)s::timestamptz, %(lsn)s::pg_lsn)
+ON CONFLICT DO NOTHING;
+
+-- name: audit_insert_reservation_event
+INSERT INTO audit.reservation_events (
+    user_id, reservation_id, status, amount, committed_amount, reason, expires_at, event_at,
+    committed_at, lsn)
+VALUES (
+    %(user_id)s, %(reservation_id)s, %(status)s, %(amount)s, %(committed_amount)s, %(reason)s,
+    %(expires_at)s::timestamptz, %(event_at)s::timestamptz, %(committed_at)s::timestamptz, %(lsn)s::pg_lsn)
+ON CONFLICT DO NOTHING;
+
+-- name: audit_insert_notification
+INSERT INTO audit.notifications (user_id, entry_id, kind, payload)
+VALUES (%(user_id)s, %(entry_id)s, %(kind)s, %(payload)s::jsonb)
+ON CONFLICT DO NOTHING;
+
+-- name: audit_save_progress
+INSERT INTO audit.stream_progress (slot_name, lsn, committed_at, applied_at)
+VALUES (%(slot)s, %(lsn)s::pg_lsn, %(committed_at)s::timestamptz, now())
+ON CONFLICT (slot_name) DO UPDATE
+SET lsn = EXCLUDED.lsn, committed_at = EXCLUDED.committed_at, applied_at = EXCLUDED.applied_at;
+
+-- name: audit_lag
+SELECT s.slot_name,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint AS lag_bytes,
+       s.confirmed_flush_lsn::text AS confirmed_lsn,
+       p.committed_at AS last_committed_at,
+       p.applied_at AS last_applied_at
+FROM pg_replication_slots s
+LEFT JOIN audit.stream_progress p ON p.slot_name = s.slot_name
+WHERE s.slot_name = %(slot)s;
+
+-- name: reconcile_accounts_after
+SELECT user_id FROM ledger.accounts WHERE user_id > %(after)s ORDER BY user_id LIMIT %(limit)s;
+
+-- name: reconcile
+SELECT user_id, finding, detail FROM audit.reconcile(%(user_ids)s);
+
+-- name: repair_history
+SELECT audit.repair_history(%(user_id)s) AS copied;
+
+-- name: count_accounts
+SELECT count(*) AS accounts FROM ledger.accounts;

@@ -55,4 +55,4 @@ def test_upgrading_twice_is_a_no_op(postgresql):
     assert _schema_dump(dbname) == before
     with psycopg.connect(SETTINGS.superuser_conninfo(dbname)) as conn:
         versions = conn.execute("SELECT version_num FROM public.alembic_version").fetchall()
-    assert versions == [("0002",)]
+    assert versions == [("0003",)]

@@ -1,0 +1,1 @@
+"""The audit side: the change stream into history, notifications, reconciliation."""

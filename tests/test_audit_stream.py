@@ -1,0 +1,152 @@
+"""The change stream: ledger rows reach the history exactly once, whatever
+crashes in between; the auditor reads and changes nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+
+from app.audit.stream import Stream, run
+from app.settings import PROJECT_ROOT
+from tests.conftest import SETTINGS
+from tests.ledger import commit, credit, debit, reserve
+
+
+@pytest.fixture
+def stream(db):
+    dbname = db.info.dbname
+    conninfo = SETTINGS.local_conninfo("rewards_audit_writer", dbname)
+    stream = Stream(conninfo, conninfo, slot=f"audit_{dbname}")
+    stream.ensure_slot()
+    yield stream
+    stream.drop_slot()
+    stream.close()
+
+
+def _history_ids(db) -> list[int]:
+    return [r["entry_id"] for r in db.execute("SELECT entry_id FROM audit.entries ORDER BY entry_id").fetchall()]
+
+
+def _ledger_ids(db) -> list[int]:
+    return [r["entry_id"] for r in db.execute("SELECT entry_id FROM ledger.entries ORDER BY entry_id").fetchall()]
+
+
+def test_a_credit_appears_in_the_history(db, stream):
+    made = credit(db, "alice", "c1", 100, metadata={"campaign": "x"})
+    assert stream.poll() == 1
+    row = db.execute("SELECT * FROM audit.entries").fetchone()
+    ledger_row = db.execute("SELECT * FROM ledger.entries").fetchone()
+    assert row["entry_id"] == made["entry_id"]
+    assert {k: row[k] for k in ledger_row} == ledger_row
+    assert row["committed_at"] is not None and row["lsn"] is not None
+    assert stream.poll() == 0
+
+
+def test_reservations_and_notifications_are_recorded(db, stream):
+    credit(db, "alice", "c1", 100)
+    held = reserve(db, "alice", "r1", 40)
+    commit(db, "alice", "m1", held["reservation_id"], 30)
+    debit(db, "alice", "d1", 5)
+    while stream.poll():
+        pass
+    events = db.execute("SELECT status, amount, committed_amount FROM audit.reservation_events ORDER BY event_at").fetchall()
+    assert events == [{"status": "open", "amount": 40, "committed_amount": None},
+                      {"status": "committed", "amount": 40, "committed_amount": 30}]
+    kinds = [r["kind"] for r in db.execute("SELECT kind FROM audit.notifications ORDER BY entry_id").fetchall()]
+    assert kinds == ["credit", "commit", "debit"]  # a reserve is not news to the user
+    payload = db.execute("SELECT payload FROM audit.notifications WHERE kind = 'commit'").fetchone()["payload"]
+    assert payload["balance"] == {"available": 70, "reserved": 0} and payload["id"].startswith("alice:")
+
+
+def test_a_crash_between_commit_and_confirm_duplicates_nothing(db, stream, monkeypatch):
+    for i in range(10):
+        credit(db, f"user-{i % 3}", f"k{i}", 5)
+
+    def crash(lsn):
+        raise KeyboardInterrupt("killed before confirming")
+
+    monkeypatch.setattr(stream, "confirm", crash)
+    with pytest.raises(KeyboardInterrupt):
+        stream.poll()
+    monkeypatch.undo()
+    assert len(_history_ids(db)) == 10  # committed before the crash
+
+    credit(db, "user-0", "k-after", 5)
+    while stream.poll():
+        pass
+    assert _history_ids(db) == _ledger_ids(db)
+
+
+def test_a_crash_before_the_history_commit_loses_nothing(db, stream, monkeypatch):
+    for i in range(5):
+        credit(db, "alice", f"k{i}", 5)
+
+    def die_while_applying(target, batch):
+        raise KeyboardInterrupt("killed mid-batch")
+
+    monkeypatch.setattr(stream, "_apply", die_while_applying)
+    with pytest.raises(KeyboardInterrupt):
+        stream.poll()
+    monkeypatch.undo()
+    stream.close()  # the next consumer starts afresh
+    while stream.poll():
+        pass
+    assert _history_ids(db) == _ledger_ids(db)
+
+
+def test_killing_the_consumer_process_repeatedly_loses_and_duplicates_nothing(db, stream):
+    dbname = db.info.dbname
+    env = {**os.environ, "REWARDS_DATABASE": dbname}
+    command = [sys.executable, "-m", "app.cli", "audit", "run", "--slot", stream.slot]
+    written = 0
+    for round_no in range(4):
+        consumer = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for i in range(40):
+            credit(db, f"user-{i % 7}", f"r{round_no}-{i}", 3)
+            written += 1
+        time.sleep(0.3 + 0.2 * round_no)
+        consumer.send_signal(signal.SIGKILL)
+        consumer.wait()
+    stream.close()
+    run([stream], stop_after_idle=1.0)
+    history = _history_ids(db)
+    assert len(history) == len(set(history)) == written
+    assert history == _ledger_ids(db)
+
+
+def test_the_lag_is_reported(db, stream):
+    credit(db, "alice", "c1", 1)
+    behind = stream.lag()
+    while stream.poll():
+        pass
+    caught_up = stream.lag()
+    assert behind["lag_bytes"] > caught_up["lag_bytes"] >= 0
+    assert caught_up["last_committed_at"] is not None
+
+
+@pytest.mark.parametrize("statement", [
+    "INSERT INTO audit.entries SELECT * FROM audit.entries",
+    "UPDATE audit.entries SET amount = 1",
+    "DELETE FROM audit.entries",
+    "UPDATE audit.notifications SET status = 'dead'",
+    "INSERT INTO ledger.accounts (user_id) VALUES ('mallory')",
+    "SELECT ledger.credit('mallory', 'k', 1, 'x', NULL, NULL, '{}')",
+    "UPDATE ledger.accounts SET available = 1",
+    "CREATE TABLE audit.mine (x int)",
+])
+def test_the_auditor_is_refused_every_write(db, stream, statement):
+    credit(db, "alice", "c1", 1)
+    while stream.poll():
+        pass
+    with psycopg.connect(SETTINGS.local_conninfo("rewards_auditor", db.info.dbname)) as auditor:
+        assert auditor.execute("SELECT count(*) FROM audit.entries").fetchone()[0] == 1
+        assert auditor.execute("SELECT ok FROM audit.verify_chain('alice')").fetchone()[0] is True
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            auditor.execute(statement)
