@@ -105,6 +105,35 @@ def _reconcile(args: argparse.Namespace) -> int:
     return 1 if report.findings else 0
 
 
+def _notify_run(args: argparse.Namespace) -> int:
+    from app.api.frontdoor import configure_logging
+    from app.audit.notify import Sender
+
+    settings = load()
+    if not settings.notify_url:
+        print("REWARDS_NOTIFY_URL is not set: notifications wait in audit.notifications", file=sys.stderr)
+        return 2
+    configure_logging()
+    Sender(settings.local_conninfo("rewards_notifier"), settings.notify_url, settings.notify_secret,
+           max_attempts=settings.notify_max_attempts).run()
+    return 0
+
+
+def _notify_dead(args: argparse.Namespace) -> int:
+    with _superuser() as conn:
+        for row in conn.execute(queries.NOTIFICATIONS_DEAD).fetchall():
+            print(json.dumps(row, default=str))
+    return 0
+
+
+def _notify_resend(args: argparse.Namespace) -> int:
+    with _superuser() as conn:
+        for notification_id in args.notification_ids:
+            row = conn.execute(queries.NOTIFICATION_RESEND, {"notification_id": notification_id}).fetchone()
+            print(f"{notification_id}: {'queued again' if row else 'not a dead notification'}")
+    return 0
+
+
 def _db_up(args: argparse.Namespace) -> int:
     settings = load()
     cluster.up(settings)
@@ -170,6 +199,13 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--slot", default="rewards_audit")
         command.add_argument("--node", action="append", help="a source node's conninfo; repeat for each")
         command.set_defaults(func=func)
+
+    notify = groups.add_parser("notify", help="notifications to the app").add_subparsers(dest="command", required=True)
+    notify.add_parser("run", help="deliver the outbox to REWARDS_NOTIFY_URL, forever").set_defaults(func=_notify_run)
+    notify.add_parser("dead", help="notifications parked after repeated failures").set_defaults(func=_notify_dead)
+    resend = notify.add_parser("resend", help="queue dead notifications again")
+    resend.add_argument("notification_ids", type=int, nargs="+")
+    resend.set_defaults(func=_notify_resend)
 
     rec = groups.add_parser("reconcile", help="prove balances, entries, chains and history agree; exit 1 if not")
     rec.add_argument("--batch-size", type=int, default=500)

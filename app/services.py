@@ -151,6 +151,15 @@ def api_command(settings: Settings, workers: int) -> list[str]:
     ]
 
 
+def _spawn(argv: list[str], env: dict[str, str], pid_file: Path, log_file: Path) -> subprocess.Popen:
+    process = subprocess.Popen(
+        argv, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+        stdout=log_file.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    pid_file.write_text(str(process.pid))
+    return process
+
+
 def api_up(settings: Settings, env: dict[str, str] | None = None, workers: int | None = None,
            pid_file: Path | None = None) -> None:
     pid_file = pid_file or settings.socket_dir / "api.pid"
@@ -160,12 +169,8 @@ def api_up(settings: Settings, env: dict[str, str] | None = None, workers: int |
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     log_file = settings.log_dir / f"api-{settings.api_port}.log"
-    process = subprocess.Popen(
-        api_command(settings, workers or settings.api_workers), cwd=PROJECT_ROOT,
-        env={**os.environ, **(env or {}), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
-        stdin=subprocess.DEVNULL, stdout=log_file.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    pid_file.write_text(str(process.pid))
+    process = _spawn(api_command(settings, workers or settings.api_workers),
+                     {**(env or {}), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}, pid_file, log_file)
     health = f"http://{settings.api_host}:{settings.api_port}/healthz"
     try:
         _wait_for(lambda: process.poll() is None and _http_ok(health), "the API", log_file)
@@ -176,6 +181,26 @@ def api_up(settings: Settings, env: dict[str, str] | None = None, workers: int |
 
 def api_down(settings: Settings, pid_file: Path | None = None) -> None:
     _stop(pid_file or settings.socket_dir / "api.pid")
+
+
+# --- The audit stream and the notification sender ---------------------------
+
+WORKERS = {"audit": ["audit", "run"], "notify": ["notify", "run"]}
+
+
+def worker_up(settings: Settings, name: str) -> None:
+    pid_file = settings.socket_dir / f"{name}.pid"
+    if _pid_alive(pid_file):
+        return
+    log_file = settings.log_dir / f"{name}.log"
+    process = _spawn([sys.executable, "-m", "app.cli", *WORKERS[name]], {}, pid_file, log_file)
+    time.sleep(0.5)
+    if process.poll() is not None:
+        raise SystemExit(f"`rewards {' '.join(WORKERS[name])}` stopped at once; see {log_file}")
+
+
+def worker_down(settings: Settings, name: str) -> None:
+    _stop(settings.socket_dir / f"{name}.pid")
 
 
 def _http_ok(url: str) -> bool:
@@ -200,9 +225,14 @@ def up(settings: Settings) -> None:
     bouncer_up(settings)
     redis_up(settings)
     api_up(settings)
+    worker_up(settings, "audit")
+    if settings.notify_url:
+        worker_up(settings, "notify")
 
 
 def down(settings: Settings) -> None:
+    worker_down(settings, "notify")
+    worker_down(settings, "audit")
     api_down(settings)
     redis_down(settings)
     bouncer_down(settings)

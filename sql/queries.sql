@@ -124,3 +124,40 @@ SELECT audit.repair_history(%(user_id)s) AS copied;
 
 -- name: count_accounts
 SELECT count(*) AS accounts FROM ledger.accounts;
+
+-- name: notifications_claim
+UPDATE audit.notifications n
+SET next_attempt_at = now() + make_interval(secs => %(lease_seconds)s)
+FROM (
+    SELECT notification_id FROM audit.notifications
+    WHERE status = 'pending' AND next_attempt_at <= now()
+    ORDER BY next_attempt_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+) due
+WHERE n.notification_id = due.notification_id
+RETURNING n.notification_id, n.payload, n.attempts;
+
+-- name: notification_delivered
+UPDATE audit.notifications
+SET status = 'delivered', delivered_at = now(), attempts = attempts + 1, last_error = NULL
+WHERE notification_id = %(notification_id)s;
+
+-- name: notification_failed
+UPDATE audit.notifications
+SET attempts = attempts + 1,
+    last_error = %(error)s,
+    status = CASE WHEN attempts + 1 >= %(max_attempts)s THEN 'dead' ELSE 'pending' END,
+    next_attempt_at = now() + make_interval(secs => %(retry_in_seconds)s)
+WHERE notification_id = %(notification_id)s
+RETURNING status;
+
+-- name: notifications_dead
+SELECT notification_id, user_id, entry_id, kind, attempts, last_error, created_at
+FROM audit.notifications WHERE status = 'dead' ORDER BY notification_id;
+
+-- name: notification_resend
+UPDATE audit.notifications
+SET status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL
+WHERE notification_id = %(notification_id)s AND status = 'dead'
+RETURNING notification_id;

@@ -1,0 +1,99 @@
+"""`rewards notify run`: deliver the outbox (audit.notifications) to the app's
+notification service. At least once: a notification is marked delivered only
+after a 2xx, and each carries an id (payload "id", header
+X-Rewards-Notification-Id) for the receiver to drop repeats. Signed with
+HMAC-SHA256 over "<timestamp>.<body>" in X-Rewards-Signature: t=<unix seconds>,v1=<hex>.
+Failures retry with exponential backoff and full jitter, and after
+`max_attempts` the notification is parked as 'dead' until `rewards notify resend`.
+
+The outbox is filled by the audit stream, never by a ledger write, so a slow or
+failing receiver cannot delay a credit."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg.rows import dict_row
+
+from app import queries
+
+log = logging.getLogger("rewards.notify")
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+@dataclass
+class Sender:
+    conninfo: str
+    url: str
+    secret: str
+    max_attempts: int = 8
+    base_delay: float = 1.0
+    max_delay: float = 600.0
+    timeout: float = 5.0
+    batch: int = 32
+
+    def backoff(self, attempts: int) -> float:
+        """Full jitter: uniform up to base * 2^attempts, capped."""
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2 ** attempts))
+
+    def _deliver(self, http: httpx.Client, notification: dict[str, Any]) -> str | None:
+        """None when delivered, else what went wrong."""
+        body = json.dumps(notification["payload"], separators=(",", ":")).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "X-Rewards-Notification-Id": notification["payload"]["id"],
+            "X-Rewards-Signature": sign(self.secret, int(time.time()), body),
+        }
+        try:
+            response = http.post(self.url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"[:500]
+        return None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
+
+    def run_once(self, conn: psycopg.Connection, http: httpx.Client) -> int:
+        """Claim a batch (a lease, so a slow receiver holds no row lock), send it
+        in parallel, record each outcome. How many were claimed."""
+        lease = self.timeout * 2 + 5
+        due = conn.execute(queries.NOTIFICATIONS_CLAIM, {"limit": self.batch, "lease_seconds": lease}).fetchall()
+        if not due:
+            return 0
+        with ThreadPoolExecutor(max_workers=min(len(due), 16)) as pool:
+            outcomes = list(pool.map(lambda n: self._deliver(http, n), due))
+        for notification, error in zip(due, outcomes, strict=True):
+            if error is None:
+                conn.execute(queries.NOTIFICATION_DELIVERED, {"notification_id": notification["notification_id"]})
+                continue
+            status = conn.execute(queries.NOTIFICATION_FAILED, {
+                "notification_id": notification["notification_id"], "error": error,
+                "max_attempts": self.max_attempts, "retry_in_seconds": self.backoff(notification["attempts"] + 1),
+            }).fetchone()["status"]
+            if status == "dead":
+                log.warning("notification parked after repeated failures", extra={"fields": {
+                    "notification_id": notification["notification_id"], "error": error}})
+        return len(due)
+
+    def run(self, idle_sleep: float = 0.5, stop_after_idle: float | None = None) -> None:
+        idle_since = time.monotonic()
+        with psycopg.connect(self.conninfo, autocommit=True, row_factory=dict_row) as conn, \
+                httpx.Client(timeout=self.timeout) as http:
+            while True:
+                if self.run_once(conn, http):
+                    idle_since = time.monotonic()
+                elif stop_after_idle is not None and time.monotonic() - idle_since >= stop_after_idle:
+                    return
+                else:
+                    time.sleep(idle_sleep)
