@@ -75,10 +75,15 @@ def _audit_streams(args: argparse.Namespace) -> list:
 
 
 def _audit_run(args: argparse.Namespace) -> int:
+    from prometheus_client import start_http_server
+
     from app.api.frontdoor import configure_logging
     from app.audit import stream
 
     configure_logging()
+    port = load().audit_metrics_port
+    if port:
+        start_http_server(port, addr="127.0.0.1")
     stream.run(_audit_streams(args))
     return 0
 
@@ -88,6 +93,16 @@ def _audit_status(args: argparse.Namespace) -> int:
         lag = stream.lag()
         print(json.dumps(lag, default=str) if lag else json.dumps({"slot": stream.slot, "state": "no such slot"}))
         stream.close()
+    return 0
+
+
+def _audit_retention(args: argparse.Namespace) -> int:
+    with _superuser() as conn:
+        if args.keep or args.forever:
+            # partman parses the interval; a bad one fails here, not at maintenance.
+            conn.execute(queries.AUDIT_SET_RETENTION, {"retention": None if args.forever else args.keep})
+        for row in conn.execute(queries.AUDIT_RETENTION).fetchall():
+            print(f"{row['parent_table']}: {row['retention'] or 'kept forever'}")
     return 0
 
 
@@ -206,6 +221,12 @@ def _parser() -> argparse.ArgumentParser:
     resend = notify.add_parser("resend", help="queue dead notifications again")
     resend.add_argument("notification_ids", type=int, nargs="+")
     resend.set_defaults(func=_notify_resend)
+
+    retention = audit.add_parser("retention", help="show or set how long history partitions are kept")
+    which = retention.add_mutually_exclusive_group()
+    which.add_argument("--keep", help="an interval, e.g. '7 years': older monthly partitions are dropped")
+    which.add_argument("--forever", action="store_true", help="keep every partition (the default)")
+    retention.set_defaults(func=_audit_retention)
 
     rec = groups.add_parser("reconcile", help="prove balances, entries, chains and history agree; exit 1 if not")
     rec.add_argument("--batch-size", type=int, default=500)

@@ -71,6 +71,8 @@ class Settings:
     rate_api_key: Tier
     rate_global: Tier
 
+    # Where `rewards audit run` serves its lag metrics (0: not at all).
+    audit_metrics_port: int
     # Notifications to the app's notification service (none sent while unset).
     notify_url: str | None
     notify_secret: str
@@ -148,6 +150,7 @@ def load() -> Settings:
         rate_user_redeem=Tier.parse(env.get("REWARDS_RATE_USER_REDEEM", "5/10")),
         rate_api_key=Tier.parse(env.get("REWARDS_RATE_API_KEY", "5000/10000")),
         rate_global=Tier.parse(env.get("REWARDS_RATE_GLOBAL", "20000/40000")),
+        audit_metrics_port=int(env.get("REWARDS_AUDIT_METRICS_PORT", "9187")),
         notify_url=env.get("REWARDS_NOTIFY_URL") or None,
         notify_secret=env.get("REWARDS_NOTIFY_SECRET", "rewards-notify-dev"),
         notify_max_attempts=int(env.get("REWARDS_NOTIFY_MAX_ATTEMPTS", "8")),

@@ -161,3 +161,11 @@ UPDATE audit.notifications
 SET status = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL
 WHERE notification_id = %(notification_id)s AND status = 'dead'
 RETURNING notification_id;
+
+-- name: audit_retention
+SELECT parent_table, retention FROM partman.part_config
+WHERE parent_table IN ('audit.entries', 'audit.reservation_events') ORDER BY parent_table;
+
+-- name: audit_set_retention
+UPDATE partman.part_config SET retention = %(retention)s, retention_keep_table = false
+WHERE parent_table IN ('audit.entries', 'audit.reservation_events');

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
+import httpx
 import psycopg
 import pytest
 
@@ -102,7 +104,7 @@ def test_a_crash_before_the_history_commit_loses_nothing(db, stream, monkeypatch
 
 def test_killing_the_consumer_process_repeatedly_loses_and_duplicates_nothing(db, stream):
     dbname = db.info.dbname
-    env = {**os.environ, "REWARDS_DATABASE": dbname}
+    env = {**os.environ, "REWARDS_DATABASE": dbname, "REWARDS_AUDIT_METRICS_PORT": "0"}
     command = [sys.executable, "-m", "app.cli", "audit", "run", "--slot", stream.slot]
     written = 0
     for round_no in range(4):
@@ -150,3 +152,30 @@ def test_the_auditor_is_refused_every_write(db, stream, statement):
         assert auditor.execute("SELECT ok FROM audit.verify_chain('alice')").fetchone()[0] is True
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             auditor.execute(statement)
+
+
+def test_the_consumer_serves_its_lag_as_metrics(db, stream):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "REWARDS_DATABASE": db.info.dbname, "REWARDS_AUDIT_METRICS_PORT": str(port)}
+    consumer = subprocess.Popen([sys.executable, "-m", "app.cli", "audit", "run", "--slot", stream.slot],
+                                cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        credit(db, "alice", "c1", 1)
+        deadline = time.monotonic() + 20
+        text = ""
+        while time.monotonic() < deadline:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            except httpx.HTTPError:
+                text = ""
+            if f'rewards_audit_lag_bytes{{slot="{stream.slot}"}}' in text and _history_ids(db):
+                break
+            time.sleep(0.3)
+    finally:
+        consumer.terminate()
+        consumer.wait()
+    assert f'rewards_audit_lag_bytes{{slot="{stream.slot}"}}' in text
+    assert f'rewards_audit_lag_seconds{{slot="{stream.slot}"}}' in text
+    assert _history_ids(db) == _ledger_ids(db)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import datetime, timezone
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from app import queries
+from app.audit import metrics
 
 log = logging.getLogger("rewards.audit")
 
@@ -102,7 +104,15 @@ class Stream:
         batch = list(transactions(rows))
         if not batch:
             return 0
-        applied = self._apply(target, batch)
+        if any(txn.changes for txn in batch):
+            applied = self._apply(target, batch)
+            metrics.LAG_SECONDS.labels(self.slot).set(_age_seconds(batch[-1].committed_at))
+        else:
+            # Only transactions that touched no ledger table (this consumer's own
+            # writes among them): nothing to apply, so write nothing, or each
+            # poll would make the next one's work.
+            applied = 0
+            metrics.LAG_SECONDS.labels(self.slot).set(0)
         self.confirm(batch[-1].commit_lsn)
         return applied
 
@@ -146,6 +156,14 @@ class Stream:
         return row
 
 
+def _age_seconds(timestamp: str) -> float:
+    """Seconds since a wal2json commit timestamp ('2026-11-28 17:08:03.04025+00')."""
+    committed = datetime.fromisoformat(timestamp.replace(" ", "T", 1))
+    if committed.utcoffset() is None:
+        committed = committed.replace(tzinfo=timezone.utc)
+    return max(0.0, (datetime.now(timezone.utc) - committed).total_seconds())
+
+
 def _notification(entry: dict[str, Any]) -> dict[str, Any]:
     payload = {
         "id": f"{entry['user_id']}:{entry['entry_id']}",  # the receiver dedupes on this
@@ -166,7 +184,14 @@ def run(streams: list[Stream], idle_sleep: float = 0.2, stop_after_idle: float |
     for stream in streams:
         stream.ensure_slot()
     idle_since = time.monotonic()
+    measured_at = 0.0
     while True:
+        if time.monotonic() - measured_at >= 5:
+            for stream in streams:
+                lag = stream.lag()
+                if lag:
+                    metrics.LAG_BYTES.labels(stream.slot).set(lag["lag_bytes"])
+            measured_at = time.monotonic()
         applied = 0
         for stream in streams:
             try:
