@@ -169,3 +169,6 @@ WHERE parent_table IN ('audit.entries', 'audit.reservation_events') ORDER BY par
 -- name: audit_set_retention
 UPDATE partman.part_config SET retention = %(retention)s, retention_keep_table = false
 WHERE parent_table IN ('audit.entries', 'audit.reservation_events');
+
+-- name: audit_backfill
+SELECT audit.backfill() AS entries;

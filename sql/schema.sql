@@ -1588,6 +1588,39 @@ BEGIN
 END;
 $$;
 
+-- Copy into the history whatever the ledger held before the stream began:
+-- run once, right after the consumer creates its slot. What the slot also
+-- delivers lands once, keyed by the ledger's ids.
+CREATE FUNCTION audit.backfill()
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_entries bigint;
+BEGIN
+    INSERT INTO audit.entries (user_id, entry_id, seq, kind, amount, available_delta, reserved_delta,
+                               available_after, reserved_after, reservation_id, reason, action_source,
+                               action_external_id, metadata, idempotency_key, created_at, prev_hash, hash)
+    SELECT e.user_id, e.entry_id, e.seq, e.kind, e.amount, e.available_delta, e.reserved_delta,
+           e.available_after, e.reserved_after, e.reservation_id, e.reason, e.action_source,
+           e.action_external_id, e.metadata, e.idempotency_key, e.created_at, e.prev_hash, e.hash
+    FROM ledger.entries e
+    ON CONFLICT DO NOTHING;
+    GET DIAGNOSTICS v_entries = ROW_COUNT;
+    INSERT INTO audit.reservation_events (user_id, reservation_id, status, amount, committed_amount, reason,
+                                          expires_at, event_at)
+    SELECT r.user_id, r.reservation_id, 'open', r.amount, NULL, r.reason, r.expires_at, r.created_at
+    FROM ledger.reservations r
+    UNION ALL
+    SELECT r.user_id, r.reservation_id, r.status, r.amount, r.committed_amount, r.reason, r.expires_at, r.ended_at
+    FROM ledger.reservations r WHERE r.status <> 'open'
+    ON CONFLICT DO NOTHING;
+    RETURN v_entries;
+END;
+$$;
+
 ALTER TABLE audit.entries OWNER TO rewards_owner;
 ALTER TABLE audit.reservation_events OWNER TO rewards_owner;
 ALTER TABLE audit.notifications OWNER TO rewards_owner;
@@ -1595,6 +1628,7 @@ ALTER TABLE audit.stream_progress OWNER TO rewards_owner;
 ALTER FUNCTION audit.verify_chain(text) OWNER TO rewards_owner;
 ALTER FUNCTION audit.reconcile(text[]) OWNER TO rewards_owner;
 ALTER FUNCTION audit.repair_history(text) OWNER TO rewards_owner;
+ALTER FUNCTION audit.backfill() OWNER TO rewards_owner;
 
 REVOKE ALL ON ALL TABLES IN SCHEMA audit FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA audit FROM PUBLIC;
@@ -1607,6 +1641,7 @@ GRANT EXECUTE ON FUNCTION audit.verify_chain(text) TO rewards_auditor;
 GRANT INSERT ON audit.entries, audit.reservation_events, audit.notifications TO rewards_audit_writer;
 GRANT USAGE ON SEQUENCE audit.notifications_notification_id_seq TO rewards_audit_writer;
 GRANT SELECT, INSERT, UPDATE ON audit.stream_progress TO rewards_audit_writer;
+GRANT EXECUTE ON FUNCTION audit.backfill() TO rewards_audit_writer;
 GRANT SELECT, UPDATE ON audit.notifications TO rewards_notifier;
 
 COMMENT ON FUNCTION audit.verify_chain(text) IS

@@ -90,7 +90,9 @@ class Stream:
         source, _ = self._connections()
         if not source.execute(queries.SLOT_EXISTS, {"slot": self.slot}).fetchone():
             source.execute(queries.CREATE_SLOT, {"slot": self.slot})
-            log.info("created replication slot", extra={"fields": {"slot": self.slot}})
+            # The slot sees only what commits from now on: copy what came before.
+            copied = source.execute(queries.AUDIT_BACKFILL).fetchone()["entries"]
+            log.info("created replication slot", extra={"fields": {"slot": self.slot, "backfilled": copied}})
 
     def drop_slot(self) -> None:
         source, _ = self._connections()
