@@ -125,11 +125,13 @@ def test_killing_the_consumer_process_repeatedly_loses_and_duplicates_nothing(db
 
 def test_the_lag_is_reported(db, stream):
     credit(db, "alice", "c1", 1)
+    time.sleep(0.2)
     behind = stream.lag()
     while stream.poll():
         pass
     caught_up = stream.lag()
     assert behind["lag_bytes"] > caught_up["lag_bytes"] >= 0
+    assert behind["lag_seconds"] >= 0.2 and caught_up["lag_seconds"] == 0.0
     assert caught_up["last_committed_at"] is not None
 
 

@@ -5,4 +5,4 @@ from prometheus_client import Gauge
 
 LAG_BYTES = Gauge("rewards_audit_lag_bytes", "WAL bytes the slot holds beyond what the history has", ["slot"])
 LAG_SECONDS = Gauge("rewards_audit_lag_seconds",
-                    "Age of the newest ledger commit applied to the history; 0 when nothing is pending", ["slot"])
+                    "Age of the oldest ledger commit not yet in the history; 0 when none is pending", ["slot"])

@@ -106,15 +106,10 @@ class Stream:
         batch = list(transactions(rows))
         if not batch:
             return 0
-        if any(txn.changes for txn in batch):
-            applied = self._apply(target, batch)
-            metrics.LAG_SECONDS.labels(self.slot).set(_age_seconds(batch[-1].committed_at))
-        else:
-            # Only transactions that touched no ledger table (this consumer's own
-            # writes among them): nothing to apply, so write nothing, or each
-            # poll would make the next one's work.
-            applied = 0
-            metrics.LAG_SECONDS.labels(self.slot).set(0)
+        # A batch of transactions that touched no ledger table (this consumer's
+        # own writes among them) is only confirmed: writing a progress row for
+        # it would make the next poll's work.
+        applied = self._apply(target, batch) if any(txn.changes for txn in batch) else 0
         self.confirm(batch[-1].commit_lsn)
         return applied
 
@@ -151,11 +146,16 @@ class Stream:
         source, _ = self._connections()
         source.execute(queries.CONFIRM_CHANGES, {"slot": self.slot, "lsn": lsn})
 
-    def lag(self) -> dict[str, Any]:
-        source, target = self._connections()
+    def lag(self) -> dict[str, Any] | None:
+        """Bytes of WAL the slot holds, and the age of the oldest ledger commit
+        not yet in the history (0 when none is pending)."""
+        source, _ = self._connections()
         row = source.execute(queries.AUDIT_LAG, {"slot": self.slot}).fetchone()
-        target.rollback()
-        return row
+        if row is None:
+            return None
+        rows = source.execute(queries.PEEK_CHANGES, {"slot": self.slot, "max_changes": 100}).fetchall()
+        pending = next((txn for txn in transactions(rows) if txn.changes), None)
+        return row | {"lag_seconds": round(_age_seconds(pending.committed_at), 3) if pending else 0.0}
 
 
 def _age_seconds(timestamp: str) -> float:
@@ -193,6 +193,7 @@ def run(streams: list[Stream], idle_sleep: float = 0.2, stop_after_idle: float |
                 lag = stream.lag()
                 if lag:
                     metrics.LAG_BYTES.labels(stream.slot).set(lag["lag_bytes"])
+                    metrics.LAG_SECONDS.labels(stream.slot).set(lag["lag_seconds"])
             measured_at = time.monotonic()
         applied = 0
         for stream in streams:

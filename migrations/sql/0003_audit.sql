@@ -10,18 +10,43 @@
 -- ===========================================================================
 
 DO $roles$
+DECLARE
+    v_create constant text := $create$
+        DO $do$
+        DECLARE
+            v_propagation constant text := current_setting('citus.enable_ddl_propagation', true);
+        BEGIN
+            -- As for the ledger's roles (see the top of this file): made on each
+            -- node by us, not carried back and forth by Citus.
+            PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', 'off', true);
+            IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_auditor') THEN
+                -- Reads audit.* and verifies chains; changes nothing anywhere.
+                CREATE ROLE rewards_auditor LOGIN;
+            END IF;
+            IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_audit_writer') THEN
+                -- The stream consumer: reads the replication slot, inserts history.
+                CREATE ROLE rewards_audit_writer LOGIN REPLICATION;
+            END IF;
+            IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_notifier') THEN
+                -- The notification sender: works the outbox.
+                CREATE ROLE rewards_notifier LOGIN;
+            END IF;
+            IF v_propagation IS NOT NULL THEN
+                PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', v_propagation, true);
+            END IF;
+        END
+        $do$
+    $create$;
+    v_failures text;
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_auditor') THEN
-        -- Reads audit.* and verifies chains; changes nothing anywhere.
-        CREATE ROLE rewards_auditor LOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_audit_writer') THEN
-        -- The stream consumer: reads the replication slot, inserts history.
-        CREATE ROLE rewards_audit_writer LOGIN REPLICATION;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_notifier') THEN
-        -- The notification sender: works the outbox.
-        CREATE ROLE rewards_notifier LOGIN;
+    EXECUTE v_create;
+    IF EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        SELECT string_agg(format('%s:%s: %s', nodename, nodeport, result), '; ') INTO v_failures
+        FROM run_command_on_workers(v_create)
+        WHERE NOT success;
+        IF v_failures IS NOT NULL THEN
+            RAISE EXCEPTION 'could not create the audit roles on the workers: %', v_failures;
+        END IF;
     END IF;
 END
 $roles$;
