@@ -139,10 +139,14 @@ def _start(settings: Settings) -> None:
     if is_running(settings):
         _run(as_owner(settings, settings.pg_bin / "pg_ctl", "reload", "-D", settings.pg_data))
         return
-    _run(as_owner(
-        settings, settings.pg_bin / "pg_ctl", "start", "-w", "-t", "120",
-        "-D", settings.pg_data, "-l", settings.log_file,
-    ))
+    try:
+        _run(as_owner(
+            settings, settings.pg_bin / "pg_ctl", "start", "-w", "-t", "120",
+            "-D", settings.pg_data, "-l", settings.log_file,
+        ))
+    except subprocess.CalledProcessError as exc:
+        tail = "".join(settings.log_file.read_text().splitlines(keepends=True)[-8:])
+        raise SystemExit(f"PostgreSQL did not start (port {settings.pg_port} taken?); its log ends:\n{tail}") from exc
 
 
 def wait_ready(settings: Settings, timeout: float = 60.0) -> None:

@@ -48,5 +48,9 @@ async def fetch_all(pool: AsyncConnectionPool, query: str,
         # The ledger's own argument checks: SQLSTATE 22023 naming the argument.
         raise problem("validation", exc.diag.message_primary or "invalid argument",
                       extra={"field": exc.diag.column_name}) from exc
+    except psycopg.DataError as exc:
+        # Any other value PostgreSQL cannot take, such as \u0000 inside JSON
+        # (SQLSTATE class 22): refused before the call, nothing written.
+        raise problem("validation", exc.diag.message_primary or "invalid value") from exc
     except psycopg.OperationalError as exc:
         raise problem("unavailable", "the database did not answer", headers={"Retry-After": "2"}) from exc

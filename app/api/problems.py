@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from litestar.exceptions import HTTPException
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.plugins.problem_details import ProblemDetailsException
 
 TYPE_PREFIX = "urn:rewards-ledger:problem:"
@@ -46,3 +48,24 @@ def from_http_exception(exc: HTTPException) -> ProblemDetailsException:
     cause = _CAUSE_BY_STATUS.get(exc.status_code, "validation" if exc.status_code < 500 else "internal")
     extra = {"errors": exc.extra} if isinstance(exc.extra, list) else exc.extra
     return problem(cause, detail=exc.detail, headers=exc.headers, extra=extra)
+
+
+class Problem(msgspec.Struct):
+    """An RFC 9457 problem, as every refusal is answered (documentation only)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str = ""
+
+
+def documented(*causes: str) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the problems a route can answer with."""
+    by_status: dict[int, list[str]] = {}
+    for cause in ("validation", "unauthorized", "rate-limited", "overloaded", *causes):
+        by_status.setdefault(CAUSES[cause][0], []).append(TYPE_PREFIX + cause)
+    return {
+        status: ResponseSpec(data_container=Problem, media_type="application/problem+json",
+                             generate_examples=False, description="; ".join(types))
+        for status, types in sorted(by_status.items())
+    }

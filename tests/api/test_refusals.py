@@ -160,3 +160,11 @@ def test_a_non_ascii_cursor_is_400_not_500(api, user):
     # Found by the schema fuzzer.
     with api.client() as http:
         _problem(http.get(f"/v1/accounts/{user}/entries", params={"cursor": "¯¢M®"}), 400, "validation")
+
+
+def test_a_nul_character_in_metadata_is_400_not_500(api, user):
+    # Found by the schema fuzzer: jsonb cannot hold \u0000.
+    with api.client() as http:
+        _problem(post(http, f"/v1/accounts/{user}/credits", {"amount": 1, "reason": "x", "metadata": {"k": "a\u0000b"}}),
+                 400, "validation")
+    assert _entry_count(api, user) == 0

@@ -29,7 +29,7 @@ from app.api.accounts.schemas import (
     ReservationState,
 )
 from app.api.database import fetch_all, fetch_one
-from app.api.problems import problem
+from app.api.problems import documented, problem
 from app.api.security import allowed
 
 UserId = Annotated[str, Parameter(pattern=r"^[A-Za-z0-9._:-]{1,64}$", description="opaque user id")]
@@ -112,8 +112,9 @@ class AccountsController(Controller):
     path = "/v1/accounts/{user_id:str}"
     tags = ["accounts"]
 
-    @post("/credits", guards=[allowed("points:earn", "earn")], status_code=201,
-          summary="Add points")
+    @post("/credits", guards=[allowed("points:earn", "earn")], status_code=201, summary="Add points",
+          responses=documented("forbidden", "action-already-credited", "idempotency-key-reused",
+                               "payload-too-large"))
     async def credit(self, request: Request, user_id: UserId, idempotency_key: IdempotencyKey,
                      data: CreditRequest) -> Response[EntryCreated]:
         data = await _strict(request, CreditRequest)
@@ -126,8 +127,8 @@ class AccountsController(Controller):
             entry_id=r["entry_id"], user_id=user_id, amount=r["amount"], balance=_balance(r),
             created_at=r["created_at"]))
 
-    @post("/debits", guards=[allowed("points:redeem", "redeem")], status_code=201,
-          summary="Spend points at once")
+    @post("/debits", guards=[allowed("points:redeem", "redeem")], status_code=201, summary="Spend points at once",
+          responses=documented("forbidden", "insufficient-points", "idempotency-key-reused", "payload-too-large"))
     async def debit(self, request: Request, user_id: UserId, idempotency_key: IdempotencyKey,
                     data: DebitRequest) -> Response[EntryCreated]:
         data = await _strict(request, DebitRequest)
@@ -139,7 +140,8 @@ class AccountsController(Controller):
             created_at=r["created_at"]))
 
     @post("/reservations", guards=[allowed("points:redeem", "redeem")], status_code=201,
-          summary="Hold points for a redemption")
+          summary="Hold points for a redemption",
+          responses=documented("forbidden", "insufficient-points", "idempotency-key-reused", "payload-too-large"))
     async def reserve(self, request: Request, user_id: UserId, idempotency_key: IdempotencyKey,
                       data: ReservationRequest) -> Response[ReservationCreated]:
         data = await _strict(request, ReservationRequest)
@@ -151,7 +153,9 @@ class AccountsController(Controller):
             expires_at=r["expires_at"], entry_id=r["entry_id"], balance=_balance(r), created_at=r["created_at"]))
 
     @post("/reservations/{reservation_id:int}/commit", guards=[allowed("points:redeem", "redeem")],
-          status_code=200, summary="Spend a reservation, all of it or part")
+          status_code=200, summary="Spend a reservation, all of it or part",
+          responses=documented("forbidden", "not-found", "reservation-not-open", "amount-exceeds-reservation",
+                               "idempotency-key-reused"))
     async def commit(self, request: Request, user_id: UserId, reservation_id: ReservationId,
                      idempotency_key: IdempotencyKey, data: CommitRequest | None = None) -> Response[ReservationEnded]:
         data = await _strict(request, CommitRequest)
@@ -163,7 +167,8 @@ class AccountsController(Controller):
             entry_id=r["entry_id"], balance=_balance(r), created_at=r["created_at"]))
 
     @post("/reservations/{reservation_id:int}/release", guards=[allowed("points:redeem", "redeem")],
-          status_code=200, summary="Return a reservation to available points")
+          status_code=200, summary="Return a reservation to available points",
+          responses=documented("forbidden", "not-found", "reservation-not-open", "idempotency-key-reused"))
     async def release(self, request: Request, user_id: UserId, reservation_id: ReservationId,
                       idempotency_key: IdempotencyKey, data: ReleaseRequest | None = None) -> Response[ReservationEnded]:
         data = await _strict(request, ReleaseRequest)
@@ -175,7 +180,7 @@ class AccountsController(Controller):
             entry_id=r["entry_id"], balance=_balance(r), created_at=r["created_at"]))
 
     @get("/reservations/{reservation_id:int}", guards=[allowed("points:read", "read")],
-         summary="One reservation")
+         summary="One reservation", responses=documented("forbidden", "not-found"))
     async def reservation(self, request: Request, user_id: UserId, reservation_id: ReservationId) -> Response[ReservationState]:
         row = await fetch_one(request.app.state.pool, queries.RESERVATION,
                               {"user_id": user_id, "reservation_id": reservation_id})
@@ -183,7 +188,8 @@ class AccountsController(Controller):
             raise problem("not-found", "no such reservation for this user")
         return Response(ReservationState(**row), headers=request.state.rate_limit.headers())
 
-    @get("/balance", guards=[allowed("points:read", "read")], summary="Available and reserved points")
+    @get("/balance", guards=[allowed("points:read", "read")], summary="Available and reserved points",
+         responses=documented("forbidden"))
     async def balance(self, request: Request, user_id: UserId) -> Response[AccountBalance]:
         row = await fetch_one(request.app.state.pool, queries.BALANCE, {"user_id": user_id})
         return Response(AccountBalance(
@@ -191,7 +197,8 @@ class AccountsController(Controller):
             lifetime_earned=row["lifetime_earned"], updated_at=row["updated_at"],
         ), headers=request.state.rate_limit.headers())
 
-    @get("/entries", guards=[allowed("points:read", "read")], summary="Ledger entries, newest first")
+    @get("/entries", guards=[allowed("points:read", "read")], summary="Ledger entries, newest first",
+         responses=documented("forbidden"))
     async def entries(self, request: Request, user_id: UserId,
                       limit: Annotated[int, Parameter(ge=1, le=500)] = 50,
                       cursor: Annotated[str | None, Parameter(max_length=64)] = None) -> Response[EntriesPage]:
