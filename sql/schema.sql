@@ -1589,7 +1589,7 @@ END;
 $$;
 
 -- The reconciler's only repair: copy entries the history lacks from the
--- ledger. It never touches a ledger entry.
+-- ledger, for one account or (NULL) all of them. It never touches a ledger entry.
 CREATE FUNCTION audit.repair_history(p_user_id text)
 RETURNS bigint
 LANGUAGE plpgsql
@@ -1606,7 +1606,7 @@ BEGIN
            e.available_after, e.reserved_after, e.reservation_id, e.reason, e.action_source,
            e.action_external_id, e.metadata, e.idempotency_key, e.created_at, e.prev_hash, e.hash
     FROM ledger.entries e
-    WHERE e.user_id = p_user_id
+    WHERE p_user_id IS NULL OR e.user_id = p_user_id
     ON CONFLICT DO NOTHING;
     GET DIAGNOSTICS v_copied = ROW_COUNT;
     RETURN v_copied;
@@ -1622,18 +1622,7 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    v_entries bigint;
 BEGIN
-    INSERT INTO audit.entries (user_id, entry_id, seq, kind, amount, available_delta, reserved_delta,
-                               available_after, reserved_after, reservation_id, reason, action_source,
-                               action_external_id, metadata, idempotency_key, created_at, prev_hash, hash)
-    SELECT e.user_id, e.entry_id, e.seq, e.kind, e.amount, e.available_delta, e.reserved_delta,
-           e.available_after, e.reserved_after, e.reservation_id, e.reason, e.action_source,
-           e.action_external_id, e.metadata, e.idempotency_key, e.created_at, e.prev_hash, e.hash
-    FROM ledger.entries e
-    ON CONFLICT DO NOTHING;
-    GET DIAGNOSTICS v_entries = ROW_COUNT;
     INSERT INTO audit.reservation_events (user_id, reservation_id, status, amount, committed_amount, reason,
                                           expires_at, event_at)
     SELECT r.user_id, r.reservation_id, 'open', r.amount, NULL, r.reason, r.expires_at, r.created_at
@@ -1642,7 +1631,7 @@ BEGIN
     SELECT r.user_id, r.reservation_id, r.status, r.amount, r.committed_amount, r.reason, r.expires_at, r.ended_at
     FROM ledger.reservations r WHERE r.status <> 'open'
     ON CONFLICT DO NOTHING;
-    RETURN v_entries;
+    RETURN audit.repair_history(NULL);
 END;
 $$;
 

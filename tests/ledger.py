@@ -77,3 +77,10 @@ def unreconciled_accounts(conn: psycopg.Connection) -> list[dict[str, Any]]:
                  IS DISTINCT FROM (s.available, s.reserved, s.earned, s.last_seq)
               OR a.reserved <> h.held"""
     ).fetchall()
+
+
+def tamper(conn: psycopg.Connection, sql: str, params: tuple = ()) -> None:
+    """Change rows as an attacker with superuser rights would: triggers off."""
+    with conn.transaction():
+        conn.execute("SET LOCAL session_replication_role = replica")
+        conn.execute(sql, params)

@@ -6,7 +6,7 @@ import json
 import psycopg
 import pytest
 
-from tests.ledger import commit, credit, debit, entries, reserve
+from tests.ledger import commit, credit, debit, entries, reserve, tamper
 
 
 def _history(db):
@@ -58,16 +58,11 @@ def test_entries_refuse_updates_and_deletes_even_for_a_superuser(db, statement):
     assert len(entries(db, "alice")) == 4
 
 
-def _tamper(db, sql, params=()):
-    """Change an entry as an attacker with superuser rights would: triggers off."""
-    with db.transaction():
-        db.execute("SET LOCAL session_replication_role = replica")
-        db.execute(sql, params)
 
 
 def test_a_changed_amount_is_found_at_that_entry(db):
     rows = _history(db)
-    _tamper(db, "UPDATE ledger.entries SET reason = 'bonus' WHERE entry_id = %s", (rows[1]["entry_id"],))
+    tamper(db, "UPDATE ledger.entries SET reason = 'bonus' WHERE entry_id = %s", (rows[1]["entry_id"],))
     result = _verify(db)
     assert (result["ok"], result["first_broken_entry_id"], result["first_broken_seq"]) == (False, rows[1]["entry_id"], 2)
 
@@ -76,8 +71,8 @@ def test_a_rehashed_entry_breaks_the_next_link(db):
     rows = _history(db)
     # The attacker recomputes the tampered entry's own hash, but cannot fix the
     # chain after it without rewriting every later entry and the account head.
-    _tamper(db, "UPDATE ledger.entries SET metadata = '{\"forged\": true}' WHERE entry_id = %s", (rows[1]["entry_id"],))
-    _tamper(db, "UPDATE ledger.entries e SET hash = ledger._entry_hash(e.prev_hash, e) WHERE entry_id = %s",
+    tamper(db, "UPDATE ledger.entries SET metadata = '{\"forged\": true}' WHERE entry_id = %s", (rows[1]["entry_id"],))
+    tamper(db, "UPDATE ledger.entries e SET hash = ledger._entry_hash(e.prev_hash, e) WHERE entry_id = %s",
             (rows[1]["entry_id"],))
     result = _verify(db)
     assert (result["ok"], result["first_broken_seq"]) == (False, 3)
@@ -85,14 +80,14 @@ def test_a_rehashed_entry_breaks_the_next_link(db):
 
 def test_a_deleted_entry_is_found(db):
     rows = _history(db)
-    _tamper(db, "DELETE FROM ledger.entries WHERE entry_id = %s", (rows[2]["entry_id"],))
+    tamper(db, "DELETE FROM ledger.entries WHERE entry_id = %s", (rows[2]["entry_id"],))
     result = _verify(db)
     assert (result["ok"], result["first_broken_seq"]) == (False, 4)
 
 
 def test_a_deleted_last_entry_is_found_by_the_account_head(db):
     rows = _history(db)
-    _tamper(db, "DELETE FROM ledger.entries WHERE entry_id = %s", (rows[-1]["entry_id"],))
+    tamper(db, "DELETE FROM ledger.entries WHERE entry_id = %s", (rows[-1]["entry_id"],))
     result = _verify(db)
     assert (result["ok"], result["entries_checked"], result["first_broken_entry_id"]) == (False, 3, None)
 
@@ -103,7 +98,7 @@ def test_the_cli_reports_a_broken_chain(db, monkeypatch, capsys):
     rows = _history(db)
     monkeypatch.setenv("REWARDS_DATABASE", db.info.dbname)
     assert cli.main(["ledger", "verify", "alice"]) == 0
-    _tamper(db, "UPDATE ledger.entries SET reason = 'forged' WHERE entry_id = %s", (rows[0]["entry_id"],))
+    tamper(db, "UPDATE ledger.entries SET reason = 'forged' WHERE entry_id = %s", (rows[0]["entry_id"],))
     assert cli.main(["ledger", "verify", "alice"]) == 2
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["first_broken_entry_id"] == rows[0]["entry_id"]
 
@@ -111,5 +106,5 @@ def test_the_cli_reports_a_broken_chain(db, monkeypatch, capsys):
 def test_a_tampered_entry_must_still_obey_the_kind_rules(db):
     rows = _history(db)
     with pytest.raises(psycopg.errors.CheckViolation) as raised:
-        _tamper(db, "UPDATE ledger.entries SET amount = 1 WHERE entry_id = %s", (rows[0]["entry_id"],))
+        tamper(db, "UPDATE ledger.entries SET amount = 1 WHERE entry_id = %s", (rows[0]["entry_id"],))
     assert raised.value.diag.constraint_name == "entries_well_formed"

@@ -8,7 +8,7 @@ import pytest
 
 from app.audit import reconcile
 from tests.conftest import SETTINGS
-from tests.ledger import commit, credit, debit, entries, reserve
+from tests.ledger import commit, credit, debit, entries, reserve, tamper
 from tests.test_audit_stream import stream  # noqa: F401  (the fixture)
 
 
@@ -29,10 +29,6 @@ def _run(db, **options) -> reconcile.Report:
     return reconcile.reconcile(SETTINGS.superuser_conninfo(db.info.dbname), batch_size=2, **options)
 
 
-def _tamper(db, sql, params=()):
-    with db.transaction():
-        db.execute("SET LOCAL session_replication_role = replica")
-        db.execute(sql, params)
 
 
 def test_all_agree(streamed):
@@ -49,7 +45,7 @@ def test_a_tampered_balance(streamed):
 
 def test_a_tampered_reservation_hold(streamed):
     held = reserve(streamed, "carol", "r2", 10)
-    _tamper(streamed, "UPDATE ledger.reservations SET status = 'released', ended_at = now() "
+    tamper(streamed, "UPDATE ledger.reservations SET status = 'released', ended_at = now() "
                       "WHERE user_id = 'carol' AND reservation_id = %s", (held["reservation_id"],))
     assert ("carol", "reserved_differs_from_open_reservations") in [
         (f["user_id"], f["finding"]) for f in _run(streamed).findings]
@@ -57,7 +53,7 @@ def test_a_tampered_reservation_hold(streamed):
 
 def test_a_tampered_entry_breaks_the_chain(streamed):
     target = entries(streamed, "alice")[1]
-    _tamper(streamed, "UPDATE ledger.entries SET reason = 'forged' WHERE entry_id = %s", (target["entry_id"],))
+    tamper(streamed, "UPDATE ledger.entries SET reason = 'forged' WHERE entry_id = %s", (target["entry_id"],))
     findings = {f["finding"]: f for f in _run(streamed).findings if f["user_id"] == "alice"}
     assert findings["chain_broken"]["detail"]["first_broken_entry_id"] == target["entry_id"]
 
