@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg
 
-from app import migrate
+from app import migrate, queries
 from app.settings import PROJECT_ROOT, Settings
 
 PG_HBA = """\
@@ -161,14 +161,26 @@ def wait_ready(settings: Settings, timeout: float = 60.0) -> None:
             time.sleep(0.2)
 
 
+def _prepare_citus(settings: Settings) -> None:
+    """The extension in the service database, with this node as coordinator; a
+    coordinator without workers holds the shards itself (a single-node cluster).
+    Workers are added later with citus_add_node and a rebalance."""
+    coordinator = {"host": str(settings.socket_dir), "port": settings.pg_port}
+    with psycopg.connect(settings.superuser_conninfo(), autocommit=True) as conn:
+        conn.execute(queries.CREATE_CITUS)
+        conn.execute(queries.CITUS_SET_COORDINATOR, coordinator)
+        if conn.execute(queries.CITUS_WORKER_COUNT).fetchone()[0] == 0:
+            conn.execute(queries.CITUS_COORDINATOR_HOLDS_SHARDS, coordinator)
+
+
 def _prepare_database(settings: Settings) -> None:
+    # CREATE DATABASE and ALTER ROLE take no bind parameters: the name and the
+    # password are quoted by psycopg.sql, the one place Python composes SQL.
     with psycopg.connect(settings.superuser_conninfo("postgres"), autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (settings.database,)).fetchone()
-        if not exists:
+        if not conn.execute(queries.DATABASE_EXISTS, {"name": settings.database}).fetchone():
             conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(settings.database)))
     if settings.citus == "on":
-        with psycopg.connect(settings.superuser_conninfo(), autocommit=True) as conn:
-            conn.execute("CREATE EXTENSION IF NOT EXISTS citus")
+        _prepare_citus(settings)
     migrate.upgrade(settings.superuser_conninfo())
     with psycopg.connect(settings.superuser_conninfo(), autocommit=True) as conn:
         conn.execute(

@@ -172,3 +172,18 @@ WHERE parent_table IN ('audit.entries', 'audit.reservation_events');
 
 -- name: audit_backfill
 SELECT audit.backfill() AS entries;
+
+-- name: database_exists
+SELECT 1 FROM pg_database WHERE datname = %(name)s;
+
+-- name: create_citus
+CREATE EXTENSION IF NOT EXISTS citus;
+
+-- name: citus_set_coordinator
+SELECT citus_set_coordinator_host(%(host)s, %(port)s);
+
+-- name: citus_worker_count
+SELECT count(*) AS workers FROM pg_dist_node WHERE groupid <> 0 AND noderole = 'primary';
+
+-- name: citus_coordinator_holds_shards
+SELECT citus_set_node_property(%(host)s, %(port)s, 'shouldhaveshards', true);

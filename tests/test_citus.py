@@ -199,3 +199,25 @@ def test_the_ledger_holds_its_guarantees_across_nodes(coordinator, two_node_db):
     assert commit(coordinator, user, "m1", held["reservation_id"])["status"] == "ok"
     assert coordinator.execute("SELECT ok FROM ledger.verify_chain(%s)", (user,)).fetchone()["ok"] is True
     assert unreconciled_accounts(coordinator) == []
+
+
+def test_rewards_citus_on_makes_a_distributed_single_node():
+    """What REWARDS_CITUS=on does for `rewards db up`, on a cluster of its own."""
+    with psycopg.connect(SETTINGS.superuser_conninfo("postgres")) as conn:
+        if not conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'citus'").fetchone():
+            pytest.skip("the citus extension is not installed in this PostgreSQL (it is in no package registry here)")
+    node = dataclasses.replace(SETTINGS, data_dir=SETTINGS.data_dir / "citus-on", pg_port=SETTINGS.pg_port + 2,
+                               citus="on")
+    try:
+        cluster.up(node)
+        cluster.up(node)  # safe to repeat
+        with psycopg.connect(node.superuser_conninfo(), autocommit=True, row_factory=dict_row) as conn:
+            distributed = conn.execute(
+                "SELECT count(*) AS n FROM pg_dist_partition WHERE logicalrelid::text LIKE 'ledger.%'"
+            ).fetchone()["n"]
+            assert distributed == 5  # four tables by user_id, settings as a reference table
+            assert credit(conn, "alice", "c1", 10)["status"] == "ok"
+            assert balance(conn, "alice")["available"] == 10
+    finally:
+        cluster.down(node)
+        shutil.rmtree(node.data_dir, ignore_errors=True)
