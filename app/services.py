@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -160,11 +161,24 @@ def _spawn(argv: list[str], env: dict[str, str], pid_file: Path, log_file: Path)
     return process
 
 
-def api_up(settings: Settings, env: dict[str, str] | None = None, workers: int | None = None,
-           pid_file: Path | None = None) -> None:
-    pid_file = pid_file or settings.socket_dir / "api.pid"
-    if _pid_alive(pid_file):
-        return
+def free_port() -> int:
+    """A loopback port nothing listens on now, for a server of a test or a bench."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _api_pid_file(settings: Settings) -> Path:
+    # One per port, so a test's or a bench's API lives beside the service's.
+    return settings.socket_dir / f"api-{settings.api_port}.pid"
+
+
+def api_up(settings: Settings, env: dict[str, str] | None = None, workers: int | None = None) -> int:
+    """Start the API on settings.api_port (unless it runs) and return its pid."""
+    pid_file = _api_pid_file(settings)
+    running = _pid_alive(pid_file)
+    if running:
+        return running
     metrics_dir = settings.socket_dir / f"prometheus-{settings.api_port}"
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
@@ -177,10 +191,11 @@ def api_up(settings: Settings, env: dict[str, str] | None = None, workers: int |
     except SystemExit:
         _stop(pid_file)  # leave nothing half-started behind
         raise
+    return process.pid
 
 
-def api_down(settings: Settings, pid_file: Path | None = None) -> None:
-    _stop(pid_file or settings.socket_dir / "api.pid")
+def api_down(settings: Settings) -> None:
+    _stop(_api_pid_file(settings))
 
 
 # --- The audit stream and the notification sender ---------------------------

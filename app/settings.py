@@ -108,15 +108,15 @@ class Settings:
 
     def api_conninfo(self, dbname: str | None = None) -> str:
         """The API's role, straight to PostgreSQL over TCP."""
-        return (
-            f"host=127.0.0.1 port={self.pg_port} user=rewards_api "
-            f"password={self.api_password} dbname={dbname or self.database}"
-        )
+        return self._api_role_over_tcp(self.pg_port, dbname)
 
     def bouncer_conninfo(self, dbname: str | None = None) -> str:
         """The API's role through PgBouncer, as the API connects."""
+        return self._api_role_over_tcp(self.bouncer_port, dbname)
+
+    def _api_role_over_tcp(self, port: int, dbname: str | None) -> str:
         return (
-            f"host=127.0.0.1 port={self.bouncer_port} user=rewards_api "
+            f"host=127.0.0.1 port={port} user=rewards_api "
             f"password={self.api_password} dbname={dbname or self.database}"
         )
 

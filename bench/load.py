@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,11 +34,6 @@ from bench.run import BENCH, LEDGER_DB, USERS, measure, prepare_ledger  # noqa: 
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _process_tree_cpu(root_pid: int) -> float:
@@ -92,7 +86,7 @@ def main() -> int:
     with psycopg.connect(base.superuser_conninfo(LEDGER_DB), autocommit=True, row_factory=dict_row) as conn:
         _, api_key = keys.create(conn, "bench", ["points:earn", "points:redeem", "points:read"])
 
-    port = _free_port()
+    port = services.free_port()
     settings = dataclasses.replace(base, database=LEDGER_DB, api_port=port)
     unlimited = "1000000/1000000"
     env = {"REWARDS_DATABASE": LEDGER_DB, "REWARDS_API_PORT": str(port), "REWARDS_REDIS_PREFIX": "bench",
@@ -100,9 +94,7 @@ def main() -> int:
            "REWARDS_RATE_API_KEY": unlimited, "REWARDS_RATE_GLOBAL": unlimited}
     services.bouncer_up(base)
     services.redis_up(base)
-    pid_file = settings.socket_dir / f"api-{port}.pid"
-    services.api_up(settings, env=env, workers=args.workers, pid_file=pid_file)
-    api_pid = int(pid_file.read_text())
+    api_pid = services.api_up(settings, env=env, workers=args.workers)
     url = f"http://127.0.0.1:{port}"
 
     rows: dict[str, list[dict]] = {"SQL credit (pgbench, 8 clients)": [], "HTTP credit": [],
@@ -127,7 +119,7 @@ def main() -> int:
                 print(f"round {round_no} {name}: {result['rps']:.0f} req/s, p99 {result['p99_ms']:.1f} ms, "
                       f"{result['non_2xx']} non-2xx", file=sys.stderr)
     finally:
-        services.api_down(settings, pid_file=pid_file)
+        services.api_down(settings)
 
     def median(name: str, field: str) -> float:
         return statistics.median(r[field] for r in rows[name])

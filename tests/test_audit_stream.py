@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import httpx
 import psycopg
 import pytest
 
+from app import services
 from app.audit.stream import Stream, run
 from app.settings import PROJECT_ROOT
 from tests.conftest import SETTINGS
@@ -157,9 +157,7 @@ def test_the_auditor_is_refused_every_write(db, stream, statement):
 
 
 def test_the_consumer_serves_its_lag_as_metrics(db, stream):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = services.free_port()
     env = {**os.environ, "REWARDS_DATABASE": db.info.dbname, "REWARDS_AUDIT_METRICS_PORT": str(port)}
     consumer = subprocess.Popen([sys.executable, "-m", "app.cli", "audit", "run", "--slot", stream.slot],
                                 cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

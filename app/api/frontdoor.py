@@ -55,8 +55,8 @@ class FrontDoor:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        headers = dict(scope["headers"])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        given = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"")
+        request_id = given.decode("latin-1")[:128] or uuid.uuid4().hex
         status = 500
 
         async def send_with_id(message: Message) -> None:

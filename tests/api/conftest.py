@@ -5,7 +5,6 @@ it), started once per session."""
 from __future__ import annotations
 
 import dataclasses
-import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,18 +22,12 @@ from tests.conftest import SETTINGS
 DATABASE = "rewards_api_test"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 @dataclass
 class Api:
     settings: Settings
     base_url: str
     keys: dict[str, str]
-    pid_file: object
 
     def client(self, key: str | None = "all") -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.keys[key]}"} if key else {}
@@ -50,9 +43,17 @@ RATES = {"REWARDS_RATE_USER_EARN": "50/60", "REWARDS_RATE_USER_REDEEM": "200/200
          "REWARDS_RATE_API_KEY": "100000/100000", "REWARDS_RATE_GLOBAL": "100000/100000"}
 
 
+def _env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a test API process: the settings it must share with the
+    fixture (database, port, Redis) and the test rates, plus `extra`."""
+    return {"REWARDS_DATABASE": settings.database, "REWARDS_API_PORT": str(settings.api_port),
+            "REWARDS_REDIS_URL": settings.redis_url, "REWARDS_REDIS_PREFIX": settings.redis_prefix,
+            **RATES, **extra}
+
+
 @pytest.fixture(scope="session")
 def api() -> Iterator[Api]:
-    redis_port, api_port = _free_port(), _free_port()
+    redis_port, api_port = services.free_port(), services.free_port()
     settings = dataclasses.replace(
         SETTINGS, database=DATABASE, api_port=api_port,
         redis_url=f"redis://127.0.0.1:{redis_port}/0", redis_prefix=f"test-{uuid.uuid4().hex[:8]}",
@@ -70,33 +71,25 @@ def api() -> Iterator[Api]:
         }
     services.bouncer_up(SETTINGS)
     services.redis_up(settings)
-    pid_file = settings.socket_dir / f"api-{api_port}.pid"
-    env = {"REWARDS_DATABASE": DATABASE, "REWARDS_API_PORT": str(api_port),
-           "REWARDS_REDIS_URL": settings.redis_url, "REWARDS_REDIS_PREFIX": settings.redis_prefix,
-           "REWARDS_AUTH_CACHE_SECONDS": "1", **RATES}
-    services.api_up(settings, env=env, workers=1, pid_file=pid_file)
+    services.api_up(settings, env=_env(settings, REWARDS_AUTH_CACHE_SECONDS="1"), workers=1)
     try:
-        yield Api(settings, f"http://127.0.0.1:{api_port}", {name: secret for name, (_, secret) in made.items()},
-                  pid_file)
+        yield Api(settings, f"http://127.0.0.1:{api_port}", {name: secret for name, (_, secret) in made.items()})
     finally:
-        services.api_down(settings, pid_file=pid_file)
+        services.api_down(settings)
         services.redis_down(settings)
 
 
 @pytest.fixture(scope="session")
 def tiny_api(api: Api) -> Iterator[Api]:
     """The same database and keys behind an API that takes one request at a time."""
-    port = _free_port()
+    port = services.free_port()
     settings = dataclasses.replace(api.settings, api_port=port, max_in_flight=1, pool_max=1)
-    pid_file = settings.socket_dir / f"api-{port}.pid"
-    env = {"REWARDS_DATABASE": DATABASE, "REWARDS_API_PORT": str(port),
-           "REWARDS_REDIS_URL": settings.redis_url, "REWARDS_REDIS_PREFIX": settings.redis_prefix,
-           "REWARDS_MAX_IN_FLIGHT": "1", "REWARDS_POOL_MIN": "1", "REWARDS_POOL_MAX": "1", **RATES}
-    services.api_up(settings, env=env, workers=1, pid_file=pid_file)
+    env = _env(settings, REWARDS_MAX_IN_FLIGHT="1", REWARDS_POOL_MIN="1", REWARDS_POOL_MAX="1")
+    services.api_up(settings, env=env, workers=1)
     try:
-        yield dataclasses.replace(api, settings=settings, base_url=f"http://127.0.0.1:{port}", pid_file=pid_file)
+        yield dataclasses.replace(api, settings=settings, base_url=f"http://127.0.0.1:{port}")
     finally:
-        services.api_down(settings, pid_file=pid_file)
+        services.api_down(settings)
 
 
 @pytest.fixture
