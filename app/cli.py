@@ -5,60 +5,62 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
 
-import psycopg
-from psycopg.rows import dict_row
-
-from app import cluster, keys, migrate, queries, services
+from app.ledger import calls, keys
+from app.ledger.client import Ledger
+from app.ledger.errors import InvalidArgument, LedgerError, translated
+from app.operations import cluster, migrate, processes
 from app.settings import load
 
 
 def _up(args: argparse.Namespace) -> int:
     settings = load()
-    services.up(settings)
+    processes.up(settings)
     print(f"Rewards Ledger is up: http://{settings.api_host}:{settings.api_port} "
           f"(PgBouncer on 127.0.0.1:{settings.bouncer_port}, PostgreSQL on port {settings.pg_port})")
     return 0
 
 
 def _down(args: argparse.Namespace) -> int:
-    services.down(load())
+    processes.down(load())
     return 0
 
 
-def _superuser() -> psycopg.Connection:
-    return psycopg.connect(load().superuser_conninfo(), autocommit=True, row_factory=dict_row)
+@contextmanager
+def _ledger() -> Iterator[Ledger]:
+    """The ledger as the cluster's superuser, over its Unix socket."""
+    with Ledger.connect(load().superuser_conninfo()) as ledger:
+        yield ledger
 
 
 def _keys_create(args: argparse.Namespace) -> int:
-    scopes = [scope.strip() for scope in args.scopes.split(",") if scope.strip()]
-    unknown = sorted(set(scopes) - set(keys.SCOPES))
-    if unknown or not scopes:
-        print(f"unknown scopes {unknown}; choose from {', '.join(keys.SCOPES)}", file=sys.stderr)
-        return 2
-    with _superuser() as conn:
-        info, secret = keys.create(conn, args.name, scopes)
-    print(f"key {info['key_id']} ({info['name']}): {', '.join(info['scopes'])}", file=sys.stderr)
+    scopes = keys.parse_scopes(args.scopes)
+    with _ledger() as ledger:
+        key, secret = keys.create(ledger, args.name, scopes)
+    print(f"key {key.key_id} ({key.name}): {', '.join(key.scopes)}", file=sys.stderr)
     print("the key is shown once, now:", file=sys.stderr)
     print(secret)
     return 0
 
 
 def _keys_list(args: argparse.Namespace) -> int:
-    with _superuser() as conn:
-        for info in keys.list_all(conn):
-            state = f"revoked {info['revoked_at']:%Y-%m-%d %H:%M}" if info["revoked_at"] else "active"
-            print(f"{info['key_id']}\t{info['name']}\t{','.join(info['scopes'])}\t{state}")
+    with _ledger() as ledger:
+        for key in ledger(calls.list_keys()):
+            state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+            print(f"{key.key_id}\t{key.name}\t{','.join(key.scopes)}\t{state}")
     return 0
 
 
 def _keys_revoke(args: argparse.Namespace) -> int:
-    with _superuser() as conn:
-        info = keys.revoke(conn, args.key_id)
-    if info is None:
+    with _ledger() as ledger:
+        key = ledger(calls.revoke_key(args.key_id))
+    if key is None:
         print(f"no key {args.key_id}", file=sys.stderr)
         return 1
-    print(f"key {info['key_id']} ({info['name']}) revoked at {info['revoked_at']}")
+    print(f"key {key.key_id} ({key.name}) revoked at {key.revoked_at}")
     return 0
 
 
@@ -77,10 +79,10 @@ def _audit_streams(args: argparse.Namespace) -> list:
 def _audit_run(args: argparse.Namespace) -> int:
     from prometheus_client import start_http_server
 
-    from app.api.frontdoor import configure_logging
+    from app import logs
     from app.audit import stream
 
-    configure_logging()
+    logs.configure()
     port = load().audit_metrics_port
     if port:
         start_http_server(port, addr="127.0.0.1")
@@ -97,11 +99,12 @@ def _audit_status(args: argparse.Namespace) -> int:
 
 
 def _audit_retention(args: argparse.Namespace) -> int:
-    with _superuser() as conn:
+    from app.audit import history
+
+    with _ledger() as ledger:
         if args.keep or args.forever:
-            # partman parses the interval; a bad one fails here, not at maintenance.
-            conn.execute(queries.AUDIT_SET_RETENTION, {"retention": None if args.forever else args.keep})
-        for row in conn.execute(queries.AUDIT_RETENTION).fetchall():
+            ledger(history.set_retention(None if args.forever else args.keep))
+        for row in ledger(history.retention()):
             print(f"{row['parent_table']}: {row['retention'] or 'kept forever'}")
     return 0
 
@@ -121,31 +124,35 @@ def _reconcile(args: argparse.Namespace) -> int:
 
 
 def _notify_run(args: argparse.Namespace) -> int:
-    from app.api.frontdoor import configure_logging
+    from app import logs
     from app.audit.notify import Sender
 
     settings = load()
     if not settings.notify_url:
         print("REWARDS_NOTIFY_URL is not set: notifications wait in audit.notifications", file=sys.stderr)
         return 2
-    configure_logging()
+    logs.configure()
     Sender(settings.local_conninfo("rewards_notifier"), settings.notify_url, settings.notify_secret,
            max_attempts=settings.notify_max_attempts).run()
     return 0
 
 
 def _notify_dead(args: argparse.Namespace) -> int:
-    with _superuser() as conn:
-        for row in conn.execute(queries.NOTIFICATIONS_DEAD).fetchall():
+    from app.audit import notify
+
+    with _ledger() as ledger:
+        for row in ledger(notify.dead()):
             print(json.dumps(row, default=str))
     return 0
 
 
 def _notify_resend(args: argparse.Namespace) -> int:
-    with _superuser() as conn:
+    from app.audit import notify
+
+    with _ledger() as ledger:
         for notification_id in args.notification_ids:
-            row = conn.execute(queries.NOTIFICATION_RESEND, {"notification_id": notification_id}).fetchone()
-            print(f"{notification_id}: {'queued again' if row else 'not a dead notification'}")
+            queued = ledger(notify.resend(notification_id))
+            print(f"{notification_id}: {'queued again' if queued else 'not a dead notification'}")
     return 0
 
 
@@ -176,16 +183,16 @@ def _db_migrate(args: argparse.Namespace) -> int:
 
 
 def _ledger_verify(args: argparse.Namespace) -> int:
-    with _superuser() as conn:
-        result = conn.execute(queries.VERIFY_CHAIN, {"user_id": args.user_id}).fetchone()
-    print(json.dumps(result))
-    return 0 if result["ok"] else 2
+    with _ledger() as ledger:
+        check = ledger(calls.verify_chain(args.user_id))
+    print(json.dumps(asdict(check)))
+    return 0 if check.ok else 2
 
 
 def _ledger_expire(args: argparse.Namespace) -> int:
-    with _superuser() as conn:
-        result = conn.execute(queries.EXPIRE_RESERVATIONS, {"batch_size": args.batch_size}).fetchone()
-    print(json.dumps(result))
+    with _ledger() as ledger:
+        result = ledger(calls.expire_reservations(args.batch_size))
+    print(json.dumps(asdict(result)))
     return 0
 
 
@@ -254,8 +261,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Refusals and outages end in one line on stderr and a non-zero exit:
+    2 for an argument the ledger refused, 1 for anything else it could not do."""
     args = _parser().parse_args(argv)
-    return args.func(args)
+    try:
+        with translated():
+            return args.func(args)
+    except InvalidArgument as exc:
+        print(f"rewards: {exc}" + (f" ({exc.field})" if exc.field else ""), file=sys.stderr)
+        return 2
+    except LedgerError as exc:
+        print(f"rewards: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

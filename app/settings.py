@@ -1,10 +1,13 @@
-"""Every setting, read from the environment in this one place."""
+"""Every setting, read from the environment in this one place: each field
+names its variable, its default and what it means, grouped by concern."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,57 +29,76 @@ class Tier:
         return tier
 
 
+def setting(env: str, default: str | None, doc: str, parse: Callable[[str], Any] = str,
+            shown: str | None = None) -> Any:
+    """A field read from the environment variable `env` (or `default`), parsed
+    with `parse`; `doc` and `shown` (the default as the README shows it, when it
+    is computed) make the README's settings table (tests/test_settings.py)."""
+    return field(metadata={"env": env, "default": default, "doc": doc, "parse": parse, "shown": shown})
+
+
 @dataclass(frozen=True)
 class Settings:
-    # The project's own PostgreSQL cluster.
-    data_dir: Path
-    pg_bin: Path
-    pg_port: int
-    pg_os_user: str
-    pg_superuser: str
-    # Where the superuser connects: the cluster's socket folder unless set (a
-    # host name reaches a server elsewhere, with PGPASSWORD as libpq reads it).
-    pg_host: str | None
-    database: str
-    # "auto": preload citus when the extension is installed; "on": also create it in
-    # the service database so the migration distributes the tables; "off": never.
-    citus: str
-    # Password the API's role logs in with (over TCP; the superuser uses the socket).
-    api_password: str
+    # --- The project's own PostgreSQL cluster ---------------------------------
+    data_dir: Path = setting("REWARDS_DATA_DIR", None, "the cluster's data, socket and log folders",
+                             lambda text: Path(text).resolve(), shown="`.data` in the clone")
+    pg_port: int = setting("REWARDS_PG_PORT", "54329", "the cluster's port (it listens on 127.0.0.1 and a Unix "
+                           "socket in `$REWARDS_DATA_DIR/run`)", int)
+    pg_os_user: str = setting("REWARDS_PG_OS_USER", "rewards", "OS user that runs PostgreSQL (created when missing)")
+    pg_bin: Path = setting("REWARDS_PG_BIN", "/usr/lib/postgresql/15/bin", "PostgreSQL's programs", Path)
+    pg_superuser: str = setting("REWARDS_PG_SUPERUSER", "postgres", "the cluster's superuser")
+    pg_host: str | None = setting(
+        "REWARDS_PG_HOST", None, "where the superuser connects; set it (with `PGPASSWORD`) to migrate a server "
+        "elsewhere, such as the Docker Compose coordinator", shown="the socket folder")
+    database: str = setting("REWARDS_DATABASE", "rewards", "the service database, also where pg_cron runs jobs")
+    api_password: str = setting(
+        "REWARDS_API_DB_PASSWORD", "rewards-api-dev",
+        "password of `rewards_api`, the role the API logs in as over TCP; set your own outside development")
+    citus: str = setting(
+        "REWARDS_CITUS", "auto", "`auto`: preload citus when installed; `on`: also create the extension in the "
+        "service database so the migration distributes the tables; `off`: never")
 
-    # PgBouncer, in front of the cluster for the API.
-    bouncer_port: int
-    # Redis, for the rate limits every API process shares.
-    redis_url: str
-    redis_prefix: str
+    # --- PgBouncer and Redis, beside the cluster -------------------------------
+    bouncer_port: int = setting("REWARDS_BOUNCER_PORT", "64329", "PgBouncer's port on 127.0.0.1", int)
+    redis_url: str = setting("REWARDS_REDIS_URL", "redis://127.0.0.1:6379/0",
+                             "Redis for the shared rate limits (started by `make run` when nothing answers there)")
+    redis_prefix: str = setting("REWARDS_REDIS_PREFIX", "rewards", "prefix of the bucket keys")
 
-    # The HTTP API.
-    api_host: str
-    api_port: int
-    api_workers: int
-    # "uvicorn" or "granian": both run the same app.
-    api_server: str
-    # How long a process trusts a key it looked up: revocation takes this long.
-    auth_cache_seconds: float
-    # Requests one process works on at once; more are refused with 503.
-    max_in_flight: int
-    # Database connections per process, and how long a request may wait for one.
-    pool_min: int
-    pool_max: int
-    pool_wait_seconds: float
-    max_body_bytes: int
-    # Token buckets: per user for earning and for redeeming, per API key, global.
-    rate_user_earn: Tier
-    rate_user_redeem: Tier
-    rate_api_key: Tier
-    rate_global: Tier
+    # --- The HTTP API ----------------------------------------------------------
+    api_host: str = setting("REWARDS_API_HOST", "127.0.0.1", "the address the API listens on")
+    api_port: int = setting("REWARDS_API_PORT", "8000", "the port the API listens on", int)
+    api_workers: int = setting("REWARDS_API_WORKERS", None, "API worker processes",
+                               int, shown="cores")
+    api_server: str = setting("REWARDS_API_SERVER", "uvicorn",
+                              "or `granian`; measured side by side in `bench/RESULTS.md`")
+    auth_cache_seconds: float = setting("REWARDS_AUTH_CACHE_SECONDS", "2",
+                                        "how long a process trusts a looked-up key (a revocation takes this long)",
+                                        float)
+    max_in_flight: int = setting("REWARDS_MAX_IN_FLIGHT", "256",
+                                 "requests one process works on at once; more get 503", int)
+    pool_min: int = setting("REWARDS_POOL_MIN", "2", "fewest database connections per process (to PgBouncer)", int)
+    pool_max: int = setting("REWARDS_POOL_MAX", "16", "most database connections per process (to PgBouncer)", int)
+    pool_wait_seconds: float = setting("REWARDS_POOL_WAIT_SECONDS", "0.5",
+                                       "longest wait for a connection before 503", float)
+    max_body_bytes: int = setting("REWARDS_MAX_BODY_BYTES", "16384", "larger bodies get 413", int)
 
-    # Where `rewards audit run` serves its lag metrics (0: not at all).
-    audit_metrics_port: int
-    # Notifications to the app's notification service (none sent while unset).
-    notify_url: str | None
-    notify_secret: str
-    notify_max_attempts: int
+    # --- Rate limits: token buckets, 'RATE/BURST' -------------------------------
+    rate_user_earn: Tier = setting("REWARDS_RATE_USER_EARN", "10/20",
+                                   "per-user credits: rate a second / burst", Tier.parse)
+    rate_user_redeem: Tier = setting("REWARDS_RATE_USER_REDEEM", "5/10",
+                                     "per-user debits, reservations, commits, releases", Tier.parse)
+    rate_api_key: Tier = setting("REWARDS_RATE_API_KEY", "5000/10000", "per API key, all requests", Tier.parse)
+    rate_global: Tier = setting("REWARDS_RATE_GLOBAL", "20000/40000", "all requests together", Tier.parse)
+
+    # --- The audit stream and notifications ------------------------------------
+    audit_metrics_port: int = setting("REWARDS_AUDIT_METRICS_PORT", "9187",
+                                      "where `rewards audit run` serves its lag metrics (0: nowhere)", int)
+    notify_url: str | None = setting("REWARDS_NOTIFY_URL", None,
+                                     "the app's notification endpoint; no sender runs while unset", shown="unset")
+    notify_secret: str = setting("REWARDS_NOTIFY_SECRET", "rewards-notify-dev",
+                                 "the HMAC key for the signature; set your own")
+    notify_max_attempts: int = setting("REWARDS_NOTIFY_MAX_ATTEMPTS", "8",
+                                       "deliveries tried before a notification is parked", int)
 
     @property
     def pg_data(self) -> Path:
@@ -121,37 +143,33 @@ class Settings:
         )
 
 
-def load() -> Settings:
-    env = os.environ
-    return Settings(
-        data_dir=Path(env.get("REWARDS_DATA_DIR", PROJECT_ROOT / ".data")).resolve(),
-        pg_bin=Path(env.get("REWARDS_PG_BIN", "/usr/lib/postgresql/15/bin")),
-        pg_port=int(env.get("REWARDS_PG_PORT", "54329")),
-        pg_os_user=env.get("REWARDS_PG_OS_USER", "rewards"),
-        pg_superuser=env.get("REWARDS_PG_SUPERUSER", "postgres"),
-        pg_host=env.get("REWARDS_PG_HOST") or None,
-        database=env.get("REWARDS_DATABASE", "rewards"),
-        citus=env.get("REWARDS_CITUS", "auto"),
-        api_password=env.get("REWARDS_API_DB_PASSWORD", "rewards-api-dev"),
-        bouncer_port=int(env.get("REWARDS_BOUNCER_PORT", "64329")),
-        redis_url=env.get("REWARDS_REDIS_URL", "redis://127.0.0.1:6379/0"),
-        redis_prefix=env.get("REWARDS_REDIS_PREFIX", "rewards"),
-        api_host=env.get("REWARDS_API_HOST", "127.0.0.1"),
-        api_port=int(env.get("REWARDS_API_PORT", "8000")),
-        api_workers=int(env.get("REWARDS_API_WORKERS", str(os.cpu_count() or 2))),
-        api_server=env.get("REWARDS_API_SERVER", "uvicorn"),
-        auth_cache_seconds=float(env.get("REWARDS_AUTH_CACHE_SECONDS", "2")),
-        max_in_flight=int(env.get("REWARDS_MAX_IN_FLIGHT", "256")),
-        pool_min=int(env.get("REWARDS_POOL_MIN", "2")),
-        pool_max=int(env.get("REWARDS_POOL_MAX", "16")),
-        pool_wait_seconds=float(env.get("REWARDS_POOL_WAIT_SECONDS", "0.5")),
-        max_body_bytes=int(env.get("REWARDS_MAX_BODY_BYTES", "16384")),
-        rate_user_earn=Tier.parse(env.get("REWARDS_RATE_USER_EARN", "10/20")),
-        rate_user_redeem=Tier.parse(env.get("REWARDS_RATE_USER_REDEEM", "5/10")),
-        rate_api_key=Tier.parse(env.get("REWARDS_RATE_API_KEY", "5000/10000")),
-        rate_global=Tier.parse(env.get("REWARDS_RATE_GLOBAL", "20000/40000")),
-        audit_metrics_port=int(env.get("REWARDS_AUDIT_METRICS_PORT", "9187")),
-        notify_url=env.get("REWARDS_NOTIFY_URL") or None,
-        notify_secret=env.get("REWARDS_NOTIFY_SECRET", "rewards-notify-dev"),
-        notify_max_attempts=int(env.get("REWARDS_NOTIFY_MAX_ATTEMPTS", "8")),
-    )
+# Defaults computed on the machine that reads them.
+_COMPUTED = {
+    "REWARDS_DATA_DIR": lambda: str(PROJECT_ROOT / ".data"),
+    "REWARDS_API_WORKERS": lambda: str(os.cpu_count() or 2),
+}
+
+
+def load(env: Mapping[str, str] = os.environ) -> Settings:
+    values: dict[str, Any] = {}
+    for spec in fields(Settings):
+        meta = spec.metadata
+        text = env.get(meta["env"]) or meta["default"]
+        if text is None and meta["env"] in _COMPUTED:
+            text = _COMPUTED[meta["env"]]()
+        values[spec.name] = None if text is None else meta["parse"](text)
+    return Settings(**values)
+
+
+def readme_table() -> str:
+    """The README's settings table, made from the fields above."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for spec in fields(Settings):
+        meta = spec.metadata
+        default = meta["shown"] or f"`{meta['default']}`"
+        lines.append(f"| `{meta['env']}` | {default} | {meta['doc']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(readme_table())

@@ -23,12 +23,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psycopg
-from psycopg.rows import dict_row
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app import keys, services  # noqa: E402
+from app.ledger import keys  # noqa: E402
+from app.ledger.client import Ledger  # noqa: E402
+from app.operations import processes  # noqa: E402
 from app.settings import load  # noqa: E402
 from bench.run import BENCH, LEDGER_DB, USERS, measure, prepare_ledger  # noqa: E402
 
@@ -83,18 +82,18 @@ def main() -> int:
 
     print(f"preparing {LEDGER_DB} ({USERS} funded accounts)...", file=sys.stderr)
     prepare_ledger(base)
-    with psycopg.connect(base.superuser_conninfo(LEDGER_DB), autocommit=True, row_factory=dict_row) as conn:
-        _, api_key = keys.create(conn, "bench", ["points:earn", "points:redeem", "points:read"])
+    with Ledger.connect(base.superuser_conninfo(LEDGER_DB)) as ledger:
+        _, api_key = keys.create(ledger, "bench", ["points:earn", "points:redeem", "points:read"])
 
-    port = services.free_port()
+    port = processes.free_port()
     settings = dataclasses.replace(base, database=LEDGER_DB, api_port=port)
     unlimited = "1000000/1000000"
     env = {"REWARDS_DATABASE": LEDGER_DB, "REWARDS_API_PORT": str(port), "REWARDS_REDIS_PREFIX": "bench",
            "REWARDS_RATE_USER_EARN": unlimited, "REWARDS_RATE_USER_REDEEM": unlimited,
            "REWARDS_RATE_API_KEY": unlimited, "REWARDS_RATE_GLOBAL": unlimited}
-    services.bouncer_up(base)
-    services.redis_up(base)
-    api_pid = services.api_up(settings, env=env, workers=args.workers)
+    processes.bouncer_up(base)
+    processes.redis_up(base)
+    api_pid = processes.api_up(settings, env=env, workers=args.workers)
     url = f"http://127.0.0.1:{port}"
 
     rows: dict[str, list[dict]] = {"SQL credit (pgbench, 8 clients)": [], "HTTP credit": [],
@@ -119,7 +118,7 @@ def main() -> int:
                 print(f"round {round_no} {name}: {result['rps']:.0f} req/s, p99 {result['p99_ms']:.1f} ms, "
                       f"{result['non_2xx']} non-2xx", file=sys.stderr)
     finally:
-        services.api_down(settings)
+        processes.api_down(settings)
 
     def median(name: str, field: str) -> float:
         return statistics.median(r[field] for r in rows[name])

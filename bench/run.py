@@ -22,7 +22,7 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app import migrate  # noqa: E402
+from app.operations import migrate  # noqa: E402
 from app.settings import load  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent

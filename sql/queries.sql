@@ -167,7 +167,11 @@ SELECT parent_table, retention FROM partman.part_config
 WHERE parent_table IN ('audit.entries', 'audit.reservation_events') ORDER BY parent_table;
 
 -- name: audit_set_retention
-UPDATE partman.part_config SET retention = %(retention)s, retention_keep_table = false
+-- partman keeps the interval as text and would only fail on it at maintenance:
+-- the cast refuses a bad one now (SQLSTATE 22007), and the text is kept as given.
+UPDATE partman.part_config
+SET retention = CASE WHEN %(retention)s::text::interval IS NOT NULL THEN %(retention)s::text END,
+    retention_keep_table = false
 WHERE parent_table IN ('audit.entries', 'audit.reservation_events');
 
 -- name: audit_backfill

@@ -13,7 +13,7 @@ import pytest
 from psycopg.rows import dict_row
 from pytest_postgresql import factories
 
-from app import cluster, migrate
+from app.operations import cluster, migrate
 from app.settings import load
 
 SETTINGS = load()

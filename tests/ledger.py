@@ -1,47 +1,47 @@
-"""Small helpers the tests share: calling the ledger's functions and reading its tables."""
+"""Small helpers the tests share: the ledger's operations through the project's
+own client (app.ledger), and reads of its tables.
+
+Answers come back as dicts (dataclasses.asdict of the client's typed results),
+so a test can compare a whole answer with another in one assertion.
+"""
 
 from __future__ import annotations
 
-import json
+from dataclasses import asdict
 from typing import Any
 
 import psycopg
 
-CREDIT = "SELECT * FROM ledger.credit(%s, %s, %s, %s, %s, %s, %s)"
-DEBIT = "SELECT * FROM ledger.debit(%s, %s, %s, %s, %s)"
-RESERVE = "SELECT * FROM ledger.reserve(%s, %s, %s, %s, %s, %s)"
-COMMIT = "SELECT * FROM ledger.commit_reservation(%s, %s, %s, %s)"
-RELEASE = "SELECT * FROM ledger.release_reservation(%s, %s, %s)"
-BALANCE = "SELECT * FROM ledger.balance(%s)"
+from app.ledger import calls
+from app.ledger.client import Ledger
 
 
 def credit(conn: psycopg.Connection, user: str, key: str, amount: int | None, reason: str = "ad view",
            source: str | None = None, external_id: str | None = None,
            metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-    meta = json.dumps(metadata if metadata is not None else {})
-    return conn.execute(CREDIT, (user, key, amount, reason, source, external_id, meta)).fetchone()
+    return asdict(Ledger(conn)(calls.credit(user, key, amount, reason, source, external_id, metadata)))
 
 
 def debit(conn: psycopg.Connection, user: str, key: str, amount: int, reason: str = "gift card") -> dict[str, Any]:
-    return conn.execute(DEBIT, (user, key, amount, reason, "{}")).fetchone()
+    return asdict(Ledger(conn)(calls.debit(user, key, amount, reason)))
 
 
 def reserve(conn: psycopg.Connection, user: str, key: str, amount: int, ttl: int = 300,
             reason: str = "voucher") -> dict[str, Any]:
-    return conn.execute(RESERVE, (user, key, amount, ttl, reason, "{}")).fetchone()
+    return asdict(Ledger(conn)(calls.reserve(user, key, amount, ttl, reason)))
 
 
 def commit(conn: psycopg.Connection, user: str, key: str, reservation_id: int,
            amount: int | None = None) -> dict[str, Any]:
-    return conn.execute(COMMIT, (user, key, reservation_id, amount)).fetchone()
+    return asdict(Ledger(conn)(calls.commit_reservation(user, key, reservation_id, amount)))
 
 
 def release(conn: psycopg.Connection, user: str, key: str, reservation_id: int) -> dict[str, Any]:
-    return conn.execute(RELEASE, (user, key, reservation_id)).fetchone()
+    return asdict(Ledger(conn)(calls.release_reservation(user, key, reservation_id)))
 
 
 def balance(conn: psycopg.Connection, user: str) -> dict[str, Any]:
-    return conn.execute(BALANCE, (user,)).fetchone()
+    return asdict(Ledger(conn)(calls.balance(user)))
 
 
 def entries(conn: psycopg.Connection, user: str) -> list[dict[str, Any]]:

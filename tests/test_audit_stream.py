@@ -13,8 +13,8 @@ import httpx
 import psycopg
 import pytest
 
-from app import services
 from app.audit.stream import Stream, run
+from app.operations import processes
 from app.settings import PROJECT_ROOT
 from tests.conftest import SETTINGS
 from tests.ledger import commit, credit, debit, reserve
@@ -157,7 +157,7 @@ def test_the_auditor_is_refused_every_write(db, stream, statement):
 
 
 def test_the_consumer_serves_its_lag_as_metrics(db, stream):
-    port = services.free_port()
+    port = processes.free_port()
     env = {**os.environ, "REWARDS_DATABASE": db.info.dbname, "REWARDS_AUDIT_METRICS_PORT": str(port)}
     consumer = subprocess.Popen([sys.executable, "-m", "app.cli", "audit", "run", "--slot", stream.slot],
                                 cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

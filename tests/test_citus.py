@@ -13,7 +13,7 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from app import cluster, migrate
+from app.operations import cluster, migrate
 from tests.conftest import SETTINGS
 from tests.ledger import balance, commit, credit, debit, reserve, unreconciled_accounts
 

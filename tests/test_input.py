@@ -1,25 +1,28 @@
 """Garbage in: every invalid argument raises SQLSTATE 22023 naming the argument,
-and nothing is written."""
+which the client raises as InvalidArgument naming the field, and nothing is written."""
 
 import psycopg
 import pytest
 
-from tests.ledger import CREDIT, DEBIT, RELEASE, RESERVE, credit, reserve, row_counts
+from app.ledger import calls, queries
+from app.ledger.client import Call, Ledger
+from app.ledger.errors import InvalidArgument
+from app.ledger.limits import MAX_AMOUNT
+from app.ledger.results import Outcome
+from tests.ledger import credit, reserve, row_counts
 
-MAX_AMOUNT = 100_000_000
 
-
+# The named queries with raw parameters, so a test can send what the typed
+# calls would never build (NULL metadata, JSON that is not an object).
 def _ok_credit(**changes):
-    args = {"user": "alice", "key": "k1", "amount": 10, "reason": "ad view",
-            "source": None, "external_id": None, "metadata": "{}"}
-    args.update(changes)
-    return (CREDIT, tuple(args.values()))
+    params = {"user_id": "alice", "key": "k1", "amount": 10, "reason": "ad view",
+              "action_source": None, "action_external_id": None, "metadata": "{}"}
+    return Call(queries.CREDIT, params | changes, Outcome)
 
 
 def _ok_reserve(**changes):
-    args = {"user": "alice", "key": "r1", "amount": 10, "ttl": 60, "reason": "voucher", "metadata": "{}"}
-    args.update(changes)
-    return (RESERVE, tuple(args.values()))
+    params = {"user_id": "alice", "key": "r1", "amount": 10, "ttl_seconds": 60, "reason": "voucher", "metadata": "{}"}
+    return Call(queries.RESERVE, params | changes, Outcome)
 
 
 CASES = {
@@ -27,11 +30,11 @@ CASES = {
     "zero amount": (_ok_credit(amount=0), "amount"),
     "over max amount": (_ok_credit(amount=MAX_AMOUNT + 1), "amount"),
     "null amount": (_ok_credit(amount=None), "amount"),
-    "empty user": (_ok_credit(user=""), "user_id"),
-    "overlong user": (_ok_credit(user="u" * 65), "user_id"),
-    "user with a space": (_ok_credit(user="al ice"), "user_id"),
-    "user with unicode": (_ok_credit(user="alicé"), "user_id"),
-    "null user": (_ok_credit(user=None), "user_id"),
+    "empty user": (_ok_credit(user_id=""), "user_id"),
+    "overlong user": (_ok_credit(user_id="u" * 65), "user_id"),
+    "user with a space": (_ok_credit(user_id="al ice"), "user_id"),
+    "user with unicode": (_ok_credit(user_id="alicé"), "user_id"),
+    "null user": (_ok_credit(user_id=None), "user_id"),
     "empty key": (_ok_credit(key=""), "idempotency_key"),
     "overlong key": (_ok_credit(key="k" * 256), "idempotency_key"),
     "key with a space": (_ok_credit(key="a b"), "idempotency_key"),
@@ -45,23 +48,23 @@ CASES = {
     "metadata scalar": (_ok_credit(metadata='"x"'), "metadata"),
     "metadata too large": (_ok_credit(metadata='{"x": "' + "y" * 5000 + '"}'), "metadata"),
     "null metadata": (_ok_credit(metadata=None), "metadata"),
-    "source without external id": (_ok_credit(source="adnet"), "action"),
-    "external id without source": (_ok_credit(external_id="e1"), "action"),
-    "bad source": (_ok_credit(source="ad net", external_id="e1"), "action_source"),
-    "bad external id": (_ok_credit(source="adnet", external_id=""), "action_external_id"),
-    "debit zero": ((DEBIT, ("alice", "d1", 0, "gift", "{}")), "amount"),
-    "debit null user": ((DEBIT, (None, "d1", 5, "gift", "{}")), "user_id"),
-    "reserve ttl zero": (_ok_reserve(ttl=0), "ttl_seconds"),
-    "reserve ttl negative": (_ok_reserve(ttl=-1), "ttl_seconds"),
-    "reserve ttl over a week": (_ok_reserve(ttl=7 * 86400 + 1), "ttl_seconds"),
-    "reserve ttl null": (_ok_reserve(ttl=None), "ttl_seconds"),
+    "source without external id": (_ok_credit(action_source="adnet"), "action"),
+    "external id without source": (_ok_credit(action_external_id="e1"), "action"),
+    "bad source": (_ok_credit(action_source="ad net", action_external_id="e1"), "action_source"),
+    "bad external id": (_ok_credit(action_source="adnet", action_external_id=""), "action_external_id"),
+    "debit zero": (calls.debit("alice", "d1", 0, "gift"), "amount"),
+    "debit null user": (calls.debit(None, "d1", 5, "gift"), "user_id"),
+    "reserve ttl zero": (_ok_reserve(ttl_seconds=0), "ttl_seconds"),
+    "reserve ttl negative": (_ok_reserve(ttl_seconds=-1), "ttl_seconds"),
+    "reserve ttl over a week": (_ok_reserve(ttl_seconds=7 * 86400 + 1), "ttl_seconds"),
+    "reserve ttl null": (_ok_reserve(ttl_seconds=None), "ttl_seconds"),
     "reserve amount over max": (_ok_reserve(amount=MAX_AMOUNT + 1), "amount"),
-    "release null id": ((RELEASE, ("alice", "x1", None)), "reservation_id"),
-    "release negative id": ((RELEASE, ("alice", "x1", -1)), "reservation_id"),
-    "commit zero amount": (("SELECT * FROM ledger.commit_reservation('alice', 'c1', 1, 0)", ()), "amount"),
-    "page limit zero": (("SELECT * FROM ledger.entries_page('alice', NULL, 0)", ()), "limit"),
-    "page limit huge": (("SELECT * FROM ledger.entries_page('alice', NULL, 501)", ()), "limit"),
-    "balance of a bad user": (("SELECT * FROM ledger.balance('no way')", ()), "user_id"),
+    "release null id": (calls.release_reservation("alice", "x1", None), "reservation_id"),
+    "release negative id": (calls.release_reservation("alice", "x1", -1), "reservation_id"),
+    "commit zero amount": (calls.commit_reservation("alice", "c1", 1, 0), "amount"),
+    "page limit zero": (calls.entries_page("alice", None, 0), "limit"),
+    "page limit huge": (calls.entries_page("alice", None, 501), "limit"),
+    "balance of a bad user": (calls.balance("no way"), "user_id"),
 }
 
 
@@ -70,13 +73,12 @@ def test_invalid_arguments_raise_22023_and_write_nothing(db, call, argument):
     credit(db, "alice", "seed", 100)
     reserve(db, "alice", "seed-hold", 10)
     before = row_counts(db)
-    query, params = call
 
-    with pytest.raises(psycopg.errors.InvalidParameterValue) as raised:
-        db.execute(query, params)
+    with pytest.raises(InvalidArgument) as raised:
+        Ledger(db)(call)
 
-    assert raised.value.diag.sqlstate == "22023"
-    assert raised.value.diag.column_name == argument
+    assert raised.value.__cause__.diag.sqlstate == "22023"
+    assert raised.value.field == argument
     assert row_counts(db) == before
 
 

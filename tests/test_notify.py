@@ -10,11 +10,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
-import psycopg
 import pytest
-from psycopg.rows import dict_row
 
 from app.audit.notify import Sender
+from app.ledger.client import Ledger
 from tests.conftest import SETTINGS
 from tests.ledger import credit, debit
 from tests.test_audit_stream import stream  # noqa: F401  (the fixture)
@@ -61,8 +60,8 @@ def receiver():
 
 @pytest.fixture
 def notifier(db):
-    return psycopg.connect(SETTINGS.local_conninfo("rewards_notifier", db.info.dbname),
-                           autocommit=True, row_factory=dict_row)
+    with Ledger.connect(SETTINGS.local_conninfo("rewards_notifier", db.info.dbname)) as ledger:
+        yield ledger
 
 
 def _sender(db, receiver, **options) -> Sender:
@@ -90,7 +89,9 @@ def test_notifications_are_signed_and_carry_an_id(db, stream, receiver, notifier
         assert hmac.compare_digest(signature, expected)
         payload = json.loads(message["body"])
         assert headers["x-rewards-notification-id"] == payload["id"]
-    assert [json.loads(m["body"])["type"] for m in receiver.received] == ["points.credit", "points.debit"]
+    # Sent in parallel, so they arrive in any order: the entry id orders them.
+    payloads = sorted((json.loads(m["body"]) for m in receiver.received), key=lambda p: p["entry_id"])
+    assert [p["type"] for p in payloads] == ["points.credit", "points.debit"]
     statuses = db.execute("SELECT status FROM audit.notifications").fetchall()
     assert {s["status"] for s in statuses} == {"delivered"}
 

@@ -19,24 +19,6 @@ access_log = logging.getLogger("rewards.access")
 UNCAPPED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        line = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                "message": record.getMessage()}
-        line.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line)
-
-
-def configure_logging() -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-
-
 def _overloaded_body() -> bytes:
     status, title = CAUSES["overloaded"]
     return json.dumps({"type": TYPE_PREFIX + "overloaded", "title": title, "status": status,

@@ -3,27 +3,26 @@ answers through PgBouncer), /metrics (Prometheus text, admin scope)."""
 
 from __future__ import annotations
 
-from litestar import Request, Response, get
-from litestar.response import Response as PlainResponse
+from litestar import Response, get
 
-from app import queries
 from app.api import metrics
-from app.api.database import fetch_one
-from app.api.security import requires
+from app.api.security import scope_required
+from app.ledger import calls
+from app.ledger.client import AsyncLedger
 
 
-@get("/healthz", exclude_from_auth=True, include_in_schema=True, summary="The process is alive")
+@get("/healthz", exclude_from_auth=True, summary="The process is alive")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
 @get("/readyz", exclude_from_auth=True, summary="The database answers through PgBouncer")
-async def readyz(request: Request) -> dict[str, str]:
-    await fetch_one(request.app.state.pool, queries.PING)
+async def readyz(ledger: AsyncLedger) -> dict[str, str]:
+    await ledger(calls.ping())
     return {"status": "ready"}
 
 
-@get("/metrics", guards=[requires("admin")], summary="Prometheus metrics")
+@get("/metrics", guards=[scope_required("admin")], summary="Prometheus metrics", media_type=metrics.CONTENT_TYPE,
+     responses={})
 async def prometheus_metrics() -> Response[bytes]:
-    body, content_type = metrics.render()
-    return PlainResponse(body, media_type=content_type)
+    return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)

@@ -1,21 +1,20 @@
 """Prometheus metrics. With several worker processes, prometheus_client's
-multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set by `rewards api up`) adds up
-what each process counted."""
+multiprocess mode (PROMETHEUS_MULTIPROC_DIR, which app.operations.processes sets
+for each API it starts) adds up what each process counted."""
 
 from __future__ import annotations
 
 import os
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
-from prometheus_client import multiprocess
 
 REQUESTS = Counter("rewards_http_requests_total", "HTTP requests answered", ["method", "route", "status"])
 LATENCY = Histogram(
@@ -30,10 +29,14 @@ RATELIMIT_FALLBACK = Gauge(
 )
 
 
-def render() -> tuple[bytes, str]:
+# Prometheus' text format; written once here (Litestar would add a second charset).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def render() -> bytes:
     if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:
         registry = REGISTRY
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(registry)

@@ -9,6 +9,9 @@ from litestar.exceptions import HTTPException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.plugins.problem_details import ProblemDetailsException
 
+from app.ledger.errors import InvalidArgument, LedgerError, Overloaded, Unavailable
+from app.ledger.results import Outcome, Status
+
 TYPE_PREFIX = "urn:rewards-ledger:problem:"
 
 # cause -> (HTTP status, title)
@@ -33,6 +36,19 @@ CAUSES: dict[str, tuple[int, str]] = {
 
 _CAUSE_BY_STATUS = {status: cause for cause, (status, _) in CAUSES.items()}
 
+# The ledger's refusals. It remembers each under its idempotency key, so a retry
+# gets the same problem back.
+REFUSALS: dict[Status, str] = {
+    Status.INSUFFICIENT_POINTS: "insufficient-points",
+    Status.ACTION_ALREADY_CREDITED: "action-already-credited",
+    Status.IDEMPOTENCY_KEY_REUSED: "idempotency-key-reused",
+    Status.RESERVATION_NOT_FOUND: "not-found",
+    Status.RESERVATION_COMMITTED: "reservation-not-open",
+    Status.RESERVATION_RELEASED: "reservation-not-open",
+    Status.RESERVATION_EXPIRED: "reservation-not-open",
+    Status.AMOUNT_EXCEEDS_RESERVATION: "amount-exceeds-reservation",
+}
+
 
 def problem(cause: str, detail: str = "", *, headers: dict[str, str] | None = None,
             extra: dict[str, Any] | None = None) -> ProblemDetailsException:
@@ -48,6 +64,22 @@ def from_http_exception(exc: HTTPException) -> ProblemDetailsException:
     cause = _CAUSE_BY_STATUS.get(exc.status_code, "validation" if exc.status_code < 500 else "internal")
     extra = {"errors": exc.extra} if isinstance(exc.extra, list) else exc.extra
     return problem(cause, detail=exc.detail, headers=exc.headers, extra=extra)
+
+
+def from_refusal(outcome: Outcome, headers: dict[str, str]) -> ProblemDetailsException:
+    return problem(REFUSALS[outcome.status], outcome.status.replace("_", " "), headers=headers,
+                   extra={"balance": {"available": outcome.available, "reserved": outcome.reserved}})
+
+
+def from_ledger_error(exc: LedgerError) -> ProblemDetailsException:
+    """The one translation of the ledger's exceptions into answers."""
+    if isinstance(exc, InvalidArgument):
+        return problem("validation", str(exc), extra={"field": exc.field} if exc.field else None)
+    if isinstance(exc, Overloaded):
+        return problem("overloaded", str(exc), headers={"Retry-After": "1"})
+    if isinstance(exc, Unavailable):
+        return problem("unavailable", "the database did not answer", headers={"Retry-After": "2"})
+    raise TypeError(f"no answer for {type(exc).__name__}") from exc
 
 
 class Problem(msgspec.Struct):

@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
-from psycopg_pool import AsyncConnectionPool
 
-from app import keys, queries
-from app.api.database import fetch_one
 from app.api.problems import problem
 from app.api.ratelimit import take_token
-
-
-@dataclass(frozen=True)
-class Principal:
-    key_id: int
-    name: str
-    scopes: frozenset[str]
-
-    def may(self, scope: str) -> bool:
-        return scope in self.scopes or "admin" in self.scopes
+from app.ledger import calls, keys
+from app.ledger.client import AsyncLedger
+from app.ledger.results import ApiKey
 
 
 class KeyCache:
@@ -34,17 +23,15 @@ class KeyCache:
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
-        self._entries: dict[bytes, tuple[float, Principal | None]] = {}
+        self._entries: dict[bytes, tuple[float, ApiKey | None]] = {}
 
-    async def principal(self, pool: AsyncConnectionPool, secret: str) -> Principal | None:
+    async def lookup(self, ledger: AsyncLedger, secret: str) -> ApiKey | None:
         digest = keys.secret_hash(secret)
         now = time.monotonic()
         cached = self._entries.get(digest)
         if cached and cached[0] > now:
             return cached[1]
-        row = await fetch_one(pool, queries.AUTHENTICATE, {"secret_hash": digest})
-        found = (Principal(row["key_id"], row["name"], frozenset(row["scopes"]))
-                 if row["key_id"] is not None else None)
+        found = await ledger(calls.authenticate(digest))
         if self.ttl > 0:
             if len(self._entries) >= self._MAX_ENTRIES:
                 self._entries.clear()
@@ -59,10 +46,10 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
             raise problem("unauthorized", "send Authorization: Bearer <API key>",
                           headers={"WWW-Authenticate": "Bearer"})
         state = connection.app.state
-        principal = await state.key_cache.principal(state.pool, secret.strip())
-        if principal is None:
+        key = await state.key_cache.lookup(state.ledger, secret.strip())
+        if key is None:
             raise problem("unauthorized", "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
-        return AuthenticationResult(user=principal, auth=principal.key_id)
+        return AuthenticationResult(user=key, auth=key.key_id)
 
 
 def _require_scope(connection: ASGIConnection, scope: str) -> None:
@@ -74,7 +61,7 @@ def _require_scope(connection: ASGIConnection, scope: str) -> None:
 # function guard in a worker thread. And each route has one guard, not a scope
 # guard and a rate guard, because Litestar copies the handler for every guard.
 
-def requires(scope: str):
+def scope_required(scope: str):
     """A guard: the caller's key must carry `scope` (or admin)."""
 
     async def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
@@ -83,9 +70,9 @@ def requires(scope: str):
     return guard
 
 
-def allowed(scope: str, bucket: str):
+def scope_and_token(scope: str, bucket: str):
     """A guard: the key must carry `scope`, then the request takes a token from its
-    `bucket` kind ("earn", "redeem" or "read")."""
+    `bucket` kind ("earn", "redeem" or "read"): one guard, for the reason above."""
 
     async def guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         _require_scope(connection, scope)

@@ -22,12 +22,36 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import psycopg
-from psycopg.rows import dict_row
 
-from app import queries
+from app.ledger import queries
+from app.ledger.client import Call, Ledger, Shape
 
 log = logging.getLogger("rewards.notify")
+
+
+def claim(limit: int, lease_seconds: float) -> Call[dict]:
+    """Due notifications, leased for `lease_seconds` so no two senders take one."""
+    return Call(queries.NOTIFICATIONS_CLAIM, {"limit": limit, "lease_seconds": lease_seconds}, shape=Shape.MANY)
+
+
+def delivered(notification_id: int) -> Call[dict]:
+    return Call(queries.NOTIFICATION_DELIVERED, {"notification_id": notification_id}, shape=Shape.NONE)
+
+
+def failed(notification_id: int, error: str, max_attempts: int, retry_in_seconds: float) -> Call[dict]:
+    """Record a failed delivery; the row answers its new status ('pending' or 'dead')."""
+    return Call(queries.NOTIFICATION_FAILED, {
+        "notification_id": notification_id, "error": error, "max_attempts": max_attempts,
+        "retry_in_seconds": retry_in_seconds})
+
+
+def dead() -> Call[dict]:
+    return Call(queries.NOTIFICATIONS_DEAD, shape=Shape.MANY)
+
+
+def resend(notification_id: int) -> Call[dict]:
+    """Queue a dead notification again; None when it is not a dead one."""
+    return Call(queries.NOTIFICATION_RESEND, {"notification_id": notification_id}, shape=Shape.MAYBE)
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -64,23 +88,20 @@ class Sender:
             return f"{type(exc).__name__}: {exc}"[:500]
         return None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
 
-    def run_once(self, conn: psycopg.Connection, http: httpx.Client) -> int:
+    def run_once(self, ledger: Ledger, http: httpx.Client) -> int:
         """Claim a batch (a lease, so a slow receiver holds no row lock), send it
         in parallel, record each outcome. How many were claimed."""
-        lease = self.timeout * 2 + 5
-        due = conn.execute(queries.NOTIFICATIONS_CLAIM, {"limit": self.batch, "lease_seconds": lease}).fetchall()
+        due = ledger(claim(self.batch, lease_seconds=self.timeout * 2 + 5))
         if not due:
             return 0
         with ThreadPoolExecutor(max_workers=min(len(due), 16)) as pool:
             outcomes = list(pool.map(lambda n: self._deliver(http, n), due))
         for notification, error in zip(due, outcomes, strict=True):
             if error is None:
-                conn.execute(queries.NOTIFICATION_DELIVERED, {"notification_id": notification["notification_id"]})
+                ledger(delivered(notification["notification_id"]))
                 continue
-            status = conn.execute(queries.NOTIFICATION_FAILED, {
-                "notification_id": notification["notification_id"], "error": error,
-                "max_attempts": self.max_attempts, "retry_in_seconds": self.backoff(notification["attempts"] + 1),
-            }).fetchone()["status"]
+            status = ledger(failed(notification["notification_id"], error, self.max_attempts,
+                                   self.backoff(notification["attempts"] + 1)))["status"]
             if status == "dead":
                 log.warning("notification parked after repeated failures", extra={"fields": {
                     "notification_id": notification["notification_id"], "error": error}})
@@ -88,10 +109,9 @@ class Sender:
 
     def run(self, idle_sleep: float = 0.5, stop_after_idle: float | None = None) -> None:
         idle_since = time.monotonic()
-        with psycopg.connect(self.conninfo, autocommit=True, row_factory=dict_row) as conn, \
-                httpx.Client(timeout=self.timeout) as http:
+        with Ledger.connect(self.conninfo) as ledger, httpx.Client(timeout=self.timeout) as http:
             while True:
-                if self.run_once(conn, http):
+                if self.run_once(ledger, http):
                     idle_since = time.monotonic()
                 elif stop_after_idle is not None and time.monotonic() - idle_since >= stop_after_idle:
                     return

@@ -10,10 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg
-from psycopg.rows import dict_row
-
-from app import queries
+from app.ledger import queries
+from app.ledger.client import Call, Ledger, Shape
 
 
 @dataclass
@@ -32,25 +30,39 @@ class Report:
                 "seconds": round(time.time() - self.started_at, 3)}
 
 
+def _count_accounts() -> Call[dict]:
+    return Call(queries.COUNT_ACCOUNTS)
+
+
+def _accounts_after(after: str, limit: int) -> Call[dict]:
+    return Call(queries.RECONCILE_ACCOUNTS_AFTER, {"after": after, "limit": limit}, shape=Shape.MANY)
+
+
+def _findings(user_ids: list[str]) -> Call[dict]:
+    return Call(queries.RECONCILE, {"user_ids": user_ids}, shape=Shape.MANY)
+
+
+def _repair_history(user_id: str) -> Call[dict]:
+    return Call(queries.REPAIR_HISTORY, {"user_id": user_id})
+
+
 def reconcile(conninfo: str, batch_size: int = 500, repair: bool = False, pause: float = 0.0,
               progress=None) -> Report:
     """Each batch is its own short transaction; `pause` seconds between batches
     leaves room for live traffic on a busy database."""
     report = Report()
     after = ""
-    with psycopg.connect(conninfo, autocommit=True, row_factory=dict_row) as conn:
-        total = conn.execute(queries.COUNT_ACCOUNTS).fetchone()["accounts"]
+    with Ledger.connect(conninfo) as ledger:
+        total = ledger(_count_accounts())["accounts"]
         while True:
-            users = [r["user_id"] for r in conn.execute(
-                queries.RECONCILE_ACCOUNTS_AFTER, {"after": after, "limit": batch_size}).fetchall()]
+            users = [r["user_id"] for r in ledger(_accounts_after(after, batch_size))]
             if not users:
                 break
-            findings = conn.execute(queries.RECONCILE, {"user_ids": users}).fetchall()
+            findings = ledger(_findings(users))
             if repair:
                 for user_id in sorted({f["user_id"] for f in findings
                                        if f["finding"] == "entries_missing_from_history"}):
-                    copied = conn.execute(queries.REPAIR_HISTORY, {"user_id": user_id}).fetchone()["copied"]
-                    report.repaired[user_id] = copied
+                    report.repaired[user_id] = ledger(_repair_history(user_id))["copied"]
             report.findings.extend(findings)
             report.accounts_checked += len(users)
             after = users[-1]

@@ -15,16 +15,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from datetime import datetime, timezone
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
-import psycopg
-from psycopg.rows import dict_row
-
-from app import queries
 from app.audit import metrics
+from app.ledger import queries
+from app.ledger.client import Call, Ledger, Shape
+from app.ledger.errors import Unavailable
 
 log = logging.getLogger("rewards.audit")
 
@@ -59,6 +58,39 @@ def transactions(rows: list[dict[str, Any]]) -> Iterator[Transaction]:
             current.changes.append(message)
 
 
+def _slot_exists(slot: str) -> Call[dict]:
+    return Call(queries.SLOT_EXISTS, {"slot": slot}, shape=Shape.MAYBE)
+
+
+def _create_slot(slot: str) -> Call[dict]:
+    return Call(queries.CREATE_SLOT, {"slot": slot})
+
+
+def _drop_slot(slot: str) -> Call[dict]:
+    return Call(queries.DROP_SLOT, {"slot": slot})
+
+
+def _backfill() -> Call[dict]:
+    return Call(queries.AUDIT_BACKFILL)
+
+
+def _peek(slot: str, max_changes: int) -> Call[dict]:
+    return Call(queries.PEEK_CHANGES, {"slot": slot, "max_changes": max_changes}, shape=Shape.MANY)
+
+
+def _confirm(slot: str, lsn: str) -> Call[dict]:
+    return Call(queries.CONFIRM_CHANGES, {"slot": slot, "lsn": lsn})
+
+
+def _lag(slot: str) -> Call[dict]:
+    return Call(queries.AUDIT_LAG, {"slot": slot}, shape=Shape.MAYBE)
+
+
+def _save_progress(slot: str, lsn: str, committed_at: str) -> Call[dict]:
+    return Call(queries.AUDIT_SAVE_PROGRESS, {"slot": slot, "lsn": lsn, "committed_at": committed_at},
+                shape=Shape.NONE)
+
+
 def _metadata(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
@@ -71,38 +103,38 @@ class Stream:
         self.target_conninfo = target
         self.slot = slot
         self.batch_changes = batch_changes
-        self._source: psycopg.Connection | None = None
-        self._target: psycopg.Connection | None = None
+        self._source: Ledger | None = None
+        self._target: Ledger | None = None
 
-    def _connections(self) -> tuple[psycopg.Connection, psycopg.Connection]:
+    def _connections(self) -> tuple[Ledger, Ledger]:
         if self._source is None or self._source.closed:
-            self._source = psycopg.connect(self.source_conninfo, autocommit=True, row_factory=dict_row)
+            self._source = Ledger.open(self.source_conninfo)
         if self._target is None or self._target.closed:
-            self._target = psycopg.connect(self.target_conninfo, row_factory=dict_row)
+            self._target = Ledger.open(self.target_conninfo)
         return self._source, self._target
 
     def close(self) -> None:
-        for conn in (self._source, self._target):
-            if conn is not None:
-                conn.close()
+        for ledger in (self._source, self._target):
+            if ledger is not None:
+                ledger.close()
 
     def ensure_slot(self) -> None:
         source, _ = self._connections()
-        if not source.execute(queries.SLOT_EXISTS, {"slot": self.slot}).fetchone():
-            source.execute(queries.CREATE_SLOT, {"slot": self.slot})
+        if not source(_slot_exists(self.slot)):
+            source(_create_slot(self.slot))
             # The slot sees only what commits from now on: copy what came before.
-            copied = source.execute(queries.AUDIT_BACKFILL).fetchone()["entries"]
+            copied = source(_backfill())["entries"]
             log.info("created replication slot", extra={"fields": {"slot": self.slot, "backfilled": copied}})
 
     def drop_slot(self) -> None:
         source, _ = self._connections()
-        if source.execute(queries.SLOT_EXISTS, {"slot": self.slot}).fetchone():
-            source.execute(queries.DROP_SLOT, {"slot": self.slot})
+        if source(_slot_exists(self.slot)):
+            source(_drop_slot(self.slot))
 
     def poll(self) -> int:
         """Apply one batch; how many ledger rows it held (0 when caught up)."""
         source, target = self._connections()
-        rows = source.execute(queries.PEEK_CHANGES, {"slot": self.slot, "max_changes": self.batch_changes}).fetchall()
+        rows = source(_peek(self.slot, self.batch_changes))
         batch = list(transactions(rows))
         if not batch:
             return 0
@@ -113,7 +145,7 @@ class Stream:
         self.confirm(batch[-1].commit_lsn)
         return applied
 
-    def _apply(self, target: psycopg.Connection, batch: list[Transaction]) -> int:
+    def _apply(self, target: Ledger, batch: list[Transaction]) -> int:
         entries, events, notifications = [], [], []
         for txn in batch:
             for change in txn.changes:
@@ -130,30 +162,27 @@ class Stream:
                         "expires_at")} | stamp | {"event_at": event_at})
         last = batch[-1]
         with target.transaction():
-            with target.cursor() as cursor:
-                if entries:
-                    cursor.executemany(queries.AUDIT_INSERT_ENTRY, entries)
-                if events:
-                    cursor.executemany(queries.AUDIT_INSERT_RESERVATION_EVENT, events)
-                if notifications:
-                    cursor.executemany(queries.AUDIT_INSERT_NOTIFICATION, notifications)
-                cursor.execute(queries.AUDIT_SAVE_PROGRESS, {
-                    "slot": self.slot, "lsn": last.commit_lsn, "committed_at": last.committed_at})
+            for query, rows in ((queries.AUDIT_INSERT_ENTRY, entries),
+                                (queries.AUDIT_INSERT_RESERVATION_EVENT, events),
+                                (queries.AUDIT_INSERT_NOTIFICATION, notifications)):
+                if rows:
+                    target.many(query, rows)
+            target(_save_progress(self.slot, last.commit_lsn, last.committed_at))
         return len(entries) + len(events)
 
     def confirm(self, lsn: str) -> None:
         """Tell the slot these changes are safely in the history (after the commit)."""
         source, _ = self._connections()
-        source.execute(queries.CONFIRM_CHANGES, {"slot": self.slot, "lsn": lsn})
+        source(_confirm(self.slot, lsn))
 
     def lag(self) -> dict[str, Any] | None:
         """Bytes of WAL the slot holds, and the age of the oldest ledger commit
         not yet in the history (0 when none is pending)."""
         source, _ = self._connections()
-        row = source.execute(queries.AUDIT_LAG, {"slot": self.slot}).fetchone()
+        row = source(_lag(self.slot))
         if row is None:
             return None
-        rows = source.execute(queries.PEEK_CHANGES, {"slot": self.slot, "max_changes": 100}).fetchall()
+        rows = source(_peek(self.slot, 100))
         pending = next((txn for txn in transactions(rows) if txn.changes), None)
         return row | {"lag_seconds": round(_age_seconds(pending.committed_at), 3) if pending else 0.0}
 
@@ -199,7 +228,7 @@ def run(streams: list[Stream], idle_sleep: float = 0.2, stop_after_idle: float |
         for stream in streams:
             try:
                 applied += stream.poll()
-            except psycopg.OperationalError as exc:
+            except Unavailable as exc:
                 log.warning("stream interrupted, retrying", extra={"fields": {"slot": stream.slot, "error": str(exc)}})
                 stream.close()
                 time.sleep(1)

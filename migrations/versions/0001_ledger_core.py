@@ -9,7 +9,7 @@ Revises:
 Create Date: 2026-11-28
 """
 
-from app.migrate import run_sql_file
+from app.operations.migrate import run_sql_file
 
 revision = "0001"
 down_revision = None

@@ -5,7 +5,7 @@ Revises: 0002
 Create Date: 2026-11-28
 """
 
-from app.migrate import run_sql_file
+from app.operations.migrate import run_sql_file
 
 revision = "0003"
 down_revision = "0002"

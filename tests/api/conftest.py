@@ -15,7 +15,9 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from app import keys, migrate, services
+from app.ledger import keys
+from app.ledger.client import Ledger
+from app.operations import migrate, processes
 from app.settings import Settings
 from tests.conftest import SETTINGS
 
@@ -53,7 +55,7 @@ def _env(settings: Settings, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def api() -> Iterator[Api]:
-    redis_port, api_port = services.free_port(), services.free_port()
+    redis_port, api_port = processes.free_port(), processes.free_port()
     settings = dataclasses.replace(
         SETTINGS, database=DATABASE, api_port=api_port,
         redis_url=f"redis://127.0.0.1:{redis_port}/0", redis_prefix=f"test-{uuid.uuid4().hex[:8]}",
@@ -62,34 +64,34 @@ def api() -> Iterator[Api]:
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DATABASE)))
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
     migrate.upgrade(settings.superuser_conninfo())
-    with psycopg.connect(settings.superuser_conninfo(), autocommit=True, row_factory=dict_row) as conn:
+    with Ledger.connect(settings.superuser_conninfo()) as ledger:
         made = {
-            "all": keys.create(conn, "all", ["points:earn", "points:redeem", "points:read"]),
-            "earn": keys.create(conn, "earner", ["points:earn"]),
-            "read": keys.create(conn, "reader", ["points:read"]),
-            "admin": keys.create(conn, "operator", ["admin"]),
+            "all": keys.create(ledger, "all", ["points:earn", "points:redeem", "points:read"]),
+            "earn": keys.create(ledger, "earner", ["points:earn"]),
+            "read": keys.create(ledger, "reader", ["points:read"]),
+            "admin": keys.create(ledger, "operator", ["admin"]),
         }
-    services.bouncer_up(SETTINGS)
-    services.redis_up(settings)
-    services.api_up(settings, env=_env(settings, REWARDS_AUTH_CACHE_SECONDS="1"), workers=1)
+    processes.bouncer_up(SETTINGS)
+    processes.redis_up(settings)
+    processes.api_up(settings, env=_env(settings, REWARDS_AUTH_CACHE_SECONDS="1"), workers=1)
     try:
         yield Api(settings, f"http://127.0.0.1:{api_port}", {name: secret for name, (_, secret) in made.items()})
     finally:
-        services.api_down(settings)
-        services.redis_down(settings)
+        processes.api_down(settings)
+        processes.redis_down(settings)
 
 
 @pytest.fixture(scope="session")
 def tiny_api(api: Api) -> Iterator[Api]:
     """The same database and keys behind an API that takes one request at a time."""
-    port = services.free_port()
+    port = processes.free_port()
     settings = dataclasses.replace(api.settings, api_port=port, max_in_flight=1, pool_max=1)
     env = _env(settings, REWARDS_MAX_IN_FLIGHT="1", REWARDS_POOL_MIN="1", REWARDS_POOL_MAX="1")
-    services.api_up(settings, env=env, workers=1)
+    processes.api_up(settings, env=env, workers=1)
     try:
         yield dataclasses.replace(api, settings=settings, base_url=f"http://127.0.0.1:{port}")
     finally:
-        services.api_down(settings)
+        processes.api_down(settings)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ rate limits that trigger and recover, and serving on while Redis is away."""
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from app import services
+from app.operations import processes
 from tests.api.conftest import post
 
 
@@ -70,7 +70,7 @@ def test_the_user_earn_limit_triggers_and_recovers(api, user):
 
 
 def test_serving_goes_on_while_redis_is_away(api, user):
-    services.redis_down(api.settings)
+    processes.redis_down(api.settings)
     try:
         with api.client() as http:
             for i in range(5):
@@ -79,7 +79,7 @@ def test_serving_goes_on_while_redis_is_away(api, user):
         with api.client("admin") as admin:
             assert "rewards_ratelimit_local_fallback 1.0" in admin.get("/metrics").text
     finally:
-        services.redis_up(api.settings)
+        processes.redis_up(api.settings)
     # Back on Redis by itself once it answers again (it retries every 5 s).
     deadline = time.monotonic() + 15
     with api.client("admin") as admin, api.client() as http:

@@ -6,7 +6,8 @@ import uuid
 import httpx
 import pytest
 
-from app import keys
+from app.ledger import calls, keys
+from app.ledger.client import Ledger
 from tests.api.conftest import post
 
 PROBLEM = "urn:rewards-ledger:problem:"
@@ -145,12 +146,12 @@ def test_no_key_unknown_key_and_missing_scope(api, user):
 
 
 def test_a_revoked_key_is_refused(api, user):
-    with api.db() as conn:
-        info, secret = keys.create(conn, f"short-lived-{uuid.uuid4().hex[:6]}", ["points:read"])
+    with Ledger.connect(api.settings.superuser_conninfo()) as ledger:
+        key, secret = keys.create(ledger, f"short-lived-{uuid.uuid4().hex[:6]}", ["points:read"])
     with httpx.Client(base_url=api.base_url, headers={"Authorization": f"Bearer {secret}"}) as http:
         assert http.get(f"/v1/accounts/{user}/balance").status_code == 200
-        with api.db() as conn:
-            keys.revoke(conn, info["key_id"])
+        with Ledger.connect(api.settings.superuser_conninfo()) as ledger:
+            ledger(calls.revoke_key(key.key_id))
         # The API trusts a looked-up key for REWARDS_AUTH_CACHE_SECONDS (1 s here).
         time.sleep(1.2)
         _problem(http.get(f"/v1/accounts/{user}/balance"), 401, "unauthorized")

@@ -8,19 +8,24 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-# The ledger holds the same rules (and the configured maximum amount); these
-# bounds refuse bad input before a database round trip.
-Amount = Annotated[int, Meta(ge=1, le=100_000_000, description="points, a positive integer")]
-Reason = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
-Metadata = Annotated[dict[str, Any], Meta(description="a JSON object of at most 4 KiB, stored with the entry")]
-TtlSeconds = Annotated[int, Meta(ge=1, le=7 * 24 * 3600)]
+from app.ledger import limits
+from app.ledger.results import Entry as LedgerEntry
+from app.ledger.results import Outcome
+
+# The ledger holds the same rules; these bounds (app.ledger.limits) refuse bad
+# input before a database round trip.
+Amount = Annotated[int, Meta(ge=1, le=limits.MAX_AMOUNT, description="points, a positive integer")]
+Reason = Annotated[str, Meta(min_length=1, max_length=limits.MAX_REASON_LENGTH, pattern=limits.REASON_PATTERN)]
+Metadata = Annotated[dict[str, Any], Meta(
+    description=f"a JSON object of at most {limits.MAX_METADATA_BYTES} bytes, stored with the entry")]
+TtlSeconds = Annotated[int, Meta(ge=1, le=limits.MAX_RESERVATION_TTL_SECONDS)]
 
 
 class ActionRef(Struct, forbid_unknown_fields=True):
     """A verified action: it earns points once per user, ever."""
 
-    source: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:-]{1,64}$")]
-    external_id: Annotated[str, Meta(pattern=r"^[!-~]{1,255}$")]
+    source: Annotated[str, Meta(pattern=limits.NAME_PATTERN)]
+    external_id: Annotated[str, Meta(pattern=limits.TOKEN_PATTERN)]
 
 
 class CreditRequest(Struct, forbid_unknown_fields=True):
@@ -58,6 +63,10 @@ class Balance(Struct):
     available: int
     reserved: int
 
+    @classmethod
+    def of(cls, outcome: Outcome) -> Balance:
+        return cls(available=outcome.available, reserved=outcome.reserved)
+
 
 class EntryCreated(Struct):
     entry_id: int
@@ -65,6 +74,11 @@ class EntryCreated(Struct):
     amount: int
     balance: Balance
     created_at: datetime
+
+    @classmethod
+    def of(cls, outcome: Outcome) -> EntryCreated:
+        return cls(entry_id=outcome.entry_id, user_id=outcome.user_id, amount=outcome.amount,
+                   balance=Balance.of(outcome), created_at=outcome.created_at)
 
 
 class ReservationCreated(Struct):
@@ -77,6 +91,12 @@ class ReservationCreated(Struct):
     balance: Balance
     created_at: datetime
 
+    @classmethod
+    def of(cls, outcome: Outcome) -> ReservationCreated:
+        return cls(reservation_id=outcome.reservation_id, user_id=outcome.user_id, amount=outcome.amount,
+                   status="open", expires_at=outcome.expires_at, entry_id=outcome.entry_id,
+                   balance=Balance.of(outcome), created_at=outcome.created_at)
+
 
 class ReservationEnded(Struct):
     reservation_id: int
@@ -86,6 +106,11 @@ class ReservationEnded(Struct):
     entry_id: int
     balance: Balance
     created_at: datetime
+
+    @classmethod
+    def of(cls, outcome: Outcome, reservation_id: int, status: str) -> ReservationEnded:
+        return cls(reservation_id=reservation_id, user_id=outcome.user_id, status=status, amount=outcome.amount,
+                   entry_id=outcome.entry_id, balance=Balance.of(outcome), created_at=outcome.created_at)
 
 
 class ReservationState(Struct):
@@ -123,6 +148,16 @@ class Entry(Struct):
     action: ActionRef | None
     metadata: dict[str, Any]
     created_at: datetime
+
+    @classmethod
+    def of(cls, entry: LedgerEntry) -> Entry:
+        action = (ActionRef(source=entry.action_source, external_id=entry.action_external_id)
+                  if entry.action_source else None)
+        return cls(entry_id=entry.entry_id, seq=entry.seq, kind=entry.kind, amount=entry.amount,
+                   available_delta=entry.available_delta, reserved_delta=entry.reserved_delta,
+                   available_after=entry.available_after, reserved_after=entry.reserved_after,
+                   reservation_id=entry.reservation_id, reason=entry.reason, action=action,
+                   metadata=entry.metadata, created_at=entry.created_at)
 
 
 class EntriesPage(Struct):

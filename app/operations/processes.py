@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import redis
 
-from app import cluster
+from app.operations import cluster
 from app.settings import PROJECT_ROOT, Settings
 
 PGBOUNCER_INI = """\
@@ -141,12 +141,12 @@ def api_command(settings: Settings, workers: int) -> list[str]:
     bench/RESULTS.md has them measured side by side."""
     if settings.api_server == "granian":
         return [
-            sys.executable, "-m", "granian", "--interface", "asgi", "--factory", "app.api.main:create_app",
+            sys.executable, "-m", "granian", "--interface", "asgi", "--factory", "app.api.app:create_app",
             "--host", settings.api_host, "--port", str(settings.api_port), "--workers", str(workers),
             "--loop", "uvloop", "--no-ws", "--log-level", "warning",
         ]
     return [
-        sys.executable, "-m", "uvicorn", "--factory", "app.api.main:create_app",
+        sys.executable, "-m", "uvicorn", "--factory", "app.api.app:create_app",
         "--host", settings.api_host, "--port", str(settings.api_port), "--workers", str(workers),
         "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--timeout-graceful-shutdown", "10",
     ]

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from alembic import command
 from alembic.config import Config
+from sqlalchemy.exc import DBAPIError
 
+from app.ledger.errors import translated
 from app.settings import PROJECT_ROOT
 
 
@@ -16,11 +21,24 @@ def _config(conninfo: str) -> Config:
 
 
 def upgrade(conninfo: str, revision: str = "head") -> None:
-    command.upgrade(_config(conninfo), revision)
+    with _driver_errors():
+        command.upgrade(_config(conninfo), revision)
 
 
 def current(conninfo: str) -> None:
-    command.current(_config(conninfo), verbose=True)
+    with _driver_errors():
+        command.current(_config(conninfo), verbose=True)
+
+
+@contextmanager
+def _driver_errors() -> Iterator[None]:
+    """SQLAlchemy wraps the driver's errors; unwrap them so they are translated
+    like every other (app.ledger.errors)."""
+    with translated():
+        try:
+            yield
+        except DBAPIError as exc:
+            raise exc.orig from exc
 
 
 def run_sql_file(path: str) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import psycopg
 
-from app import migrate, queries
+from app.ledger import queries
+from app.operations import migrate
 from app.settings import PROJECT_ROOT, Settings
 
 PG_HBA = """\

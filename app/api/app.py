@@ -1,4 +1,4 @@
-"""The ASGI application. Run with: uvicorn --factory app.api.main:create_app"""
+"""The ASGI application. Run with: uvicorn --factory app.api.app:create_app"""
 
 from __future__ import annotations
 
@@ -12,13 +12,17 @@ from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsException, ProblemDetailsPlugin
 
+from app import logs
 from app.api.accounts.controllers import AccountsController
-from app.api.database import make_pool
-from app.api.frontdoor import FrontDoor, configure_logging
+from app.api.dependencies import DEPENDENCIES
+from app.api.frontdoor import FrontDoor
 from app.api.health import healthz, prometheus_metrics, readyz
-from app.api.problems import from_http_exception, problem
+from app.api.pool import make_pool
+from app.api.problems import from_http_exception, from_ledger_error, problem
 from app.api.ratelimit import RateLimiter
 from app.api.security import ApiKeyMiddleware, KeyCache
+from app.ledger.client import AsyncLedger
+from app.ledger.errors import LedgerError
 from app.settings import Settings, load
 
 log = logging.getLogger("rewards.api")
@@ -32,28 +36,31 @@ def _internal_error(exc: Exception) -> ProblemDetailsException:
 def create_litestar(settings: Settings) -> Litestar:
     @asynccontextmanager
     async def resources(app: Litestar) -> AsyncIterator[None]:
-        app.state.pool = make_pool(settings)
+        pool = make_pool(settings)
+        app.state.ledger = AsyncLedger(pool)
         app.state.key_cache = KeyCache(settings.auth_cache_seconds)
         app.state.rate_limiter = RateLimiter(settings)
         # Start even while the database is away: /readyz says so, requests get 503.
-        await app.state.pool.open(wait=False)
+        await pool.open(wait=False)
         try:
             yield
         finally:
-            await app.state.pool.close()
+            await pool.close()
             await app.state.rate_limiter.close()
 
     return Litestar(
         route_handlers=[AccountsController, healthz, readyz, prometheus_metrics],
+        dependencies=DEPENDENCIES,
         middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=["^/schema"])],
         plugins=[ProblemDetailsPlugin(ProblemDetailsConfig(exception_to_problem_detail_map={
             HTTPException: from_http_exception,
+            LedgerError: from_ledger_error,
             Exception: _internal_error,
         }))],
         lifespan=[resources],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Rewards Ledger", version="1.0.0", path="/schema"),
-        # Logging is ours: JSON lines (app.api.frontdoor.configure_logging).
+        # Logging is ours: JSON lines (app.logs).
         logging_config=None,
         debug=False,
     )
@@ -61,5 +68,5 @@ def create_litestar(settings: Settings) -> Litestar:
 
 def create_app() -> FrontDoor:
     settings = load()
-    configure_logging()
+    logs.configure()
     return FrontDoor(create_litestar(settings), settings.max_in_flight)

@@ -1,0 +1,25 @@
+"""The API's connections: a pool to PgBouncer, wrapped in the ledger client."""
+
+from __future__ import annotations
+
+from psycopg_pool import AsyncConnectionPool
+
+from app.settings import Settings
+
+
+def make_pool(settings: Settings) -> AsyncConnectionPool:
+    return AsyncConnectionPool(
+        settings.bouncer_conninfo(),
+        min_size=settings.pool_min,
+        max_size=settings.pool_max,
+        # A request waits at most this long for a connection, and only so many
+        # wait at once: past either bound it is refused with 503, not queued.
+        timeout=settings.pool_wait_seconds,
+        max_waiting=settings.pool_max * 4,
+        # PgBouncer 1.18 in transaction mode cannot keep protocol-level prepared
+        # statements, so psycopg must never prepare one. Each call is its own
+        # transaction: committed, and so durable, before the response is sent.
+        kwargs={"autocommit": True, "prepare_threshold": None},
+        open=False,
+        name="rewards-api",
+    )

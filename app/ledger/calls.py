@@ -1,0 +1,112 @@
+"""The ledger's operations, one function each, named after the SQL function it
+calls. Each returns a `Call` for a `Ledger` or `AsyncLedger` to run; every
+argument is passed, so the server never expands a default.
+
+    outcome = ledger(calls.credit("alice", "ad-42", 100, "ad view"))
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from app.ledger import queries
+from app.ledger.client import Call, Shape
+from app.ledger.results import (
+    ApiKey,
+    Balance,
+    ChainCheck,
+    Entry,
+    Expired,
+    Outcome,
+    Reservation,
+)
+
+
+def _json(metadata: dict[str, Any] | None) -> str:
+    return json.dumps(metadata if metadata is not None else {})
+
+
+def credit(user_id: str, key: str, amount: int, reason: str, action_source: str | None = None,
+           action_external_id: str | None = None, metadata: dict[str, Any] | None = None) -> Call[Outcome]:
+    """Add points; an action (source and external id) earns once per user, ever."""
+    return Call(queries.CREDIT, {
+        "user_id": user_id, "key": key, "amount": amount, "reason": reason, "action_source": action_source,
+        "action_external_id": action_external_id, "metadata": _json(metadata)}, Outcome)
+
+
+def debit(user_id: str, key: str, amount: int, reason: str,
+          metadata: dict[str, Any] | None = None) -> Call[Outcome]:
+    """Spend points at once."""
+    return Call(queries.DEBIT, {"user_id": user_id, "key": key, "amount": amount, "reason": reason,
+                                "metadata": _json(metadata)}, Outcome)
+
+
+def reserve(user_id: str, key: str, amount: int, ttl_seconds: int, reason: str,
+            metadata: dict[str, Any] | None = None) -> Call[Outcome]:
+    """Hold points until committed, released or expired."""
+    return Call(queries.RESERVE, {"user_id": user_id, "key": key, "amount": amount, "ttl_seconds": ttl_seconds,
+                                  "reason": reason, "metadata": _json(metadata)}, Outcome)
+
+
+def commit_reservation(user_id: str, key: str, reservation_id: int, amount: int | None = None,
+                       reason: str = "redemption", metadata: dict[str, Any] | None = None) -> Call[Outcome]:
+    """Spend a reservation, all of it or `amount` (the rest returns)."""
+    return Call(queries.COMMIT_RESERVATION, {
+        "user_id": user_id, "key": key, "reservation_id": reservation_id, "amount": amount, "reason": reason,
+        "metadata": _json(metadata)}, Outcome)
+
+
+def release_reservation(user_id: str, key: str, reservation_id: int, reason: str = "released",
+                        metadata: dict[str, Any] | None = None) -> Call[Outcome]:
+    """Return a reservation to available points."""
+    return Call(queries.RELEASE_RESERVATION, {
+        "user_id": user_id, "key": key, "reservation_id": reservation_id, "reason": reason,
+        "metadata": _json(metadata)}, Outcome)
+
+
+def balance(user_id: str) -> Call[Balance]:
+    return Call(queries.BALANCE, {"user_id": user_id}, Balance)
+
+
+def entries_page(user_id: str, before_seq: int | None, limit: int) -> Call[Entry]:
+    """Up to `limit` entries, newest first, older than `before_seq` when given."""
+    return Call(queries.ENTRIES_PAGE, {"user_id": user_id, "before_seq": before_seq, "limit": limit},
+                Entry, Shape.MANY)
+
+
+def reservation(user_id: str, reservation_id: int) -> Call[Reservation]:
+    """One reservation of this user, or None."""
+    return Call(queries.RESERVATION, {"user_id": user_id, "reservation_id": reservation_id},
+                Reservation, Shape.MAYBE)
+
+
+def verify_chain(user_id: str) -> Call[ChainCheck]:
+    return Call(queries.VERIFY_CHAIN, {"user_id": user_id}, ChainCheck)
+
+
+def expire_reservations(batch_size: int) -> Call[Expired]:
+    """Expire overdue reservations now, committing every `batch_size`."""
+    return Call(queries.EXPIRE_RESERVATIONS, {"batch_size": batch_size}, Expired)
+
+
+def authenticate(secret_hash: bytes) -> Call[ApiKey]:
+    """The active key with this hash, or None."""
+    return Call(queries.AUTHENTICATE, {"secret_hash": secret_hash}, ApiKey, Shape.MAYBE)
+
+
+def create_key(name: str, secret_hash: bytes, scopes: list[str]) -> Call[ApiKey]:
+    return Call(queries.CREATE_KEY, {"name": name, "secret_hash": secret_hash, "scopes": scopes}, ApiKey)
+
+
+def list_keys() -> Call[ApiKey]:
+    return Call(queries.LIST_KEYS, {}, ApiKey, Shape.MANY)
+
+
+def revoke_key(key_id: int) -> Call[ApiKey]:
+    """Revoke once (again changes nothing); None for an unknown key."""
+    return Call(queries.REVOKE_KEY, {"key_id": key_id}, ApiKey, Shape.MAYBE)
+
+
+def ping() -> Call[dict]:
+    return Call(queries.PING)

@@ -1,0 +1,115 @@
+"""How a call reaches the database: one `Call` value per operation (made by
+app.ledger.calls), run by a `Ledger` on one connection (the CLI, the workers,
+the tests) or by an `AsyncLedger` on a pool (the API). Both translate driver
+errors the same way (app.ledger.errors) and shape rows the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Generic, TypeVar
+
+import psycopg
+from psycopg.rows import RowFactory, class_row, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from app.ledger.errors import translated
+
+T = TypeVar("T")
+
+
+class Shape(Enum):
+    ONE = "one"        # exactly one row
+    MAYBE = "maybe"    # one row, or None for no row or a row of NULLs (a function's "not found")
+    MANY = "many"      # a list of rows
+    NONE = "none"      # no rows (a statement run for its effect)
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """A named query from sql/queries.sql with its parameters, and how its rows
+    become values: `row` is a dataclass (columns become fields) or None for dicts."""
+
+    query: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+    row: type[T] | None = None
+    shape: Shape = Shape.ONE
+
+    def row_factory(self) -> RowFactory[Any]:
+        return dict_row if self.row is None else class_row(self.row)
+
+    def shaped(self, rows: list[Any]) -> Any:
+        if self.shape is Shape.MANY:
+            return rows
+        if self.shape is Shape.NONE:
+            return None
+        if self.shape is Shape.MAYBE and (not rows or _all_null(rows[0])):
+            return None
+        return rows[0]
+
+
+def _all_null(row: Any) -> bool:
+    values = row.values() if isinstance(row, dict) else (getattr(row, name) for name in row.__slots__)
+    return all(value is None for value in values)
+
+
+class Ledger:
+    """Runs calls on one connection (autocommit unless the caller opened a
+    transaction on it, as the interleaving tests do)."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+
+    @classmethod
+    def open(cls, conninfo: str) -> Ledger:
+        with translated():
+            return cls(psycopg.connect(conninfo, autocommit=True))
+
+    @classmethod
+    @contextmanager
+    def connect(cls, conninfo: str) -> Iterator[Ledger]:
+        ledger = cls.open(conninfo)
+        try:
+            yield ledger
+        finally:
+            ledger.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.conn.closed
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Calls inside run as one transaction, committed at the end of the block."""
+        with translated(), self.conn.transaction():
+            yield
+
+    def __call__(self, call: Call[T]) -> Any:
+        with translated(), self.conn.cursor(row_factory=call.row_factory()) as cursor:
+            cursor.execute(call.query, call.params)
+            return call.shaped(cursor.fetchall() if cursor.description else [])
+
+    def many(self, query: str, params: list[Mapping[str, Any]]) -> None:
+        """One named query for each parameter set, in one pipeline."""
+        with translated(), self.conn.cursor() as cursor:
+            cursor.executemany(query, params)
+
+
+class AsyncLedger:
+    """Runs calls on a pool of autocommitted connections, one call per
+    transaction: committed, and so durable, before the call returns."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    async def __call__(self, call: Call[T]) -> Any:
+        with translated():
+            async with self.pool.connection() as conn:
+                cursor = conn.cursor(row_factory=call.row_factory())
+                await cursor.execute(call.query, call.params)
+                return call.shaped(await cursor.fetchall() if cursor.description else [])

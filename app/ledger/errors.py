@@ -1,0 +1,56 @@
+"""The ledger's own exceptions. Driver errors are translated here, once, by
+SQLSTATE; the outer layers (the API's exception hook, the CLI) translate these
+into their own answers and never see psycopg's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import PoolTimeout, TooManyRequests
+
+
+class LedgerError(Exception):
+    """Anything the ledger refused or could not do; `str()` is one clear line."""
+
+
+class InvalidArgument(LedgerError):
+    """The ledger refused an argument (SQLSTATE 22023 naming it, or another class
+    22 error for a value PostgreSQL cannot take). Nothing was written."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class Unavailable(LedgerError):
+    """The database could not be reached or lost the connection. A write that
+    raised this may or may not have committed: retry it with the same key."""
+
+
+class Overloaded(LedgerError):
+    """No database connection came free in time: refused rather than queued."""
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Run a database call with its driver errors as the ledger's own."""
+    try:
+        yield
+    except (PoolTimeout, TooManyRequests) as exc:
+        raise Overloaded("no database connection came free in time") from exc
+    except pg_errors.InvalidParameterValue as exc:
+        raise InvalidArgument(exc.diag.message_primary or "invalid argument", exc.diag.column_name) from exc
+    except psycopg.DataError as exc:
+        # Any other value PostgreSQL cannot take, such as \u0000 inside JSON:
+        # refused before the call wrote anything.
+        raise InvalidArgument(exc.diag.message_primary or "invalid value") from exc
+    except psycopg.OperationalError as exc:
+        raise Unavailable(f"the database did not answer: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__

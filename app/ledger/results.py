@@ -1,0 +1,128 @@
+"""What the ledger's functions answer, as typed values. Field names are the
+columns of the SQL types they mirror (sql/ledger.sql, sql/api.sql), so rows map
+onto them one to one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class Status(StrEnum):
+    """ledger.result.status: 'ok' or a business refusal the caller branches on.
+    A refusal is remembered under its idempotency key like a success."""
+
+    OK = "ok"
+    INSUFFICIENT_POINTS = "insufficient_points"
+    ACTION_ALREADY_CREDITED = "action_already_credited"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    RESERVATION_NOT_FOUND = "reservation_not_found"
+    RESERVATION_COMMITTED = "reservation_committed"
+    RESERVATION_RELEASED = "reservation_released"
+    RESERVATION_EXPIRED = "reservation_expired"
+    AMOUNT_EXCEEDS_RESERVATION = "amount_exceeds_reservation"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """ledger.result: what every write function returns."""
+
+    status: Status
+    user_id: str
+    entry_id: int | None
+    reservation_id: int | None
+    amount: int | None
+    available: int
+    reserved: int
+    expires_at: datetime | None
+    created_at: datetime | None
+    replayed: bool
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", Status(self.status))
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.OK
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """ledger.balances: zeros for a user who never had points."""
+
+    user_id: str
+    available: int
+    reserved: int
+    lifetime_earned: int
+    last_seq: int
+    updated_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """ledger.account_entries: one movement of an account."""
+
+    user_id: str
+    entry_id: int
+    seq: int
+    kind: str
+    amount: int
+    available_delta: int
+    reserved_delta: int
+    available_after: int
+    reserved_after: int
+    reservation_id: int | None
+    reason: str
+    action_source: str | None
+    action_external_id: str | None
+    metadata: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """ledger.reservation_states."""
+
+    user_id: str
+    reservation_id: int
+    amount: int
+    status: str
+    committed_amount: int | None
+    reason: str
+    metadata: dict[str, Any]
+    created_at: datetime
+    expires_at: datetime
+    ended_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChainCheck:
+    """ledger.verify_chain: ok, or the first entry whose hash does not follow."""
+
+    ok: bool
+    entries_checked: int
+    first_broken_entry_id: int | None
+    first_broken_seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """ledger.expire_reservations: how many reservations it expired."""
+
+    expired: int
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """api.key_info: a key as the ledger keeps it (never its secret)."""
+
+    key_id: int
+    name: str
+    scopes: list[str]
+    created_at: datetime
+    revoked_at: datetime | None
+
+    def may(self, scope: str) -> bool:
+        return scope in self.scopes or "admin" in self.scopes

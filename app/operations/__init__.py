@@ -1,0 +1,1 @@
+"""Running the service: the PostgreSQL cluster, the processes beside it, migrations."""

@@ -1,0 +1,60 @@
+"""The `rewards` command: a refused input or a stopped database ends in one clear
+line on stderr and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from app.operations.processes import free_port
+from app.settings import PROJECT_ROOT
+
+
+def _rewards(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **env})
+
+
+def _one_clear_line(done: subprocess.CompletedProcess[str], code: int, says: str) -> None:
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rewards: ") and says in lines[0], done.stderr
+
+
+def test_a_key_with_an_empty_name_is_refused_in_one_line(db):
+    done = _rewards("keys", "create", "--name", "", "--scopes", "points:read", REWARDS_DATABASE=db.info.dbname)
+    _one_clear_line(done, 2, "name")
+    assert db.execute("SELECT count(*) AS n FROM api.keys").fetchone()["n"] == 0
+
+
+def test_an_unknown_scope_is_refused_in_one_line(db):
+    done = _rewards("keys", "create", "--name", "x", "--scopes", "points:fly", REWARDS_DATABASE=db.info.dbname)
+    _one_clear_line(done, 2, "points:fly")
+
+
+def test_a_bad_retention_interval_is_refused_in_one_line(db):
+    done = _rewards("audit", "retention", "--keep", "seven years", REWARDS_DATABASE=db.info.dbname)
+    _one_clear_line(done, 2, "interval")
+
+
+@pytest.mark.parametrize("command", [
+    ["keys", "list"],
+    ["keys", "create", "--name", "x", "--scopes", "points:read"],
+    ["keys", "revoke", "1"],
+    ["ledger", "verify", "alice"],
+    ["ledger", "expire"],
+    ["reconcile"],
+    ["audit", "status"],
+    ["audit", "retention"],
+    ["notify", "dead"],
+    ["notify", "resend", "1"],
+    ["db", "migrate"],
+], ids=" ".join)
+def test_a_stopped_database_is_one_line_not_a_traceback(command, tmp_path):
+    # Nothing listens on this port: the database is, as far as the CLI can tell, stopped.
+    done = _rewards(*command, REWARDS_PG_PORT=str(free_port()), REWARDS_PG_HOST="127.0.0.1")
+    _one_clear_line(done, 1, "the database did not answer")
