@@ -73,7 +73,7 @@ def unreconciled_accounts(conn: psycopg.Connection) -> list[dict[str, Any]]:
            LEFT JOIN LATERAL (
                SELECT coalesce(sum(amount), 0) AS held
                FROM ledger.reservations r WHERE r.user_id = a.user_id AND r.status = 'open') h ON true
-           WHERE (a.available, a.reserved, a.lifetime_earned, a.version)
+           WHERE (a.available, a.reserved, a.lifetime_earned, a.last_seq)
                  IS DISTINCT FROM (s.available, s.reserved, s.earned, s.last_seq)
               OR a.reserved <> h.held"""
     ).fetchall()

@@ -5,12 +5,19 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.exc import DBAPIError
 
 from app.ledger.errors import translated
 from app.settings import PROJECT_ROOT
+
+# The current-state schema (sql/README.md, "Making a change"), in the one order
+# it is applied: the roles first, since every schema grants to them; then one
+# file per SQL schema, audit last because it reads ledger's types and functions
+# and its schedule needs the pg_cron extension that ledger.sql creates.
+SCHEMA_FILES = ("sql/roles.sql", "sql/ledger.sql", "sql/api.sql", "sql/audit.sql")
 
 
 def _config(conninfo: str) -> Config:
@@ -54,3 +61,14 @@ def run_sql_file(path: str) -> None:
     driver_connection = op.get_bind().connection.driver_connection
     with driver_connection.cursor() as cursor:
         cursor.execute(sql_text)
+
+
+def build_fresh(conninfo: str) -> None:
+    """Build an empty database from the current-state files, without Alembic:
+    what migrating to head must equal (tests/test_migrations.py). Each file goes
+    to psycopg as one simple-protocol query, as run_sql_file sends a revision's,
+    on one autocommit connection, so each file is one transaction."""
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        for path in SCHEMA_FILES:
+            with conn.cursor() as cursor:
+                cursor.execute((PROJECT_ROOT / path).read_text())

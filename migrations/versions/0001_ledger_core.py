@@ -1,8 +1,9 @@
 """Ledger core: accounts, entries, reservations, idempotency keys and their functions.
 
-sql/schema.sql as it stood at this revision, frozen in migrations/sql/. Every
-later revision carries only its change (migrations/sql/<revision>.sql) and edits
-sql/schema.sql to match, which tests/test_migrations.py holds it to.
+The schema as it stood at this revision, frozen in migrations/sql/. Every
+later revision carries only its change (migrations/sql/NNNN_slug.sql) and edits
+the current-state files in sql/ (SCHEMA_FILES in app/operations/migrate.py) to
+match, which tests/test_migrations.py holds it to.
 
 Revision ID: 0001
 Revises:

@@ -1,61 +1,16 @@
--- Rewards Ledger: the whole current schema.
+-- The ledger schema: accounts, entries, reservations, idempotency keys, their
+-- functions and the expiry job, as the database holds them now.
 --
--- Migrations apply this file (migrations/versions/); tests prove that a database
--- migrated to head equals one built fresh from here. Sections, in order:
---   roles, schema, types, tables, constraints and indexes, private functions,
---   public functions, triggers, ownership, configuration, privileges, comments,
---   distribution (Citus), schedule (pg_cron); then the API keys (schema api).
+-- One of the current-state files applied in the order that SCHEMA_FILES in
+-- app/operations/migrate.py names (after sql/roles.sql); tests/test_migrations.py
+-- proves that a database migrated to head equals one built from them. A change
+-- is made here and in a new migration (sql/README.md, "Making a change").
 --
 -- Every name is schema-qualified because Citus does not propagate search_path to
 -- the workers that run pushed-down calls. Balance-changing writes go through
 -- ledger._append_entry only, so a balance can never move without a ledger entry.
 -- Locks are always taken in one order: the account row first, then the
 -- reservation row.
-
--- ===========================================================================
--- Roles (cluster-wide, so created only when missing)
--- ===========================================================================
-
-DO $roles$
-DECLARE
-    v_create constant text := $create$
-        DO $do$
-        DECLARE
-            v_propagation constant text := current_setting('citus.enable_ddl_propagation', true);
-        BEGIN
-            -- Citus would carry a CREATE ROLE on a worker back to the other nodes
-            -- as "create or alter", resetting attributes such as LOGIN there.
-            PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', 'off', true);
-            IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_owner') THEN
-                -- Owns every ledger object; nobody logs in as it.
-                CREATE ROLE rewards_owner NOLOGIN;
-            END IF;
-            IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_api') THEN
-                -- The API's role: may execute the public functions and nothing else.
-                -- `rewards db up` gives it LOGIN and a password.
-                CREATE ROLE rewards_api NOLOGIN;
-            END IF;
-            IF v_propagation IS NOT NULL THEN
-                PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', v_propagation, true);
-            END IF;
-        END
-        $do$
-    $create$;
-    v_failures text;
-BEGIN
-    EXECUTE v_create;
-    IF EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
-        -- Roles belong to the cluster, not the database, and Citus does not carry
-        -- roles that existed before its extension to the workers: make them there too.
-        SELECT string_agg(format('%s:%s: %s', nodename, nodeport, result), '; ') INTO v_failures
-        FROM run_command_on_workers(v_create)
-        WHERE NOT success;
-        IF v_failures IS NOT NULL THEN
-            RAISE EXCEPTION 'could not create the ledger roles on the workers: %', v_failures;
-        END IF;
-    END IF;
-END
-$roles$;
 
 -- ===========================================================================
 -- Schema
@@ -65,7 +20,7 @@ CREATE SCHEMA ledger AUTHORIZATION rewards_owner;
 REVOKE ALL ON SCHEMA ledger FROM PUBLIC;
 
 -- ===========================================================================
--- Types
+-- Types and domains
 -- ===========================================================================
 
 -- An idempotency key's rule, held by the database whatever the code does. A
@@ -90,6 +45,10 @@ CREATE TYPE ledger.result AS (
     created_at      timestamptz,
     replayed        boolean
 );
+
+-- ===========================================================================
+-- Rules the table constraints call (functions, so they come before the tables)
+-- ===========================================================================
 
 -- The shape every ledger entry must have, by kind (see entries_well_formed).
 CREATE FUNCTION ledger._entry_well_formed(
@@ -135,7 +94,7 @@ END;
 $$;
 
 -- ===========================================================================
--- Tables
+-- Tables (each with its constraints)
 -- ===========================================================================
 
 -- Operating limits. One row; a reference table under Citus.
@@ -159,7 +118,7 @@ CREATE TABLE ledger.accounts (
     reserved         bigint NOT NULL DEFAULT 0,
     lifetime_earned  bigint NOT NULL DEFAULT 0,
     -- seq of the newest entry; 0 before the first one
-    version          bigint NOT NULL DEFAULT 0,
+    last_seq         bigint NOT NULL DEFAULT 0,
     last_entry_hash  bytea NOT NULL DEFAULT '\x0000000000000000000000000000000000000000000000000000000000000000',
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
@@ -169,7 +128,7 @@ CREATE TABLE ledger.accounts (
     CONSTRAINT accounts_reserved_nonnegative CHECK (reserved >= 0),
     -- One constraint for the rest: each CHECK is rebuilt for every UPDATE statement.
     CONSTRAINT accounts_counters_valid CHECK (
-        lifetime_earned >= 0 AND version >= 0 AND octet_length(last_entry_hash) = 32
+        lifetime_earned >= 0 AND last_seq >= 0 AND octet_length(last_entry_hash) = 32
     )
 ) WITH (fillfactor = 80);  -- room for HOT updates: only the row changes, never its key
 
@@ -208,11 +167,6 @@ CREATE TABLE ledger.entries (
         action_source, action_external_id, idempotency_key, prev_hash, hash))
 );
 
--- A verified action earns points once per user, ever.
-CREATE UNIQUE INDEX entries_action_once
-    ON ledger.entries (user_id, action_source, action_external_id)
-    WHERE action_source IS NOT NULL;
-
 -- Points held for a redemption until it is committed, released or expired.
 CREATE TABLE ledger.reservations (
     user_id           text NOT NULL,
@@ -236,11 +190,6 @@ CREATE TABLE ledger.reservations (
     CONSTRAINT reservations_deadline CHECK (expires_at > created_at)
 );
 
--- What the expiry job scans: only open reservations, by deadline.
-CREATE INDEX reservations_open_deadline
-    ON ledger.reservations (expires_at)
-    WHERE status = 'open';
-
 -- One row per idempotency key: the request's fingerprint and the result it got,
 -- so a retry gets the same answer and changes nothing.
 CREATE TABLE ledger.idempotency_keys (
@@ -263,11 +212,25 @@ CREATE TABLE ledger.idempotency_keys (
 );
 
 -- ===========================================================================
+-- Indexes
+-- ===========================================================================
+
+-- A verified action earns points once per user, ever.
+CREATE UNIQUE INDEX entries_action_once
+    ON ledger.entries (user_id, action_source, action_external_id)
+    WHERE action_source IS NOT NULL;
+
+-- What the expiry job scans: only open reservations, by deadline.
+CREATE INDEX reservations_open_deadline
+    ON ledger.reservations (expires_at)
+    WHERE status = 'open';
+
+-- ===========================================================================
 -- Views: what the read functions return
 -- ===========================================================================
 
 CREATE VIEW ledger.balances AS
-    SELECT user_id, available, reserved, lifetime_earned, version, updated_at
+    SELECT user_id, available, reserved, lifetime_earned, last_seq, updated_at
     FROM ledger.accounts;
 
 CREATE VIEW ledger.account_entries AS
@@ -282,7 +245,7 @@ CREATE VIEW ledger.reservation_states AS
     FROM ledger.reservations;
 
 -- ===========================================================================
--- Private functions
+-- Private helpers
 -- ===========================================================================
 
 -- The two identifier shapes. Plain SQL expressions, so the planner inlines them;
@@ -512,7 +475,7 @@ DECLARE
 BEGIN
     v_entry.user_id := p_account.user_id;
     v_entry.entry_id := nextval('ledger.entries_entry_id_seq');
-    v_entry.seq := p_account.version + 1;
+    v_entry.seq := p_account.last_seq + 1;
     v_entry.kind := p_kind;
     v_entry.amount := p_amount;
     v_entry.available_delta := p_available_delta;
@@ -535,7 +498,7 @@ BEGIN
         available = v_entry.available_after,
         reserved = v_entry.reserved_after,
         lifetime_earned = lifetime_earned + CASE WHEN p_kind = 'credit' THEN p_amount ELSE 0 END,
-        version = v_entry.seq,
+        last_seq = v_entry.seq,
         last_entry_hash = v_entry.hash,
         updated_at = v_entry.created_at
     WHERE user_id = p_account.user_id;
@@ -998,13 +961,13 @@ BEGIN
         v_expected_seq := v_expected_seq + 1;
     END LOOP;
     SELECT * INTO v_head FROM ledger.accounts WHERE user_id = p_user_id;
-    ok := NOT FOUND OR (v_head.last_entry_hash = v_expected_prev AND v_head.version = v_expected_seq - 1);
+    ok := NOT FOUND OR (v_head.last_entry_hash = v_expected_prev AND v_head.last_seq = v_expected_seq - 1);
     RETURN NEXT;
 END;
 $$;
 
 -- ===========================================================================
--- Triggers
+-- Triggers and the functions they run
 -- ===========================================================================
 
 CREATE FUNCTION ledger._refuse_entry_change()
@@ -1086,14 +1049,14 @@ END
 $owner$;
 
 -- ===========================================================================
--- Configuration
+-- Seed rows
 -- ===========================================================================
 
 INSERT INTO ledger.settings (singleton, max_amount, max_reservation_ttl, max_metadata_bytes, max_reason_length)
 VALUES (true, 100000000, interval '7 days', 4096, 200);
 
 -- ===========================================================================
--- Privileges
+-- Grants
 -- ===========================================================================
 
 REVOKE ALL ON ALL TABLES IN SCHEMA ledger FROM PUBLIC;
@@ -1203,475 +1166,5 @@ BEGIN
     CREATE EXTENSION IF NOT EXISTS pg_cron;
     PERFORM cron.schedule('rewards-expire-reservations', '* * * * *',
                           'CALL ledger.expire_reservations()');
-END
-$cron$;
-
--- ===========================================================================
--- API keys (revision 0002)
---
--- Clients of the HTTP API authenticate with a bearer key. Only its SHA-256 is
--- stored: the keys are 256 random bits, so a fast hash is enough and a leaked
--- table yields no usable key. The API's role may only look a hash up.
--- ===========================================================================
-
-CREATE SCHEMA api AUTHORIZATION rewards_owner;
-REVOKE ALL ON SCHEMA api FROM PUBLIC;
-
-CREATE TABLE api.keys (
-    key_id       bigserial NOT NULL,
-    name         text NOT NULL,
-    secret_hash  bytea NOT NULL,
-    scopes       text[] NOT NULL,
-    created_at   timestamptz NOT NULL DEFAULT now(),
-    revoked_at   timestamptz,
-    CONSTRAINT keys_pkey PRIMARY KEY (key_id),
-    CONSTRAINT keys_secret_hash_key UNIQUE (secret_hash),
-    CONSTRAINT keys_name_length CHECK (length(name) BETWEEN 1 AND 100),
-    CONSTRAINT keys_secret_hash_length CHECK (octet_length(secret_hash) = 32),
-    CONSTRAINT keys_scopes_known CHECK (
-        cardinality(scopes) > 0
-        AND scopes <@ ARRAY['points:earn', 'points:redeem', 'points:read', 'admin']
-    )
-);
-
-CREATE VIEW api.key_info AS
-    SELECT key_id, name, scopes, created_at, revoked_at FROM api.keys;
-
--- The active key with this hash; a row of NULLs when there is none or it is revoked.
-CREATE FUNCTION api.authenticate(p_secret_hash bytea)
-RETURNS api.key_info
-LANGUAGE plpgsql
-STABLE
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_key api.key_info;
-BEGIN
-    SELECT key_id, name, scopes, created_at, revoked_at INTO v_key
-    FROM api.keys
-    WHERE secret_hash = p_secret_hash AND revoked_at IS NULL;
-    RETURN v_key;
-END;
-$$;
-
-CREATE FUNCTION api.create_key(p_name text, p_secret_hash bytea, p_scopes text[])
-RETURNS api.key_info
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_key api.key_info;
-BEGIN
-    IF p_name IS NULL OR length(p_name) NOT BETWEEN 1 AND 100 THEN
-        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', COLUMN = 'name',
-            MESSAGE = 'invalid name: must be 1-100 characters';
-    END IF;
-    IF p_scopes IS NULL OR cardinality(p_scopes) = 0
-       OR NOT p_scopes <@ ARRAY['points:earn', 'points:redeem', 'points:read', 'admin'] THEN
-        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', COLUMN = 'scopes',
-            MESSAGE = 'invalid scopes: choose from points:earn, points:redeem, points:read, admin';
-    END IF;
-    INSERT INTO api.keys (name, secret_hash, scopes)
-    VALUES (p_name, p_secret_hash, (SELECT array_agg(DISTINCT s ORDER BY s) FROM unnest(p_scopes) AS s))
-    RETURNING key_id, name, scopes, created_at, revoked_at INTO v_key;
-    RETURN v_key;
-END;
-$$;
-
--- Revoke a key (once; revoking again changes nothing). A row of NULLs for an unknown key.
-CREATE FUNCTION api.revoke_key(p_key_id bigint)
-RETURNS api.key_info
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_key api.key_info;
-BEGIN
-    UPDATE api.keys SET revoked_at = coalesce(revoked_at, now())
-    WHERE key_id = p_key_id
-    RETURNING key_id, name, scopes, created_at, revoked_at INTO v_key;
-    RETURN v_key;
-END;
-$$;
-
-CREATE FUNCTION api.list_keys()
-RETURNS SETOF api.key_info
-LANGUAGE sql
-STABLE
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT key_id, name, scopes, created_at, revoked_at FROM api.keys ORDER BY key_id;
-$$;
-
-ALTER TABLE api.keys OWNER TO rewards_owner;
-ALTER VIEW api.key_info OWNER TO rewards_owner;
-ALTER FUNCTION api.authenticate(bytea) OWNER TO rewards_owner;
-ALTER FUNCTION api.create_key(text, bytea, text[]) OWNER TO rewards_owner;
-ALTER FUNCTION api.revoke_key(bigint) OWNER TO rewards_owner;
-ALTER FUNCTION api.list_keys() OWNER TO rewards_owner;
-
-REVOKE ALL ON ALL TABLES IN SCHEMA api FROM PUBLIC;
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA api FROM PUBLIC;
-GRANT USAGE ON SCHEMA api TO rewards_api;
-GRANT EXECUTE ON FUNCTION api.authenticate(bytea) TO rewards_api;
-
-COMMENT ON FUNCTION api.authenticate(bytea) IS
-'The active API key whose SHA-256 is p_secret_hash (key_id, name, scopes); a row of NULLs when none.';
-COMMENT ON FUNCTION api.create_key(text, bytea, text[]) IS
-'Register a key by its SHA-256 with scopes from points:earn, points:redeem, points:read, admin. `rewards keys create` makes the secret and calls this.';
-COMMENT ON FUNCTION api.revoke_key(bigint) IS
-'Revoke a key; its next request is refused once the API''s key cache expires (REWARDS_AUTH_CACHE_SECONDS).';
-
-DO $citus$
-BEGIN
-    IF EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
-        -- Small and read on every request: a copy on every node.
-        PERFORM create_reference_table('api.keys');
-    END IF;
-END
-$citus$;
-
--- ===========================================================================
--- Audit history (revision 0003)
---
--- audit.entries and audit.reservation_events are the auditors' copy of the
--- ledger, filled from the ledger's WAL by logical decoding (`rewards audit
--- run`), partitioned by month with pg_partman. Rows are keyed by the ledger's
--- own ids, so the at-least-once stream lands exactly once. audit.notifications
--- is the outbox the notification sender drains; the consumer fills it in the
--- same transaction as the history, so ledger writes never wait for either.
--- ===========================================================================
-
-DO $roles$
-DECLARE
-    v_create constant text := $create$
-        DO $do$
-        DECLARE
-            v_propagation constant text := current_setting('citus.enable_ddl_propagation', true);
-        BEGIN
-            -- As for the ledger's roles (see the top of this file): made on each
-            -- node by us, not carried back and forth by Citus.
-            PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', 'off', true);
-            IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_auditor') THEN
-                -- Reads audit.* and verifies chains; changes nothing anywhere.
-                CREATE ROLE rewards_auditor LOGIN;
-            END IF;
-            IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_audit_writer') THEN
-                -- The stream consumer: reads the replication slot, inserts history.
-                CREATE ROLE rewards_audit_writer LOGIN REPLICATION;
-            END IF;
-            IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_notifier') THEN
-                -- The notification sender: works the outbox.
-                CREATE ROLE rewards_notifier LOGIN;
-            END IF;
-            IF v_propagation IS NOT NULL THEN
-                PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', v_propagation, true);
-            END IF;
-        END
-        $do$
-    $create$;
-    v_failures text;
-BEGIN
-    EXECUTE v_create;
-    IF EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
-        SELECT string_agg(format('%s:%s: %s', nodename, nodeport, result), '; ') INTO v_failures
-        FROM run_command_on_workers(v_create)
-        WHERE NOT success;
-        IF v_failures IS NOT NULL THEN
-            RAISE EXCEPTION 'could not create the audit roles on the workers: %', v_failures;
-        END IF;
-    END IF;
-END
-$roles$;
-
-CREATE SCHEMA IF NOT EXISTS partman;
-CREATE EXTENSION IF NOT EXISTS pg_partman SCHEMA partman;
-
-CREATE SCHEMA audit AUTHORIZATION rewards_owner;
-REVOKE ALL ON SCHEMA audit FROM PUBLIC;
-
-CREATE TABLE audit.entries (
-    user_id             text NOT NULL,
-    entry_id            bigint NOT NULL,
-    seq                 bigint NOT NULL,
-    kind                text NOT NULL,
-    amount              bigint NOT NULL,
-    available_delta     bigint NOT NULL,
-    reserved_delta      bigint NOT NULL,
-    available_after     bigint NOT NULL,
-    reserved_after      bigint NOT NULL,
-    reservation_id      bigint,
-    reason              text NOT NULL,
-    action_source       text,
-    action_external_id  text,
-    metadata            jsonb NOT NULL,
-    idempotency_key     text,
-    created_at          timestamptz NOT NULL,
-    prev_hash           bytea NOT NULL,
-    hash                bytea NOT NULL,
-    -- when the ledger transaction committed, and where in the WAL; NULL for a
-    -- row copied by the reconciler's repair rather than streamed
-    committed_at        timestamptz,
-    lsn                 pg_lsn,
-    CONSTRAINT entries_pkey PRIMARY KEY (user_id, entry_id, created_at)
-) PARTITION BY RANGE (created_at);
-
-CREATE INDEX entries_account_time ON audit.entries (user_id, created_at);
-CREATE INDEX entries_entry_id ON audit.entries (entry_id);
-
-CREATE TABLE audit.reservation_events (
-    user_id           text NOT NULL,
-    reservation_id    bigint NOT NULL,
-    status            text NOT NULL,
-    amount            bigint NOT NULL,
-    committed_amount  bigint,
-    reason            text NOT NULL,
-    expires_at        timestamptz NOT NULL,
-    -- created_at for 'open', ended_at for the end
-    event_at          timestamptz NOT NULL,
-    committed_at      timestamptz,
-    lsn               pg_lsn,
-    CONSTRAINT reservation_events_pkey PRIMARY KEY (user_id, reservation_id, status, event_at)
-) PARTITION BY RANGE (event_at);
-
-CREATE TABLE audit.notifications (
-    notification_id  bigserial PRIMARY KEY,
-    user_id          text NOT NULL,
-    entry_id         bigint NOT NULL,
-    kind             text NOT NULL,
-    payload          jsonb NOT NULL,
-    status           text NOT NULL DEFAULT 'pending',
-    attempts         integer NOT NULL DEFAULT 0,
-    next_attempt_at  timestamptz NOT NULL DEFAULT now(),
-    last_error       text,
-    created_at       timestamptz NOT NULL DEFAULT now(),
-    delivered_at     timestamptz,
-    CONSTRAINT notifications_entry_key UNIQUE (user_id, entry_id),
-    CONSTRAINT notifications_status CHECK (status IN ('pending', 'delivered', 'dead'))
-);
-
-CREATE INDEX notifications_due ON audit.notifications (next_attempt_at) WHERE status = 'pending';
-
--- Where the consumer has got to, per slot: written in the same transaction as
--- the rows, so the lag it reports is the lag of what is really in the history.
-CREATE TABLE audit.stream_progress (
-    slot_name     text PRIMARY KEY,
-    lsn           pg_lsn NOT NULL,
-    committed_at  timestamptz NOT NULL,
-    applied_at    timestamptz NOT NULL DEFAULT now()
-);
-
-SELECT partman.create_parent(p_parent_table := 'audit.entries', p_control := 'created_at',
-                             p_type := 'native', p_interval := 'monthly', p_premake := 4, p_jobmon := false);
-SELECT partman.create_parent(p_parent_table := 'audit.reservation_events', p_control := 'event_at',
-                             p_type := 'native', p_interval := 'monthly', p_premake := 4, p_jobmon := false);
--- Retention is a setting: NULL keeps every partition. `rewards audit retention`
--- sets partman.part_config.retention, and maintenance then drops older months.
-UPDATE partman.part_config SET retention = NULL, retention_keep_table = false
-WHERE parent_table IN ('audit.entries', 'audit.reservation_events');
-
--- Recompute one account's chain from the history: the auditors' check, which
--- needs no access to the ledger itself.
-CREATE FUNCTION audit.verify_chain(p_user_id text)
-RETURNS TABLE (ok boolean, entries_checked bigint, first_broken_entry_id bigint, first_broken_seq bigint)
-LANGUAGE plpgsql
-STABLE
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_row audit.entries;
-    v_entry ledger.entries;
-    v_expected_prev bytea := '\x0000000000000000000000000000000000000000000000000000000000000000';
-    v_expected_seq bigint := 1;
-BEGIN
-    entries_checked := 0;
-    FOR v_row IN SELECT * FROM audit.entries WHERE user_id = p_user_id ORDER BY seq LOOP
-        v_entry := ROW(v_row.user_id, v_row.entry_id, v_row.seq, v_row.kind, v_row.amount,
-                       v_row.available_delta, v_row.reserved_delta, v_row.available_after,
-                       v_row.reserved_after, v_row.reservation_id, v_row.reason, v_row.action_source,
-                       v_row.action_external_id, v_row.metadata, v_row.idempotency_key, v_row.created_at,
-                       v_row.prev_hash, v_row.hash)::ledger.entries;
-        IF v_row.seq <> v_expected_seq OR v_row.prev_hash <> v_expected_prev
-           OR v_row.hash <> ledger._entry_hash(v_row.prev_hash, v_entry) THEN
-            ok := false;
-            first_broken_entry_id := v_row.entry_id;
-            first_broken_seq := v_row.seq;
-            RETURN NEXT;
-            RETURN;
-        END IF;
-        entries_checked := entries_checked + 1;
-        v_expected_prev := v_row.hash;
-        v_expected_seq := v_expected_seq + 1;
-    END LOOP;
-    ok := true;
-    RETURN NEXT;
-END;
-$$;
-
--- What is wrong with each of the given accounts: one row per finding, none
--- when all agree. Checks that the balance equals what its entries sum to and
--- its holds equal its open reservations, that its hash chain verifies, and
--- that the history holds exactly its entries.
-CREATE FUNCTION audit.reconcile(p_user_ids text[])
-RETURNS TABLE (user_id text, finding text, detail jsonb)
-LANGUAGE plpgsql
-STABLE
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_user text;
-    v_account ledger.accounts;
-    v_sums record;
-    v_held bigint;
-    v_chain record;
-    v_missing bigint[];
-    v_extra bigint[];
-BEGIN
-    FOREACH v_user IN ARRAY p_user_ids LOOP
-        user_id := v_user;
-        SELECT * INTO v_account FROM ledger.accounts a WHERE a.user_id = v_user;
-        SELECT coalesce(sum(e.available_delta), 0) AS available, coalesce(sum(e.reserved_delta), 0) AS reserved,
-               coalesce(sum(e.amount) FILTER (WHERE e.kind = 'credit'), 0) AS earned,
-               coalesce(max(e.seq), 0) AS last_seq
-        INTO v_sums FROM ledger.entries e WHERE e.user_id = v_user;
-        IF (v_account.available, v_account.reserved, v_account.lifetime_earned, v_account.version)
-           IS DISTINCT FROM (v_sums.available, v_sums.reserved, v_sums.earned, v_sums.last_seq) THEN
-            finding := 'balance_differs_from_entries';
-            detail := jsonb_build_object(
-                'account', jsonb_build_object('available', v_account.available, 'reserved', v_account.reserved,
-                                              'lifetime_earned', v_account.lifetime_earned, 'version', v_account.version),
-                'entries', jsonb_build_object('available', v_sums.available, 'reserved', v_sums.reserved,
-                                              'lifetime_earned', v_sums.earned, 'version', v_sums.last_seq));
-            RETURN NEXT;
-        END IF;
-        SELECT coalesce(sum(r.amount), 0) INTO v_held
-        FROM ledger.reservations r WHERE r.user_id = v_user AND r.status = 'open';
-        IF v_account.reserved IS DISTINCT FROM v_held THEN
-            finding := 'reserved_differs_from_open_reservations';
-            detail := jsonb_build_object('reserved', v_account.reserved, 'open_reservations', v_held);
-            RETURN NEXT;
-        END IF;
-        SELECT * INTO v_chain FROM ledger.verify_chain(v_user);
-        IF NOT v_chain.ok THEN
-            finding := 'chain_broken';
-            detail := jsonb_build_object('first_broken_entry_id', v_chain.first_broken_entry_id,
-                                         'first_broken_seq', v_chain.first_broken_seq);
-            RETURN NEXT;
-        END IF;
-        SELECT array_agg(e.entry_id ORDER BY e.entry_id) INTO v_missing
-        FROM ledger.entries e
-        WHERE e.user_id = v_user AND NOT EXISTS (
-            SELECT FROM audit.entries h
-            WHERE h.user_id = e.user_id AND h.entry_id = e.entry_id AND h.hash = e.hash);
-        IF v_missing IS NOT NULL THEN
-            finding := 'entries_missing_from_history';
-            detail := jsonb_build_object('entry_ids', to_jsonb(v_missing));
-            RETURN NEXT;
-        END IF;
-        SELECT array_agg(h.entry_id ORDER BY h.entry_id) INTO v_extra
-        FROM audit.entries h
-        WHERE h.user_id = v_user AND NOT EXISTS (
-            SELECT FROM ledger.entries e
-            WHERE e.user_id = h.user_id AND e.entry_id = h.entry_id AND e.hash = h.hash);
-        IF v_extra IS NOT NULL THEN
-            finding := 'history_rows_not_in_ledger';
-            detail := jsonb_build_object('entry_ids', to_jsonb(v_extra));
-            RETURN NEXT;
-        END IF;
-    END LOOP;
-END;
-$$;
-
--- The reconciler's only repair: copy entries the history lacks from the
--- ledger, for one account or (NULL) all of them. It never touches a ledger entry.
-CREATE FUNCTION audit.repair_history(p_user_id text)
-RETURNS bigint
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_copied bigint;
-BEGIN
-    INSERT INTO audit.entries (user_id, entry_id, seq, kind, amount, available_delta, reserved_delta,
-                               available_after, reserved_after, reservation_id, reason, action_source,
-                               action_external_id, metadata, idempotency_key, created_at, prev_hash, hash)
-    SELECT e.user_id, e.entry_id, e.seq, e.kind, e.amount, e.available_delta, e.reserved_delta,
-           e.available_after, e.reserved_after, e.reservation_id, e.reason, e.action_source,
-           e.action_external_id, e.metadata, e.idempotency_key, e.created_at, e.prev_hash, e.hash
-    FROM ledger.entries e
-    WHERE p_user_id IS NULL OR e.user_id = p_user_id
-    ON CONFLICT DO NOTHING;
-    GET DIAGNOSTICS v_copied = ROW_COUNT;
-    RETURN v_copied;
-END;
-$$;
-
--- Copy into the history whatever the ledger held before the stream began:
--- run once, right after the consumer creates its slot. What the slot also
--- delivers lands once, keyed by the ledger's ids.
-CREATE FUNCTION audit.backfill()
-RETURNS bigint
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    INSERT INTO audit.reservation_events (user_id, reservation_id, status, amount, committed_amount, reason,
-                                          expires_at, event_at)
-    SELECT r.user_id, r.reservation_id, 'open', r.amount, NULL, r.reason, r.expires_at, r.created_at
-    FROM ledger.reservations r
-    UNION ALL
-    SELECT r.user_id, r.reservation_id, r.status, r.amount, r.committed_amount, r.reason, r.expires_at, r.ended_at
-    FROM ledger.reservations r WHERE r.status <> 'open'
-    ON CONFLICT DO NOTHING;
-    RETURN audit.repair_history(NULL);
-END;
-$$;
-
-ALTER TABLE audit.entries OWNER TO rewards_owner;
-ALTER TABLE audit.reservation_events OWNER TO rewards_owner;
-ALTER TABLE audit.notifications OWNER TO rewards_owner;
-ALTER TABLE audit.stream_progress OWNER TO rewards_owner;
-ALTER FUNCTION audit.verify_chain(text) OWNER TO rewards_owner;
-ALTER FUNCTION audit.reconcile(text[]) OWNER TO rewards_owner;
-ALTER FUNCTION audit.repair_history(text) OWNER TO rewards_owner;
-ALTER FUNCTION audit.backfill() OWNER TO rewards_owner;
-
-REVOKE ALL ON ALL TABLES IN SCHEMA audit FROM PUBLIC;
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA audit FROM PUBLIC;
-GRANT USAGE ON SCHEMA audit TO rewards_auditor, rewards_audit_writer, rewards_notifier;
-GRANT SELECT ON audit.entries, audit.reservation_events, audit.notifications, audit.stream_progress
-    TO rewards_auditor;
-GRANT EXECUTE ON FUNCTION audit.verify_chain(text) TO rewards_auditor;
--- The consumer only inserts (ON CONFLICT DO NOTHING needs no more), and keeps
--- its own progress row.
-GRANT INSERT ON audit.entries, audit.reservation_events, audit.notifications TO rewards_audit_writer;
-GRANT USAGE ON SEQUENCE audit.notifications_notification_id_seq TO rewards_audit_writer;
-GRANT SELECT, INSERT, UPDATE ON audit.stream_progress TO rewards_audit_writer;
-GRANT EXECUTE ON FUNCTION audit.backfill() TO rewards_audit_writer;
-GRANT SELECT, UPDATE ON audit.notifications TO rewards_notifier;
-
-COMMENT ON FUNCTION audit.verify_chain(text) IS
-'Recompute an account''s hash chain from the audit history alone; ok=false names the first broken entry.';
-COMMENT ON FUNCTION audit.reconcile(text[]) IS
-'One row per finding for the given accounts: balance_differs_from_entries, reserved_differs_from_open_reservations, chain_broken, entries_missing_from_history, history_rows_not_in_ledger.';
-COMMENT ON FUNCTION audit.repair_history(text) IS
-'Copy the account''s ledger entries that the history lacks; returns how many. Never touches the ledger.';
-
-DO $cron$
-BEGIN
-    IF current_database() IS DISTINCT FROM current_setting('cron.database_name', true) THEN
-        RETURN;
-    END IF;
-    -- New monthly partitions ahead of time, and retention, every hour.
-    PERFORM cron.schedule('rewards-audit-partitions', '17 * * * *',
-                          'CALL partman.run_maintenance_proc(p_jobmon := false)');
 END
 $cron$;
