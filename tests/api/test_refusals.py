@@ -169,3 +169,18 @@ def test_a_nul_character_in_metadata_is_400_not_500(api, user):
         _problem(post(http, f"/v1/accounts/{user}/credits", {"amount": 1, "reason": "x", "metadata": {"k": "a\u0000b"}}),
                  400, "validation")
     assert _entry_count(api, user) == 0
+
+
+@pytest.mark.parametrize("depth", [200, 1000, 5000])
+def test_deeply_nested_metadata_is_an_answer_never_a_500(api, user, depth):
+    # 1,000 levels in 2.4 KB used to be a 500. Shallow enough to decode and
+    # store, it is a credit; deeper than the decoder goes, a 400; nothing between.
+    raw = b'{"amount": 1, "reason": "x", "metadata": {"k": ' + b"[" * depth + b"]" * depth + b"}}"
+    with api.client() as http:
+        response = http.post(f"/v1/accounts/{user}/credits", content=raw,
+                             headers={"Idempotency-Key": f"deep-{depth}", "Content-Type": "application/json"})
+    if response.status_code == 201:
+        assert _entry_count(api, user) == 1
+    else:
+        _problem(response, 400, "validation")
+        assert _entry_count(api, user) == 0

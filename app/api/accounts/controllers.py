@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Annotated, Any, TypeVar
 
 from litestar import Controller, Response, get, post
@@ -22,7 +21,6 @@ from app.api.accounts.schemas import (
     ReservationCreated,
     ReservationEnded,
     ReservationRequest,
-    ReservationState,
 )
 from app.api.body import StrictJson
 from app.api.problems import documented, from_refusal, problem
@@ -30,7 +28,7 @@ from app.api.ratelimit import Decision
 from app.api.security import scope_and_token
 from app.ledger import calls, limits
 from app.ledger.client import AsyncLedger
-from app.ledger.results import Outcome
+from app.ledger.results import Outcome, Reservation
 
 UserId = Annotated[str, Parameter(pattern=limits.NAME_PATTERN, description="opaque user id")]
 ReservationId = Annotated[int, Parameter(ge=1, le=2**63 - 1)]
@@ -40,6 +38,10 @@ IdempotencyKey = Annotated[str, Parameter(
 )]
 
 B = TypeVar("B")
+
+# Commit and release need no body: without one, every field takes its default.
+NO_BODY_COMMIT = CommitRequest()
+NO_BODY_RELEASE = ReleaseRequest()
 
 
 def _answer(outcome: Outcome, rate_limit: Decision, status_code: int, body: Callable[[Outcome], B]) -> Response[B]:
@@ -110,7 +112,7 @@ class AccountsController(Controller):
           responses=documented("forbidden", "not-found", "reservation-not-open", "amount-exceeds-reservation",
                                "idempotency-key-reused"))
     async def commit(self, ledger: AsyncLedger, rate_limit: Decision, user_id: UserId, reservation_id: ReservationId,
-                     idempotency_key: IdempotencyKey, data: CommitRequest) -> Response[ReservationEnded]:
+                     idempotency_key: IdempotencyKey, data: CommitRequest = NO_BODY_COMMIT) -> Response[ReservationEnded]:
         outcome = await ledger(calls.commit_reservation(user_id, idempotency_key, reservation_id, data.amount,
                                                         data.reason, data.metadata))
         return _answer(outcome, rate_limit, 200, lambda o: ReservationEnded.of(o, reservation_id, "committed"))
@@ -121,7 +123,7 @@ class AccountsController(Controller):
           responses=documented("forbidden", "not-found", "reservation-not-open", "idempotency-key-reused"))
     async def release(self, ledger: AsyncLedger, rate_limit: Decision, user_id: UserId,
                       reservation_id: ReservationId, idempotency_key: IdempotencyKey,
-                      data: ReleaseRequest) -> Response[ReservationEnded]:
+                      data: ReleaseRequest = NO_BODY_RELEASE) -> Response[ReservationEnded]:
         outcome = await ledger(calls.release_reservation(user_id, idempotency_key, reservation_id, data.reason,
                                                          data.metadata))
         return _answer(outcome, rate_limit, 200, lambda o: ReservationEnded.of(o, reservation_id, "released"))
@@ -129,11 +131,12 @@ class AccountsController(Controller):
     @get("/reservations/{reservation_id:int}", guards=[scope_and_token("points:read", "read")],
          summary="One reservation", responses=documented("forbidden", "not-found"))
     async def reservation(self, ledger: AsyncLedger, rate_limit: Decision, user_id: UserId,
-                          reservation_id: ReservationId) -> Response[ReservationState]:
+                          reservation_id: ReservationId) -> Response[Reservation]:
         found = await ledger(calls.reservation(user_id, reservation_id))
         if found is None:
             raise problem("not-found", "no such reservation for this user")
-        return Response(ReservationState(**asdict(found)), headers=rate_limit.headers())
+        # The ledger's own record is the answer: the HTTP view adds nothing to it.
+        return Response(found, headers=rate_limit.headers())
 
     @get("/balance", guards=[scope_and_token("points:read", "read")], summary="Available and reserved points",
          responses=documented("forbidden"))

@@ -21,40 +21,40 @@ Metadata = Annotated[dict[str, Any], Meta(
 TtlSeconds = Annotated[int, Meta(ge=1, le=limits.MAX_RESERVATION_TTL_SECONDS)]
 
 
-class ActionRef(Struct, forbid_unknown_fields=True):
+class ActionRef(Struct, forbid_unknown_fields=True, frozen=True):
     """A verified action: it earns points once per user, ever."""
 
     source: Annotated[str, Meta(pattern=limits.NAME_PATTERN)]
     external_id: Annotated[str, Meta(pattern=limits.TOKEN_PATTERN)]
 
 
-class CreditRequest(Struct, forbid_unknown_fields=True):
+class CreditRequest(Struct, forbid_unknown_fields=True, frozen=True):
     amount: Amount
     reason: Reason
     action: ActionRef | None = None
     metadata: Metadata = msgspec.field(default_factory=dict)
 
 
-class DebitRequest(Struct, forbid_unknown_fields=True):
+class DebitRequest(Struct, forbid_unknown_fields=True, frozen=True):
     amount: Amount
     reason: Reason
     metadata: Metadata = msgspec.field(default_factory=dict)
 
 
-class ReservationRequest(Struct, forbid_unknown_fields=True):
+class ReservationRequest(Struct, forbid_unknown_fields=True, frozen=True):
     amount: Amount
     ttl_seconds: TtlSeconds
     reason: Reason
     metadata: Metadata = msgspec.field(default_factory=dict)
 
 
-class CommitRequest(Struct, forbid_unknown_fields=True):
+class CommitRequest(Struct, forbid_unknown_fields=True, frozen=True):
     amount: Amount | None = None
     reason: Reason = "redemption"
     metadata: Metadata = msgspec.field(default_factory=dict)
 
 
-class ReleaseRequest(Struct, forbid_unknown_fields=True):
+class ReleaseRequest(Struct, forbid_unknown_fields=True, frozen=True):
     reason: Reason = "released"
     metadata: Metadata = msgspec.field(default_factory=dict)
 
@@ -111,19 +111,6 @@ class ReservationEnded(Struct):
     def of(cls, outcome: Outcome, reservation_id: int, status: str) -> ReservationEnded:
         return cls(reservation_id=reservation_id, user_id=outcome.user_id, status=status, amount=outcome.amount,
                    entry_id=outcome.entry_id, balance=Balance.of(outcome), created_at=outcome.created_at)
-
-
-class ReservationState(Struct):
-    reservation_id: int
-    user_id: str
-    amount: int
-    status: str
-    committed_amount: int | None
-    reason: str
-    metadata: dict[str, Any]
-    created_at: datetime
-    expires_at: datetime
-    ended_at: datetime | None
 
 
 class AccountBalance(Struct):
