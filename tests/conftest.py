@@ -1,23 +1,24 @@
-"""Tests run against the project's real PostgreSQL cluster (`rewards db up`).
-
-Each test gets its own database, cloned from a template that is migrated once per
-session (pytest-postgresql's noproc factory), so tests never see each other's rows.
+"""Tests run against the project's real PostgreSQL cluster (`rewards db up`), on
+the topology it has: a single node, or a Citus coordinator with workers (the
+second pass of `make test`). Each test gets its own database, cloned on every
+node from a template migrated once per session (tests/databases.py), so tests
+never see each other's rows.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
-from pytest_postgresql import factories
 
-from app.operations import cluster, migrate
+from app.operations import cluster
 from app.settings import load
+from tests.databases import Topology
 
 SETTINGS = load()
-TEST_DATABASE = "rewards_test"
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -29,24 +30,33 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )
 
 
-def _migrate_template(host: str, port: int, user: str, dbname: str, **_: object) -> None:
-    migrate.upgrade(f"host={host} port={port} user={user} dbname={dbname}")
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"topology: {Topology.of(SETTINGS).name} (PostgreSQL on port {SETTINGS.pg_port})"
 
 
-postgresql_noproc = factories.postgresql_noproc(
-    host=str(SETTINGS.socket_dir),
-    port=SETTINGS.pg_port,
-    user=SETTINGS.pg_superuser,
-    dbname=TEST_DATABASE,
-    load=[_migrate_template],
-)
-postgresql = factories.postgresql("postgresql_noproc")
+@pytest.fixture(scope="session")
+def topology() -> Iterator[Topology]:
+    """The cluster's nodes, with the migrated template built on them."""
+    topology = Topology.of(SETTINGS)
+    topology.build_template()
+    yield topology
 
 
 @pytest.fixture
-def dsn(postgresql: psycopg.Connection) -> str:
+def database(topology: Topology) -> Iterator[str]:
+    """The name of this test's own database, on every node."""
+    name = f"rewards_test_{uuid.uuid4().hex[:12]}"
+    topology.clone(name)
+    try:
+        yield name
+    finally:
+        topology.drop(name)
+
+
+@pytest.fixture
+def dsn(database: str) -> str:
     """Superuser conninfo of this test's database, for extra connections."""
-    return SETTINGS.superuser_conninfo(postgresql.info.dbname)
+    return SETTINGS.superuser_conninfo(database)
 
 
 @pytest.fixture
@@ -57,8 +67,8 @@ def db(dsn: str) -> Iterator[psycopg.Connection]:
 
 
 @pytest.fixture
-def api_db(postgresql: psycopg.Connection) -> Iterator[psycopg.Connection]:
+def api_db(database: str) -> Iterator[psycopg.Connection]:
     """The API's role, over TCP with its password, as the service connects."""
-    conninfo = SETTINGS.api_conninfo(postgresql.info.dbname)
+    conninfo = SETTINGS.api_conninfo(database)
     with psycopg.connect(conninfo, autocommit=True, row_factory=dict_row) as conn:
         yield conn

@@ -63,8 +63,8 @@ def test_migrated_schema_equals_the_fresh_schema():
     assert migrated_dump == fresh_dump
 
 
-def test_upgrading_twice_is_a_no_op(postgresql):
-    dbname = postgresql.info.dbname
+def test_upgrading_twice_is_a_no_op(database):
+    dbname = database
     before = _schema_dump(dbname)
     migrate.upgrade(SETTINGS.superuser_conninfo(dbname))
     assert _schema_dump(dbname) == before

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 import httpx
 import psycopg
 import pytest
-from psycopg import sql
 from psycopg.rows import dict_row
 
 from app.ledger import keys
 from app.ledger.client import Ledger
-from app.operations import migrate, processes
+from app.operations import processes
 from app.settings import Settings
 from tests.conftest import SETTINGS
+from tests.databases import Topology
 
 DATABASE = "rewards_api_test"
 
@@ -54,16 +54,14 @@ def _env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def api() -> Iterator[Api]:
+def api(topology: Topology) -> Iterator[Api]:
     redis_port, api_port = processes.free_port(), processes.free_port()
     settings = dataclasses.replace(
         SETTINGS, database=DATABASE, api_port=api_port,
         redis_url=f"redis://127.0.0.1:{redis_port}/0", redis_prefix=f"test-{uuid.uuid4().hex[:8]}",
     )
-    with psycopg.connect(SETTINGS.superuser_conninfo("postgres"), autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DATABASE)))
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
-    migrate.upgrade(settings.superuser_conninfo())
+    topology.drop(DATABASE)
+    topology.clone(DATABASE)
     with Ledger.connect(settings.superuser_conninfo()) as ledger:
         made = {
             "all": keys.create(ledger, "all", ["points:earn", "points:redeem", "points:read"]),
@@ -79,6 +77,7 @@ def api() -> Iterator[Api]:
     finally:
         processes.api_down(settings)
         processes.redis_down(settings)
+        topology.drop(DATABASE)
 
 
 @pytest.fixture(scope="session")

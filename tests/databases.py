@@ -1,0 +1,92 @@
+"""The databases the tests run in, on either topology the suite runs on.
+
+Single node: the project's cluster. Citus: the same cluster as coordinator with
+the workers registered in its service database (`make test` runs the suite a
+second time on such a cluster: see ops/test-citus.sh). Either way a migrated
+template is built once per session and each test gets its own copy, cloned on
+every node under the same name: Citus reaches a database on the workers by
+the coordinator's database name, and the shards, their metadata and the
+sequences come along in the copy, so each test sees a cluster of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from pytest_postgresql.janitor import DatabaseJanitor
+
+from app.operations import migrate
+from app.settings import Settings
+
+TEMPLATE = "rewards_test_template"
+
+
+@dataclass(frozen=True)
+class Node:
+    host: str
+    port: int
+
+    def conninfo(self, settings: Settings, dbname: str) -> str:
+        return f"host={self.host} port={self.port} user={settings.pg_superuser} dbname={dbname}"
+
+
+@dataclass(frozen=True)
+class Topology:
+    settings: Settings
+    coordinator: Node
+    workers: tuple[Node, ...]
+
+    @property
+    def citus(self) -> bool:
+        return bool(self.workers)
+
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        return (self.coordinator, *self.workers)
+
+    @property
+    def name(self) -> str:
+        return f"citus, coordinator + {len(self.workers)} workers" if self.citus else "single node"
+
+    @classmethod
+    def of(cls, settings: Settings) -> Topology:
+        """The workers registered in the service database, if it has Citus."""
+        coordinator = Node(str(settings.pg_host or settings.socket_dir), settings.pg_port)
+        with psycopg.connect(settings.superuser_conninfo()) as conn:
+            has_citus = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'citus'").fetchone()
+            rows = conn.execute(
+                "SELECT nodename, nodeport FROM pg_dist_node WHERE groupid <> 0 AND noderole = 'primary'"
+                " ORDER BY nodeid").fetchall() if has_citus else []
+        return cls(settings, coordinator, tuple(Node(host, port) for host, port in rows))
+
+    def _janitors(self, name: str, template: str | None = None) -> list[DatabaseJanitor]:
+        return [DatabaseJanitor(user=self.settings.pg_superuser, host=node.host, port=node.port,
+                                dbname=name, template_dbname=template) for node in self.nodes]
+
+    def build_template(self) -> None:
+        """A migrated database (distributed, under Citus) to clone tests from."""
+        self.drop(TEMPLATE)
+        for janitor in self._janitors(TEMPLATE):
+            janitor.init()
+        if self.citus:
+            for node in self.nodes:
+                with psycopg.connect(node.conninfo(self.settings, TEMPLATE), autocommit=True) as conn:
+                    conn.execute("CREATE EXTENSION citus")
+            with psycopg.connect(self.coordinator.conninfo(self.settings, TEMPLATE), autocommit=True) as conn:
+                conn.execute("SELECT citus_set_coordinator_host(%s, %s)",
+                             (self.coordinator.host, self.coordinator.port))
+                for worker in self.workers:
+                    conn.execute("SELECT citus_add_node(%s, %s)", (worker.host, worker.port))
+        migrate.upgrade(self.coordinator.conninfo(self.settings, TEMPLATE))
+
+    def clone(self, name: str) -> None:
+        """A copy of the template under `name` on every node. (The janitor first
+        ends every session in the template, Citus' maintenance daemon among them,
+        which starts again only when someone uses Citus there.)"""
+        for janitor in self._janitors(name, template=TEMPLATE):
+            janitor.init()
+
+    def drop(self, name: str) -> None:
+        for janitor in self._janitors(name):
+            janitor.drop()
