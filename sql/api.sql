@@ -71,6 +71,7 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    v_scopes text[];
     v_key api.key_info;
 BEGIN
     IF p_name IS NULL OR length(p_name) NOT BETWEEN 1 AND 100 THEN
@@ -82,8 +83,10 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', COLUMN = 'scopes',
             MESSAGE = 'invalid scopes: choose from points:earn, points:redeem, points:read, admin';
     END IF;
+    -- Computed first: Citus refuses a subquery inside an INSERT's VALUES.
+    SELECT array_agg(DISTINCT s ORDER BY s) INTO v_scopes FROM unnest(p_scopes) AS s;
     INSERT INTO api.keys (name, secret_hash, scopes)
-    VALUES (p_name, p_secret_hash, (SELECT array_agg(DISTINCT s ORDER BY s) FROM unnest(p_scopes) AS s))
+    VALUES (p_name, p_secret_hash, v_scopes)
     RETURNING key_id, name, scopes, created_at, revoked_at INTO v_key;
     RETURN v_key;
 END;
@@ -97,9 +100,12 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    -- A value, not now() inside the COALESCE: Citus refuses non-IMMUTABLE
+    -- functions in CASE or COALESCE of a statement it modifies a table with.
+    v_now constant timestamptz := now();
     v_key api.key_info;
 BEGIN
-    UPDATE api.keys SET revoked_at = coalesce(revoked_at, now())
+    UPDATE api.keys SET revoked_at = coalesce(revoked_at, v_now)
     WHERE key_id = p_key_id
     RETURNING key_id, name, scopes, created_at, revoked_at INTO v_key;
     RETURN v_key;

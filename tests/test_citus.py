@@ -1,23 +1,40 @@
 """The same migrations on Citus: tables distributed by user_id and colocated,
-settings a reference table, the functions distributed by their user argument."""
+settings a reference table, the functions distributed by their user argument;
+and what else must work there: API keys, the audit stream (one slot per node,
+with change data capture), reconciliation, repair and backfill, expiry.
+
+Single node (`citus_db`: the project's cluster as a coordinator holding its
+shards) and coordinator + worker (`two_node_db`: a second cluster of this
+module's own as the only worker), each where its bug shows."""
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from app.operations import cluster, migrate
+from app.ledger import calls, keys
+from app.ledger.client import Ledger
+from app.operations import cluster, migrate, processes
+from app.settings import Settings
 from tests.conftest import SETTINGS
 from tests.ledger import balance, commit, credit, debit, reserve, unreconciled_accounts
 
 pytestmark = pytest.mark.citus
+
+# What a node needs for the audit stream under Citus, the line every node's
+# machine conf needs where citus is preloaded: at start, citus then
+# puts its wrapped decoders first on dynamic_library_path, so a slot made with
+# 'wal2json' names the distributed table (ledger.entries), not its shards.
+CDC_CONF = "citus.enable_change_data_capture = on\n"
 
 
 def _citus_missing_reason() -> str | None:
@@ -29,6 +46,39 @@ def _citus_missing_reason() -> str | None:
     if "citus" not in preload:
         return "citus is installed but not preloaded (REWARDS_CITUS=off?): restart with `make stop run`"
     return None
+
+
+def _own_node(name: str, extra_conf: str = "") -> Settings:
+    """A cluster of this module's own: a free port and a data folder nobody else
+    uses (`make run` starts its workers on the ports after the coordinator's)."""
+    data_dir = Path(tempfile.mkdtemp(prefix=f"test-{name}-", dir=SETTINGS.data_dir))
+    node = dataclasses.replace(SETTINGS, data_dir=data_dir, pg_port=processes.free_port(), pg_host=None)
+    cluster.start_node(node)
+    if extra_conf:
+        # Read at start like the machine's own conf.d file: restart to apply.
+        (node.pg_data / "conf.d" / "30-test.conf").write_text(extra_conf)
+        cluster.down(node)
+        cluster.start_node(node)
+    return node
+
+
+def _remove_node(node: Settings) -> None:
+    cluster.down(node)
+    shutil.rmtree(node.data_dir, ignore_errors=True)
+
+
+def _create_citus_database(nodes: tuple[Settings, ...], name: str) -> None:
+    for node in nodes:
+        with psycopg.connect(node.superuser_conninfo("postgres"), autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        with psycopg.connect(node.superuser_conninfo(name), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION citus")
+
+
+def _drop_database(nodes: tuple[Settings, ...], name: str) -> None:
+    for node in reversed(nodes):
+        with psycopg.connect(node.superuser_conninfo("postgres"), autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture(scope="module")
@@ -96,38 +146,56 @@ def test_the_ledger_works_on_citus(cdb):
     assert unreconciled_accounts(cdb) == []
 
 
+def _keys_work(conninfo: str) -> None:
+    """Make, list, use and revoke a key, as `rewards keys` and the API do."""
+    with Ledger.connect(conninfo) as ledger:
+        key, secret = keys.create(ledger, "citus", ["points:read", "admin", "points:read"])
+        assert key.scopes == ["admin", "points:read"]  # sorted, each once
+        assert key.key_id in [k.key_id for k in ledger(calls.list_keys())]
+        assert ledger(calls.authenticate(keys.secret_hash(secret))).key_id == key.key_id
+        revoked = ledger(calls.revoke_key(key.key_id))
+        assert revoked.revoked_at is not None
+        assert ledger(calls.revoke_key(key.key_id)).revoked_at == revoked.revoked_at  # once
+        assert ledger(calls.authenticate(keys.secret_hash(secret))) is None
+
+
+def test_api_keys_are_made_and_revoked_on_citus(citus_db):
+    # api.keys is a reference table: a subquery in the INSERT's VALUES and
+    # now() inside a COALESCE were both refused there.
+    _keys_work(SETTINGS.superuser_conninfo(citus_db))
+
+
 # --- a coordinator and a worker: every shard on the worker -------------------
 
 @pytest.fixture(scope="module")
-def two_node_db() -> Iterator[str]:
-    """A database on the project's cluster as coordinator, with a second cluster
-    (under the data folder, next port) as its only worker."""
+def worker() -> Iterator[Settings]:
+    """The worker: a cluster of its own, configured like every node `rewards db
+    up` makes (citus preloaded), and with change data capture on."""
     reason = _citus_missing_reason()
     if reason:
         pytest.skip(reason)
-    worker = dataclasses.replace(SETTINGS, data_dir=SETTINGS.data_dir / "citus-worker",
-                                 pg_port=SETTINGS.pg_port + 1)
-    cluster.start_node(worker)
+    node = _own_node("citus-worker", CDC_CONF)
+    try:
+        yield node
+    finally:
+        _remove_node(node)  # a new worker each run, as on a fresh machine
+
+
+@pytest.fixture(scope="module")
+def two_node_db(worker: Settings) -> Iterator[str]:
+    """A database on the project's cluster as coordinator (no shards), with the
+    module's worker as its only worker (every shard)."""
     name = f"rewards_2node_{uuid.uuid4().hex[:10]}"
     nodes = (SETTINGS, worker)
     try:
-        for node in nodes:
-            with psycopg.connect(node.superuser_conninfo("postgres"), autocommit=True) as admin:
-                admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            with psycopg.connect(node.superuser_conninfo(name), autocommit=True) as conn:
-                conn.execute("CREATE EXTENSION citus")
+        _create_citus_database(nodes, name)
         with psycopg.connect(SETTINGS.superuser_conninfo(name), autocommit=True) as conn:
             conn.execute("SELECT citus_set_coordinator_host(%s, %s)", (str(SETTINGS.socket_dir), SETTINGS.pg_port))
             conn.execute("SELECT citus_add_node(%s, %s)", (str(worker.socket_dir), worker.pg_port))
         migrate.upgrade(SETTINGS.superuser_conninfo(name))
         yield name
     finally:
-        for node in reversed(nodes):
-            with psycopg.connect(node.superuser_conninfo("postgres"), autocommit=True) as admin:
-                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        cluster.down(worker)
-        # A new worker each run, as on a fresh machine.
-        shutil.rmtree(worker.data_dir)
+        _drop_database(nodes, name)
 
 
 @pytest.fixture
@@ -150,12 +218,12 @@ def _remote_commands(conn: psycopg.Connection, call) -> list[str]:
     return [message for message in seen if message.startswith("issuing")]
 
 
-def test_every_shard_is_on_the_worker(coordinator):
+def test_every_shard_is_on_the_worker(coordinator, worker):
     ports = coordinator.execute(
         "SELECT DISTINCT nodeport FROM citus_shards WHERE table_name::text LIKE 'ledger.%'"
         " AND citus_table_type = 'distributed'"
     ).fetchall()
-    assert ports == [{"nodeport": SETTINGS.pg_port + 1}]
+    assert ports == [{"nodeport": worker.pg_port}]
 
 
 def test_a_credit_runs_wholly_on_the_worker_as_one_call(coordinator):
@@ -206,8 +274,8 @@ def test_rewards_citus_on_makes_a_distributed_single_node():
     with psycopg.connect(SETTINGS.superuser_conninfo("postgres")) as conn:
         if not conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'citus'").fetchone():
             pytest.skip("the citus extension is not installed in this PostgreSQL (it is in no package registry here)")
-    node = dataclasses.replace(SETTINGS, data_dir=SETTINGS.data_dir / "citus-on", pg_port=SETTINGS.pg_port + 2,
-                               citus="on")
+    data_dir = Path(tempfile.mkdtemp(prefix="test-citus-on-", dir=SETTINGS.data_dir))
+    node = dataclasses.replace(SETTINGS, data_dir=data_dir, pg_port=processes.free_port(), pg_host=None, citus="on")
     try:
         cluster.up(node)
         cluster.up(node)  # safe to repeat
