@@ -21,12 +21,13 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from app.audit import reconcile
 from app.ledger import calls, keys
 from app.ledger.client import Ledger
 from app.operations import cluster, migrate, processes
 from app.settings import Settings
 from tests.conftest import SETTINGS
-from tests.ledger import balance, commit, credit, debit, reserve, unreconciled_accounts
+from tests.ledger import balance, commit, credit, debit, entries, reserve, tamper, unreconciled_accounts
 
 pytestmark = pytest.mark.citus
 
@@ -163,6 +164,49 @@ def test_api_keys_are_made_and_revoked_on_citus(citus_db):
     # api.keys is a reference table: a subquery in the INSERT's VALUES and
     # now() inside a COALESCE were both refused there.
     _keys_work(SETTINGS.superuser_conninfo(citus_db))
+
+
+def _history(conn: psycopg.Connection, user: str) -> list[dict]:
+    return conn.execute(
+        "SELECT user_id, entry_id, seq, kind, amount, available_delta, reserved_delta, available_after,"
+        " reserved_after, reservation_id, reason, action_source, action_external_id, metadata,"
+        " idempotency_key, created_at, prev_hash, hash FROM audit.entries WHERE user_id = %s ORDER BY seq",
+        (user,)).fetchall()
+
+
+def _reconciled(dbname: str, batch_size: int = 2, **options) -> reconcile.Report:
+    return reconcile.reconcile(SETTINGS.superuser_conninfo(dbname), batch_size=batch_size, **options)
+
+
+def test_reconcile_finds_and_repairs_on_citus(cdb, citus_db):
+    users = [f"r-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    for user in users:
+        credit(cdb, user, "c1", 100)
+        held = reserve(cdb, user, "r1", 30)
+        commit(cdb, user, "m1", held["reservation_id"], 20)
+    cdb.execute("SELECT audit.repair_history(NULL)")
+    ours = lambda report: [f for f in report.findings if f["user_id"] in users]  # noqa: E731
+    assert ours(_reconciled(citus_db)) == []
+
+    gone = entries(cdb, users[1])[1]
+    cdb.execute("DELETE FROM audit.entries WHERE entry_id = %s", (gone["entry_id"],))
+    cdb.execute("UPDATE ledger.accounts SET available = available + 7 WHERE user_id = %s", (users[2],))
+    tamper(cdb, "UPDATE ledger.entries SET reason = 'forged' WHERE user_id = %s AND seq = 2", (users[0],))
+    found = ours(_reconciled(citus_db))
+    assert sorted((f["user_id"], f["finding"]) for f in found) == sorted([
+        (users[0], "chain_broken"), (users[1], "entries_missing_from_history"),
+        (users[2], "balance_differs_from_entries")])
+    by_finding = {f["finding"]: f["detail"] for f in found}
+    assert by_finding["chain_broken"] == {"first_broken_entry_id": entries(cdb, users[0])[1]["entry_id"],
+                                          "first_broken_seq": 2}
+    assert by_finding["entries_missing_from_history"] == {"entry_ids": [gone["entry_id"]]}
+    balance_detail = by_finding["balance_differs_from_entries"]
+    assert balance_detail["account"]["available"] == balance_detail["entries"]["available"] + 7 == 87
+
+    repaired = _reconciled(citus_db, repair=True)
+    assert repaired.repaired[users[1]] == 1
+    assert (users[1], "entries_missing_from_history") not in [
+        (f["user_id"], f["finding"]) for f in ours(_reconciled(citus_db))]
 
 
 # --- a coordinator and a worker: every shard on the worker -------------------
