@@ -12,7 +12,7 @@ from dataclasses import asdict
 from app.ledger import calls, keys
 from app.ledger.client import Ledger
 from app.ledger.errors import InvalidArgument, LedgerError, translated
-from app.operations import cluster, migrate, processes
+from app.operations import citus, cluster, migrate, processes
 from app.settings import load
 
 
@@ -196,6 +196,74 @@ def _ledger_expire(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(count: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError  # unreachable
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'s' * (number != 1)}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _print_status(state: citus.Status) -> None:
+    if state.citus is None:
+        node = state.nodes[0]
+        print(f"single node (no citus extension in database {load().database}): {node.host}:{node.port}")
+    elif not state.nodes:
+        print(f"Citus {state.citus}, but no node is registered in pg_dist_node (not even the coordinator)")
+    else:
+        workers = sum(n.role == "worker" for n in state.nodes)
+        print(f"Citus {state.citus}: a coordinator and {_count(workers, 'worker') if workers else 'no workers'}")
+        width = max(len(f"{n.host}:{n.port}") for n in state.nodes)
+        print(f"  {'node':<{width}}  {'role':<11}  {'holds shards':<12}  {'active':<6}  {'shards':>6}  "
+              f"{'size':>9}  {'reference':>9}")
+        for n in state.nodes:
+            print(f"  {f'{n.host}:{n.port}':<{width}}  {n.role:<11}  {'yes' if n.shouldhaveshards else 'no':<12}  "
+                  f"{'yes' if n.active else 'NO':<6}  {n.shards:>6}  {_size(n.bytes):>9}  {n.reference_shards:>9}")
+        skew = state.skew
+        if skew.shards is None:
+            print(f"skew: - (a node among the {skew.nodes} that should hold shards holds none)")
+        else:
+            print(f"skew: {_ratio(skew.shards)} by shards, {_ratio(skew.bytes)} by size "
+                  f"(max/min over {_count(skew.nodes, 'node')})")
+    print("logical slots:")
+    width = max((len(f"{n.host}:{n.port}") for n in state.nodes), default=0)
+    for n in state.nodes:
+        where = f"{n.host}:{n.port}".ljust(width)
+        if n.error:
+            print(f"  {where}  did not answer: {n.error}")
+        for slot in n.slots:
+            lag = "-" if slot.lag_bytes is None else _size(slot.lag_bytes)
+            print(f"  {where}  {slot.slot} ({slot.plugin}, {slot.database}, "
+                  f"{'active' if slot.active else 'idle'})  confirmed {slot.confirmed_flush_lsn}  lag {lag}")
+        if not n.error and not n.slots:
+            print(f"  {where}  none")
+    if state.citus is not None:
+        print("write functions:")
+        for f in state.functions:
+            verdict = (f"delegated by {f.distribution_argument} (force_delegation)" if f.delegated
+                       else f"NOT delegated: {f.why_not()}")
+            print(f"  ledger.{f.name:<22} {verdict}")
+
+
+def _cluster_status(args: argparse.Namespace) -> int:
+    state = citus.status(load())
+    if args.json:
+        print(json.dumps(state.as_json(), indent=2))
+    else:
+        _print_status(state)
+    for problem in state.problems:
+        print(f"rewards: {problem}", file=sys.stderr)
+    return 1 if state.problems else 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewards", description="Rewards Ledger operations")
     groups = parser.add_subparsers(dest="group", required=True)
@@ -249,6 +317,14 @@ def _parser() -> argparse.ArgumentParser:
     migrate_cmd = db.add_parser("migrate", help="apply migrations up to a revision")
     migrate_cmd.add_argument("revision", nargs="?", default="head")
     migrate_cmd.set_defaults(func=_db_migrate)
+
+    # The DBA's commands on the Citus cluster; add-node, rebalance and drain join status here.
+    cluster_commands = groups.add_parser("cluster", help="the Citus cluster: its nodes, shards, slots").add_subparsers(
+        dest="command", required=True)
+    cluster_status = cluster_commands.add_parser(
+        "status", help="nodes, shards and size per node, skew, slots and lag, delegation; exit 1 on a problem")
+    cluster_status.add_argument("--json", action="store_true", help="the same as one JSON document")
+    cluster_status.set_defaults(func=_cluster_status)
 
     ledger = groups.add_parser("ledger", help="ledger checks").add_subparsers(dest="command", required=True)
     verify = ledger.add_parser("verify", help="verify one account's hash chain; exit 2 when broken")

@@ -57,6 +57,10 @@ class Settings:
     citus: str = setting(
         "REWARDS_CITUS", "auto", "`auto`: preload citus when installed; `on`: also create the extension in the "
         "service database so the migration distributes the tables; `off`: never")
+    citus_workers: int = setting(
+        "REWARDS_CITUS_WORKERS", "0", "with `REWARDS_CITUS=on`, local Citus workers started beside the coordinator, "
+        "each a cluster of its own in `$REWARDS_DATA_DIR/worker-<i>` on port `REWARDS_PG_PORT + i`; with any, the "
+        "coordinator holds no shards", int)
 
     # --- PgBouncer and Redis, beside the cluster -------------------------------
     bouncer_port: int = setting("REWARDS_BOUNCER_PORT", "64329", "PgBouncer's port on 127.0.0.1", int)

@@ -190,4 +190,59 @@ SELECT citus_set_coordinator_host(%(host)s, %(port)s);
 SELECT count(*) AS workers FROM pg_dist_node WHERE groupid <> 0 AND noderole = 'primary';
 
 -- name: citus_coordinator_holds_shards
-SELECT citus_set_node_property(%(host)s, %(port)s, 'shouldhaveshards', true);
+SELECT citus_set_node_property(%(host)s, %(port)s, 'shouldhaveshards', %(holds)s);
+
+-- name: citus_add_node
+-- Returns the node's id, the one it already has when it is registered.
+SELECT citus_add_node(%(host)s, %(port)s) AS nodeid;
+
+-- name: citus_version
+SELECT extversion AS version FROM pg_extension WHERE extname = 'citus';
+
+-- name: cluster_nodes
+-- Every node with the shards it holds: distributed tables' shards and bytes
+-- (what a rebalance moves), and reference tables' shards (one on every node).
+SELECT n.nodeid, n.nodename AS host, n.nodeport AS port,
+       CASE WHEN n.groupid = 0 THEN 'coordinator' ELSE 'worker' END AS role,
+       n.shouldhaveshards, n.isactive AS active,
+       coalesce(s.shards, 0)::int AS shards, coalesce(s.bytes, 0)::bigint AS bytes,
+       coalesce(s.reference_shards, 0)::int AS reference_shards
+FROM pg_dist_node n
+LEFT JOIN (
+    SELECT nodename, nodeport,
+           count(*) FILTER (WHERE citus_table_type = 'distributed') AS shards,
+           sum(shard_size) FILTER (WHERE citus_table_type = 'distributed') AS bytes,
+           count(*) FILTER (WHERE citus_table_type = 'reference') AS reference_shards
+    FROM citus_shards GROUP BY nodename, nodeport
+) s ON s.nodename = n.nodename AND s.nodeport = n.nodeport
+WHERE n.noderole = 'primary'
+ORDER BY n.groupid, n.nodeid;
+
+-- name: node_slots
+-- This node's logical slots and how far each is behind the node's WAL; run on
+-- the node itself, or on every node through cluster_slots.
+SELECT coalesce(json_agg(json_build_object(
+           'slot', slot_name, 'plugin', plugin, 'database', database, 'active', active,
+           'confirmed_flush_lsn', confirmed_flush_lsn::text,
+           'lag_bytes', pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint)
+       ORDER BY slot_name), '[]'::json) AS slots
+FROM pg_replication_slots WHERE slot_type = 'logical';
+
+-- name: cluster_slots
+-- A command (node_slots) on every active node, over Citus' own connections.
+SELECT nodeid, success, result FROM run_command_on_all_nodes(%(command)s);
+
+-- name: write_functions_distribution
+-- How each write function is distributed (pg_dist_object): by which argument,
+-- with force_delegation, colocated with the accounts. A row of NULLs for a
+-- function that does not exist.
+SELECT w.name, p.oid::regprocedure::text AS signature,
+       d.objid IS NOT NULL AS distributed,
+       p.proargnames[d.distribution_argument_index + 1] AS distribution_argument,
+       coalesce(d.force_delegation, false) AS force_delegation,
+       coalesce(d.colocationid = (SELECT colocationid FROM pg_dist_partition
+                                  WHERE logicalrelid = to_regclass('ledger.accounts')), false) AS colocated
+FROM unnest(%(names)s::text[]) WITH ORDINALITY AS w(name, position)
+LEFT JOIN pg_proc p ON p.pronamespace = to_regnamespace('ledger') AND p.proname = w.name
+LEFT JOIN pg_dist_object d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.objsubid = 0
+ORDER BY w.position, signature;

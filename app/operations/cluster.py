@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import psycopg
 
 from app.ledger import queries
-from app.operations import migrate
+from app.operations import citus, migrate
 from app.settings import PROJECT_ROOT, Settings
 
 PG_HBA = """\
@@ -60,8 +61,10 @@ def _grant_traverse(settings: Settings, folder: Path) -> None:
 
 
 def _citus_installed(settings: Settings) -> bool:
+    """The library and the extension's control file, where this PostgreSQL looks."""
     pkglibdir = _run([str(settings.pg_bin / "pg_config"), "--pkglibdir"]).stdout.strip()
-    return Path(pkglibdir, "citus.so").exists()
+    sharedir = _run([str(settings.pg_bin / "pg_config"), "--sharedir"]).stdout.strip()
+    return Path(pkglibdir, "citus.so").exists() and Path(sharedir, "extension", "citus.control").exists()
 
 
 def _knows_setting(settings: Settings, name: str) -> bool:
@@ -74,8 +77,35 @@ def use_citus(settings: Settings) -> bool:
         return False
     installed = _citus_installed(settings)
     if settings.citus == "on" and not installed:
-        raise SystemExit("REWARDS_CITUS=on but the citus extension is not installed in this PostgreSQL")
+        raise SystemExit(f"REWARDS_CITUS=on but the citus extension is not installed in the PostgreSQL of "
+                         f"{settings.pg_bin}: nothing was changed")
     return installed
+
+
+def check(settings: Settings) -> None:
+    """Refuse, before anything is created or started, a cluster that cannot be built."""
+    if settings.citus_workers < 0:
+        raise SystemExit(f"REWARDS_CITUS_WORKERS is a number of workers, not {settings.citus_workers}")
+    if settings.citus_workers and settings.citus != "on":
+        raise SystemExit(f"REWARDS_CITUS_WORKERS={settings.citus_workers} needs REWARDS_CITUS=on (it is "
+                         f"{settings.citus}): nothing was changed")
+    use_citus(settings)
+    for node in _nodes(settings):
+        if not is_running(node) and _port_taken(node.pg_port):
+            raise SystemExit(f"port {node.pg_port} (for {node.pg_data}) is taken by another program: nothing was "
+                             "changed")
+
+
+def _port_taken(port: int) -> bool:
+    """Something listens on the port (as PostgreSQL binds: connections of a server
+    just stopped, in TIME_WAIT, do not count)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 def _machine_conf(settings: Settings) -> str:
@@ -162,27 +192,21 @@ def wait_ready(settings: Settings, timeout: float = 60.0) -> None:
             time.sleep(0.2)
 
 
-def _prepare_citus(settings: Settings) -> None:
-    """The extension in the service database, with this node as coordinator; a
-    coordinator without workers holds the shards itself (a single-node cluster).
-    Workers are added later with citus_add_node and a rebalance."""
-    coordinator = {"host": str(settings.socket_dir), "port": settings.pg_port}
-    with psycopg.connect(settings.superuser_conninfo(), autocommit=True) as conn:
-        conn.execute(queries.CREATE_CITUS)
-        conn.execute(queries.CITUS_SET_COORDINATOR, coordinator)
-        if conn.execute(queries.CITUS_WORKER_COUNT).fetchone()[0] == 0:
-            conn.execute(queries.CITUS_COORDINATOR_HOLDS_SHARDS, coordinator)
+def _nodes(settings: Settings) -> list[Settings]:
+    """The coordinator (or the single node) first, then its local Citus workers."""
+    return [settings, *(citus.local_workers(settings) if settings.citus == "on" else [])]
 
 
-def _prepare_database(settings: Settings) -> None:
-    # CREATE DATABASE and ALTER ROLE take no bind parameters: the name and the
-    # password are quoted by psycopg.sql, the one place Python composes SQL.
+def _create_database(settings: Settings) -> None:
+    # CREATE DATABASE takes no bind parameters: the name is quoted by psycopg.sql,
+    # the one place Python composes SQL.
     with psycopg.connect(settings.superuser_conninfo("postgres"), autocommit=True) as conn:
         if not conn.execute(queries.DATABASE_EXISTS, {"name": settings.database}).fetchone():
             conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(settings.database)))
-    if settings.citus == "on":
-        _prepare_citus(settings)
-    migrate.upgrade(settings.superuser_conninfo())
+
+
+def _let_api_log_in(settings: Settings) -> None:
+    # ALTER ROLE takes no bind parameters either: the password is quoted by psycopg.sql.
     with psycopg.connect(settings.superuser_conninfo(), autocommit=True) as conn:
         conn.execute(
             psycopg.sql.SQL("ALTER ROLE rewards_api LOGIN PASSWORD {}").format(
@@ -202,11 +226,26 @@ def start_node(settings: Settings) -> None:
 
 
 def up(settings: Settings) -> None:
-    """Create (once), configure, start and migrate. Safe to run again."""
-    start_node(settings)
-    _prepare_database(settings)
+    """Create (once), configure, start and migrate; with REWARDS_CITUS=on, also its
+    local workers, each node with the service database and the extension, all
+    registered before the migration distributes. Safe to run again."""
+    check(settings)
+    nodes = _nodes(settings)
+    for node in nodes:
+        start_node(node)
+        _create_database(node)
+    if settings.citus == "on":
+        citus.prepare(settings, nodes[1:])
+    migrate.upgrade(settings.superuser_conninfo())
+    _let_api_log_in(settings)
+
+
+def _stop(settings: Settings) -> None:
+    if (settings.pg_data / "PG_VERSION").exists() and is_running(settings):
+        _run(as_owner(settings, settings.pg_bin / "pg_ctl", "stop", "-w", "-m", "fast", "-D", settings.pg_data))
 
 
 def down(settings: Settings) -> None:
-    if (settings.pg_data / "PG_VERSION").exists() and is_running(settings):
-        _run(as_owner(settings, settings.pg_bin / "pg_ctl", "stop", "-w", "-m", "fast", "-D", settings.pg_data))
+    """Stop the cluster and every local worker in its data folder."""
+    for node in (settings, *citus.local_workers(settings)):
+        _stop(node)
