@@ -93,6 +93,9 @@ class Settings:
                                      "per-user debits, reservations, commits, releases", Tier.parse)
     rate_api_key: Tier = setting("REWARDS_RATE_API_KEY", "5000/10000", "per API key, all requests", Tier.parse)
     rate_global: Tier = setting("REWARDS_RATE_GLOBAL", "20000/40000", "all requests together", Tier.parse)
+    rate_key_lookup: Tier = setting(
+        "REWARDS_RATE_KEY_LOOKUP", "20/40", "per client address: database lookups of API keys never seen valid "
+        "(made-up keys past it get 429 before the database)", Tier.parse)
 
     # --- The audit stream and notifications ------------------------------------
     audit_metrics_port: int = setting("REWARDS_AUDIT_METRICS_PORT", "9187",

@@ -149,6 +149,19 @@ class RateLimiter:
         return self._local.take(buckets)
 
 
+async def take_lookup_token(connection: ASGIConnection) -> None:
+    """Before a key this process does not know is looked up: a token from the
+    client address's bucket, or 429."""
+    limiter: RateLimiter = connection.app.state.rate_limiter
+    address = connection.client.host if connection.client else "unknown"
+    decision = await limiter.take(
+        [(f"{limiter.settings.redis_prefix}:rl:lookup:{address}", limiter.settings.rate_key_lookup)])
+    if not decision.allowed:
+        metrics.RATE_LIMITED.labels("key_lookup").inc()
+        raise problem("rate-limited", "too many lookups of unknown API keys from this address; retry after the "
+                      "given delay", headers=decision.headers())
+
+
 async def take_token(connection: ASGIConnection, kind: str) -> None:
     """Take a token from each of the request's buckets, or refuse with 429. `kind`
     is "earn", "redeem" or "read" (reads share only the key and global buckets).

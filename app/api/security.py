@@ -9,34 +9,57 @@ from litestar.handlers import BaseRouteHandler
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 
 from app.api.problems import problem
-from app.api.ratelimit import take_token
+from app.api.ratelimit import take_lookup_token, take_token
 from app.ledger import calls, keys
-from app.ledger.client import AsyncLedger
 from app.ledger.results import ApiKey
 
 
-class KeyCache:
-    """Looked-up keys, trusted for `ttl` seconds so most requests skip the lookup.
-    A revoked key therefore works for at most `ttl` more seconds."""
+class Miss:
+    """Not in the cache: ask the database."""
 
-    _MAX_ENTRIES = 10_000
+
+MISS = Miss()
+
+
+class KeyCache:
+    """Looked-up keys, trusted for `ttl` seconds so most requests skip the lookup
+    (a revoked key therefore works for at most `ttl` more seconds). Keys that
+    exist and keys that do not are kept apart, each bounded: a flood of made-up
+    keys can only push out other made-up keys, never a key in use."""
+
+    MAX_ENTRIES = 10_000
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
-        self._entries: dict[bytes, tuple[float, ApiKey | None]] = {}
+        self._known: dict[bytes, tuple[float, ApiKey]] = {}
+        self._unknown: dict[bytes, float] = {}
 
-    async def lookup(self, ledger: AsyncLedger, secret: str) -> ApiKey | None:
-        digest = keys.secret_hash(secret)
+    def get(self, digest: bytes) -> ApiKey | None | Miss:
+        """The key, None for one known not to exist, or MISS when it must be looked up."""
         now = time.monotonic()
-        cached = self._entries.get(digest)
-        if cached and cached[0] > now:
-            return cached[1]
-        found = await ledger(calls.authenticate(digest))
-        if self.ttl > 0:
-            if len(self._entries) >= self._MAX_ENTRIES:
-                self._entries.clear()
-            self._entries[digest] = (now + self.ttl, found)
-        return found
+        if (known := self._known.get(digest)) and known[0] > now:
+            return known[1]
+        if self._unknown.get(digest, 0.0) > now:
+            return None
+        return MISS
+
+    def was_known(self, digest: bytes) -> bool:
+        """Whether this key existed when last looked up (its entry may be stale)."""
+        return digest in self._known
+
+    def put(self, digest: bytes, key: ApiKey | None) -> None:
+        expires = time.monotonic() + self.ttl
+        if key is None:
+            self._known.pop(digest, None)  # revoked: it no longer refreshes without a token
+            _bounded(self._unknown)[digest] = expires
+        else:
+            _bounded(self._known)[digest] = (expires, key)
+
+
+def _bounded(entries: dict) -> dict:
+    if len(entries) >= KeyCache.MAX_ENTRIES:
+        entries.clear()
+    return entries
 
 
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
@@ -46,7 +69,16 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
             raise problem("unauthorized", "send Authorization: Bearer <API key>",
                           headers={"WWW-Authenticate": "Bearer"})
         state = connection.app.state
-        key = await state.key_cache.lookup(state.ledger, secret.strip())
+        digest = keys.secret_hash(secret.strip())
+        key = state.key_cache.get(digest)
+        if key is MISS:
+            # A lookup costs a pool slot and a round trip: each client address
+            # gets a bucket of them for keys never seen valid, so made-up keys
+            # are refused before the database while a known key always refreshes.
+            if not state.key_cache.was_known(digest):
+                await take_lookup_token(connection)
+            key = await state.ledger(calls.authenticate(digest))
+            state.key_cache.put(digest, key)
         if key is None:
             raise problem("unauthorized", "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
         return AuthenticationResult(user=key, auth=key.key_id)

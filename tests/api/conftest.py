@@ -45,7 +45,7 @@ RATES = {"REWARDS_RATE_USER_EARN": "50/60", "REWARDS_RATE_USER_REDEEM": "200/200
          "REWARDS_RATE_API_KEY": "100000/100000", "REWARDS_RATE_GLOBAL": "100000/100000"}
 
 
-def _env(settings: Settings, **extra: str) -> dict[str, str]:
+def api_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment of a test API process: the settings it must share with the
     fixture (database, port, Redis) and the test rates, plus `extra`."""
     return {"REWARDS_DATABASE": settings.database, "REWARDS_API_PORT": str(settings.api_port),
@@ -71,7 +71,7 @@ def api(topology: Topology) -> Iterator[Api]:
         }
     processes.bouncer_up(SETTINGS)
     processes.redis_up(settings)
-    processes.api_up(settings, env=_env(settings, REWARDS_AUTH_CACHE_SECONDS="1"), workers=1)
+    processes.api_up(settings, env=api_env(settings, REWARDS_AUTH_CACHE_SECONDS="1"), workers=1)
     try:
         yield Api(settings, f"http://127.0.0.1:{api_port}", {name: secret for name, (_, secret) in made.items()})
     finally:
@@ -85,7 +85,7 @@ def tiny_api(api: Api) -> Iterator[Api]:
     """The same database and keys behind an API that takes one request at a time."""
     port = processes.free_port()
     settings = dataclasses.replace(api.settings, api_port=port, max_in_flight=1, pool_max=1)
-    env = _env(settings, REWARDS_MAX_IN_FLIGHT="1", REWARDS_POOL_MIN="1", REWARDS_POOL_MAX="1")
+    env = api_env(settings, REWARDS_MAX_IN_FLIGHT="1", REWARDS_POOL_MIN="1", REWARDS_POOL_MAX="1")
     processes.api_up(settings, env=env, workers=1)
     try:
         yield dataclasses.replace(api, settings=settings, base_url=f"http://127.0.0.1:{port}")

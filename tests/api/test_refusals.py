@@ -1,5 +1,6 @@
 """Every refusal is RFC 9457 problem+json with a stable type, never a 500, never a write."""
 
+import dataclasses
 import time
 import uuid
 
@@ -8,7 +9,8 @@ import pytest
 
 from app.ledger import calls, keys
 from app.ledger.client import Ledger
-from tests.api.conftest import post
+from app.operations import processes
+from tests.api.conftest import api_env, post
 
 PROBLEM = "urn:rewards-ledger:problem:"
 
@@ -184,3 +186,32 @@ def test_deeply_nested_metadata_is_an_answer_never_a_500(api, user, depth):
     else:
         _problem(response, 400, "validation")
         assert _entry_count(api, user) == 0
+
+
+@pytest.fixture
+def lookup_limited_api(api):
+    """The same database behind an API with a small key-lookup bucket of its own."""
+    port = processes.free_port()
+    settings = dataclasses.replace(api.settings, api_port=port, redis_prefix=f"lookup-{uuid.uuid4().hex[:8]}")
+    processes.api_up(settings, env=api_env(settings, REWARDS_RATE_KEY_LOOKUP="5/10"), workers=1)
+    try:
+        yield dataclasses.replace(api, settings=settings, base_url=f"http://127.0.0.1:{port}")
+    finally:
+        processes.api_down(settings)
+
+
+def test_made_up_keys_are_refused_before_the_database_and_good_keys_still_work(lookup_limited_api, user):
+    api = lookup_limited_api
+    with api.client("read") as reader:
+        assert reader.get(f"/v1/accounts/{user}/balance").status_code == 200  # now known to this process
+        with httpx.Client(base_url=api.base_url) as attacker:
+            answers = [attacker.get(f"/v1/accounts/{user}/balance",
+                                    headers={"Authorization": f"Bearer rlk_made_up_{i}"}) for i in range(40)]
+        statuses = [a.status_code for a in answers]
+        assert set(statuses) == {401, 429} and statuses.count(401) <= 12, statuses
+        limited = answers[-1]
+        _problem(limited, 429, "rate-limited")
+        assert int(limited.headers["retry-after"]) >= 1
+        # The known key is not starved, even from the same address, even once its cache entry is stale.
+        time.sleep(1.2)
+        assert reader.get(f"/v1/accounts/{user}/balance").status_code == 200
