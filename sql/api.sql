@@ -64,10 +64,14 @@ BEGIN
 END;
 $$;
 
+-- The key administration below is the superuser's (`rewards keys`), run with
+-- its own rights (SECURITY INVOKER, and EXECUTE for nobody else): under Citus a
+-- write of the reference table api.keys reaches every node over connections
+-- opened as the current user, which for a SECURITY DEFINER function would be
+-- rewards_owner, a role that cannot log in (see sql/README.md, "Citus").
 CREATE FUNCTION api.create_key(p_name text, p_secret_hash bytea, p_scopes text[])
 RETURNS api.key_info
 LANGUAGE plpgsql
-SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -96,7 +100,6 @@ $$;
 CREATE FUNCTION api.revoke_key(p_key_id bigint)
 RETURNS api.key_info
 LANGUAGE plpgsql
-SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -116,7 +119,6 @@ CREATE FUNCTION api.list_keys()
 RETURNS SETOF api.key_info
 LANGUAGE sql
 STABLE
-SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT key_id, name, scopes, created_at, revoked_at FROM api.keys ORDER BY key_id;

@@ -174,11 +174,17 @@ $$;
 -- Citus runs first as subplans), and only those results meet the history,
 -- which is a plain table on the coordinator (Citus refuses a direct join of a
 -- distributed table with a local one).
+--
+-- This function and the two after it run with their caller's rights (SECURITY
+-- INVOKER): on a Citus cluster their queries of ledger.* open connections to
+-- the workers as the current user, which for SECURITY DEFINER would be
+-- rewards_owner, a role that cannot log in. Their callers are the superuser
+-- (`rewards reconcile`) and the consumer's rewards_audit_writer (the backfill),
+-- granted below exactly what that needs.
 CREATE FUNCTION audit.reconcile(p_user_ids text[])
 RETURNS TABLE (user_id text, finding text, detail jsonb)
 LANGUAGE plpgsql
 STABLE
-SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -277,7 +283,6 @@ $$;
 CREATE FUNCTION audit.repair_history(p_user_id text)
 RETURNS bigint
 LANGUAGE plpgsql
-SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -303,7 +308,6 @@ $$;
 CREATE FUNCTION audit.backfill()
 RETURNS bigint
 LANGUAGE plpgsql
-SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -347,7 +351,12 @@ GRANT EXECUTE ON FUNCTION audit.verify_chain(text) TO rewards_auditor;
 GRANT INSERT ON audit.entries, audit.reservation_events, audit.notifications TO rewards_audit_writer;
 GRANT USAGE ON SEQUENCE audit.notifications_notification_id_seq TO rewards_audit_writer;
 GRANT SELECT, INSERT, UPDATE ON audit.stream_progress TO rewards_audit_writer;
-GRANT EXECUTE ON FUNCTION audit.backfill() TO rewards_audit_writer;
+-- The backfill runs with the consumer's rights: it reads the ledger's entries
+-- and reservations (which the consumer's slot carries anyway) and copies them
+-- through audit.repair_history.
+GRANT EXECUTE ON FUNCTION audit.backfill(), audit.repair_history(text) TO rewards_audit_writer;
+GRANT USAGE ON SCHEMA ledger TO rewards_audit_writer;
+GRANT SELECT ON ledger.entries, ledger.reservations TO rewards_audit_writer;
 GRANT SELECT, UPDATE ON audit.notifications TO rewards_notifier;
 
 -- ===========================================================================

@@ -22,8 +22,8 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from app.audit import reconcile
-from app.ledger import calls, keys
-from app.ledger.client import Ledger
+from app.ledger import calls, keys, queries
+from app.ledger.client import Call, Ledger
 from app.operations import cluster, migrate, processes
 from app.settings import Settings
 from tests.conftest import SETTINGS
@@ -311,6 +311,36 @@ def test_the_ledger_holds_its_guarantees_across_nodes(coordinator, two_node_db):
     assert commit(coordinator, user, "m1", held["reservation_id"])["status"] == "ok"
     assert coordinator.execute("SELECT ok FROM ledger.verify_chain(%s)", (user,)).fetchone()["ok"] is True
     assert unreconciled_accounts(coordinator) == []
+
+
+def test_what_runs_on_the_coordinator_reaches_the_worker_as_its_caller(coordinator, two_node_db):
+    """Key administration, backfill, reconcile and repair run on the coordinator
+    and touch tables on the worker: Citus connects there as the current user,
+    which must be a role that can log in (never the owner, rewards_owner)."""
+    _keys_work(SETTINGS.superuser_conninfo(two_node_db))
+    users = [f"w-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    for user in users:
+        credit(coordinator, user, "c1", 50)
+        held = reserve(coordinator, user, "r1", 20)
+        commit(coordinator, user, "m1", held["reservation_id"], 5)
+    with Ledger.connect(SETTINGS.local_conninfo("rewards_audit_writer", two_node_db)) as writer:
+        writer(Call(queries.AUDIT_BACKFILL))  # as the consumer runs it
+    for user in users:
+        assert _history(coordinator, user) == entries(coordinator, user)
+    statuses = coordinator.execute(
+        "SELECT status FROM audit.reservation_events WHERE user_id = %s ORDER BY event_at", (users[0],)).fetchall()
+    assert [row["status"] for row in statuses] == ["open", "committed"]
+    ours = lambda report: [f for f in report.findings if f["user_id"] in users]  # noqa: E731
+    assert ours(_reconciled(two_node_db)) == []
+
+    gone = entries(coordinator, users[2])[0]
+    coordinator.execute("DELETE FROM audit.entries WHERE entry_id = %s", (gone["entry_id"],))
+    report = _reconciled(two_node_db, repair=True)
+    assert [(f["user_id"], f["finding"], f["detail"]) for f in ours(report)] == [
+        (users[2], "entries_missing_from_history", {"entry_ids": [gone["entry_id"]]})]
+    assert report.repaired[users[2]] == 1
+    assert ours(_reconciled(two_node_db)) == []
+    assert _history(coordinator, users[2]) == entries(coordinator, users[2])
 
 
 def test_rewards_citus_on_makes_a_distributed_single_node():
