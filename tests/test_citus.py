@@ -10,6 +10,7 @@ module's own as the only worker), each where its bug shows."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import tempfile
 import uuid
@@ -22,6 +23,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from app.audit import reconcile
+from app.audit.stream import Stream, UnknownChange
 from app.ledger import calls, keys, queries
 from app.ledger.client import Call, Ledger
 from app.operations import cluster, migrate, processes
@@ -175,7 +177,11 @@ def _history(conn: psycopg.Connection, user: str) -> list[dict]:
 
 
 def _reconciled(dbname: str, batch_size: int = 2, **options) -> reconcile.Report:
-    return reconcile.reconcile(SETTINGS.superuser_conninfo(dbname), batch_size=batch_size, **options)
+    return _reconciled_at(SETTINGS, dbname, batch_size, **options)
+
+
+def _reconciled_at(node: Settings, dbname: str, batch_size: int = 2, **options) -> reconcile.Report:
+    return reconcile.reconcile(node.superuser_conninfo(dbname), batch_size=batch_size, **options)
 
 
 def test_reconcile_finds_and_repairs_on_citus(cdb, citus_db):
@@ -207,6 +213,106 @@ def test_reconcile_finds_and_repairs_on_citus(cdb, citus_db):
     assert repaired.repaired[users[1]] == 1
     assert (users[1], "entries_missing_from_history") not in [
         (f["user_id"], f["finding"]) for f in ours(_reconciled(citus_db))]
+
+
+# --- the audit stream ----------------------------------------------------------
+
+def _drain(stream: Stream) -> None:
+    while stream.poll():
+        pass
+
+
+def _confirmed_lsn(conn: psycopg.Connection, slot: str) -> str:
+    return conn.execute("SELECT confirmed_flush_lsn::text AS lsn FROM pg_replication_slots WHERE slot_name = %s",
+                        (slot,)).fetchone()["lsn"]
+
+
+@pytest.fixture(scope="module")
+def cdc_db() -> Iterator[tuple[Settings, str]]:
+    """A single-node Citus database (the coordinator holds its shards) on a
+    cluster of its own that has change data capture on, as every node needs."""
+    reason = _citus_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    node = _own_node("citus-cdc", CDC_CONF)
+    name = "rewards_cdc"
+    try:
+        _create_citus_database((node,), name)
+        with psycopg.connect(node.superuser_conninfo(name), autocommit=True) as conn:
+            here = (str(node.socket_dir), node.pg_port)
+            conn.execute("SELECT citus_set_coordinator_host(%s, %s)", here)
+            conn.execute("SELECT citus_set_node_property(%s, %s, 'shouldhaveshards', true)", here)
+        migrate.upgrade(node.superuser_conninfo(name))
+        yield node, name
+    finally:
+        _remove_node(node)
+
+
+def test_with_change_data_capture_each_entry_reaches_the_history_once(cdc_db, monkeypatch):
+    node, name = cdc_db
+    with psycopg.connect(node.superuser_conninfo(name), autocommit=True, row_factory=dict_row) as conn:
+        # What the setting does at start: citus' wrapped decoders come first.
+        assert conn.execute("SHOW dynamic_library_path").fetchone()["dynamic_library_path"] == (
+            "$libdir/citus_decoders:$libdir")
+        writer = node.local_conninfo("rewards_audit_writer", name)  # as `rewards audit run` connects
+        stream = Stream(writer, writer, slot="audit_cdc")
+        stream.ensure_slot()
+        try:
+            users = [f"cdc-{i}" for i in range(3)]
+            for user in users:
+                credit(conn, user, "c1", 100)
+            held = reserve(conn, users[0], "r1", 40)
+            commit(conn, users[0], "m1", held["reservation_id"], 30)
+
+            # Killed between the history's commit and the slot's confirmation:
+            # the batch comes again and lands once.
+            monkeypatch.setattr(stream, "confirm", lambda lsn: (_ for _ in ()).throw(KeyboardInterrupt()))
+            with pytest.raises(KeyboardInterrupt):
+                stream.poll()
+            monkeypatch.undo()
+            _drain(stream)
+            assert stream.poll() == 0
+
+            for user in users:
+                assert _history(conn, user) == entries(conn, user)  # each entry once, as in the ledger
+            assert conn.execute("SELECT count(*) AS n FROM audit.entries").fetchone()["n"] == 5
+            statuses = conn.execute("SELECT status FROM audit.reservation_events ORDER BY event_at").fetchall()
+            assert [row["status"] for row in statuses] == ["open", "committed"]
+            kinds = conn.execute("SELECT kind FROM audit.notifications ORDER BY entry_id").fetchall()
+            assert sorted(row["kind"] for row in kinds) == ["commit", "credit", "credit", "credit"]
+            assert stream.lag()["lag_seconds"] == 0.0
+            assert [f for f in _reconciled_at(node, name).findings] == []
+        finally:
+            stream.drop_slot()
+            stream.close()
+
+
+def test_without_change_data_capture_shard_names_are_refused_and_nothing_is_confirmed(cdb, citus_db):
+    superuser = SETTINGS.superuser_conninfo(citus_db)
+    stream = Stream(superuser, SETTINGS.local_conninfo("rewards_audit_writer", citus_db), slot="audit_no_cdc")
+    stream.ensure_slot()
+    try:
+        source, _ = stream._connections()
+        # What a node without citus.enable_change_data_capture decodes with,
+        # whatever this cluster has: wal2json itself, which names the shards.
+        source.conn.execute("SET dynamic_library_path = '$libdir'")
+        user = f"nocdc-{uuid.uuid4().hex[:8]}"
+        credit(cdb, user, "c1", 10)
+        confirmed = _confirmed_lsn(cdb, stream.slot)
+        with pytest.raises(UnknownChange) as refused:
+            stream.poll()
+        assert re.fullmatch(r"(accounts|entries|idempotency_keys)_\d+", refused.value.table)
+        assert "citus.enable_change_data_capture = on" in str(refused.value)
+        assert _history(cdb, user) == []
+        assert _confirmed_lsn(cdb, stream.slot) == confirmed  # the slot kept the changes
+
+        # Decoded by citus' wrapper, the same slot delivers them all.
+        source.conn.execute("SET dynamic_library_path = '$libdir/citus_decoders:$libdir'")
+        _drain(stream)
+        assert _history(cdb, user) == entries(cdb, user) != []
+    finally:
+        stream.drop_slot()
+        stream.close()
 
 
 # --- a coordinator and a worker: every shard on the worker -------------------
@@ -341,6 +447,30 @@ def test_what_runs_on_the_coordinator_reaches_the_worker_as_its_caller(coordinat
     assert report.repaired[users[2]] == 1
     assert ours(_reconciled(two_node_db)) == []
     assert _history(coordinator, users[2]) == entries(coordinator, users[2])
+
+
+def test_the_worker_s_slot_is_applied_to_the_history_on_the_coordinator(coordinator, two_node_db, worker):
+    """One slot per node that holds shards, read there, applied (and backfilled)
+    where the history is."""
+    before = f"pre-{uuid.uuid4().hex[:8]}"
+    credit(coordinator, before, "c1", 5)  # made before the slot: the backfill's
+    stream = Stream(worker.local_conninfo("rewards_audit_writer", two_node_db),
+                    SETTINGS.local_conninfo("rewards_audit_writer", two_node_db), slot="audit_worker")
+    stream.ensure_slot()
+    try:
+        assert _history(coordinator, before) == entries(coordinator, before)
+        users = [f"n-{uuid.uuid4().hex[:8]}" for _ in range(4)]
+        for user in users:
+            credit(coordinator, user, "c1", 10)
+            debit(coordinator, user, "d1", 3)
+        _drain(stream)
+        for user in users:
+            assert _history(coordinator, user) == entries(coordinator, user)
+        lag = stream.lag()  # the slot on the worker, the progress on the coordinator
+        assert lag["lag_seconds"] == 0.0 and lag["last_committed_at"] is not None
+    finally:
+        stream.drop_slot()
+        stream.close()
 
 
 def test_rewards_citus_on_makes_a_distributed_single_node():

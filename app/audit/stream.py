@@ -8,12 +8,20 @@ their rows and the progress row in one transaction, commit, and only then
 confirm the LSN to the slot. Dying before the commit loses nothing (the slot
 still holds the changes); dying between the commit and the confirmation only
 replays rows that are already there.
+
+Nothing is confirmed that was not understood: the slot delivers every change to
+the ledger schema except the tables the history does not keep, and a change to
+any table this consumer does not know (a Citus shard such as
+ledger.entries_102008, which is what a server decodes without
+citus.enable_change_data_capture, or a table added since) stops the stream
+with `UnknownChange` before anything of its batch is written or confirmed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,12 +31,30 @@ from typing import Any
 from app.audit import metrics
 from app.ledger import queries
 from app.ledger.client import Call, Ledger, Shape
-from app.ledger.errors import Unavailable
+from app.ledger.errors import LedgerError, Unavailable
 
 log = logging.getLogger("rewards.audit")
 
 # Entry kinds the app's notification service hears about.
 NOTIFIED_KINDS = frozenset({"credit", "debit", "commit", "expire"})
+
+# The tables whose changes become history. The slot is peeked for the whole
+# ledger schema but these (sql/queries.sql, peek_changes): every other table
+# reaching the consumer is one it does not understand.
+APPLIED_TABLES = frozenset({("ledger", "entries"), ("ledger", "reservations")})
+
+
+class UnknownChange(LedgerError):
+    """The slot holds a change to a table the consumer does not know: nothing of
+    its batch was written or confirmed, and the stream stops until it is fixed."""
+
+    def __init__(self, schema: str, table: str, commit_lsn: str) -> None:
+        hint = ("a Citus shard: this server decodes shards, not their distributed tables; set "
+                "citus.enable_change_data_capture = on where citus is preloaded and restart it"
+                if re.fullmatch(r".+_\d+", table) else "a table the audit stream has not been taught")
+        super().__init__(f"the slot holds a change to {schema}.{table} (transaction committed at {commit_lsn}), "
+                         f"{hint}; nothing past it was confirmed")
+        self.schema, self.table, self.commit_lsn = schema, table, commit_lsn
 
 
 @dataclass
@@ -58,6 +84,13 @@ def transactions(rows: list[dict[str, Any]]) -> Iterator[Transaction]:
             current.changes.append(message)
 
 
+def _refuse_unknown(batch: list[Transaction]) -> None:
+    for txn in batch:
+        for change in txn.changes:
+            if (change["schema"], change["table"]) not in APPLIED_TABLES:
+                raise UnknownChange(change["schema"], change["table"], txn.commit_lsn)
+
+
 def _slot_exists(slot: str) -> Call[dict]:
     return Call(queries.SLOT_EXISTS, {"slot": slot}, shape=Shape.MAYBE)
 
@@ -84,6 +117,10 @@ def _confirm(slot: str, lsn: str) -> Call[dict]:
 
 def _lag(slot: str) -> Call[dict]:
     return Call(queries.AUDIT_LAG, {"slot": slot}, shape=Shape.MAYBE)
+
+
+def _progress(slot: str) -> Call[dict]:
+    return Call(queries.AUDIT_PROGRESS, {"slot": slot}, shape=Shape.MAYBE)
 
 
 def _save_progress(slot: str, lsn: str, committed_at: str) -> Call[dict]:
@@ -119,11 +156,13 @@ class Stream:
                 ledger.close()
 
     def ensure_slot(self) -> None:
-        source, _ = self._connections()
+        source, target = self._connections()
         if not source(_slot_exists(self.slot)):
             source(_create_slot(self.slot))
             # The slot sees only what commits from now on: copy what came before.
-            copied = source(_backfill())["entries"]
+            # Into the history, which is on the target (a Citus worker's slot
+            # is applied on the coordinator, where audit.* lives).
+            copied = target(_backfill())["entries"]
             log.info("created replication slot", extra={"fields": {"slot": self.slot, "backfilled": copied}})
 
     def drop_slot(self) -> None:
@@ -138,6 +177,7 @@ class Stream:
         batch = list(transactions(rows))
         if not batch:
             return 0
+        _refuse_unknown(batch)
         # A batch of transactions that touched no ledger table (this consumer's
         # own writes among them) is only confirmed: writing a progress row for
         # it would make the next poll's work.
@@ -151,11 +191,11 @@ class Stream:
             for change in txn.changes:
                 row = _row(change)
                 stamp = {"committed_at": txn.committed_at, "lsn": txn.commit_lsn}
-                if change["table"] == "entries":
+                if (change["schema"], change["table"]) == ("ledger", "entries"):
                     entries.append(row | stamp | {"metadata": _metadata(row["metadata"])})
                     if row["kind"] in NOTIFIED_KINDS:
                         notifications.append(_notification(row))
-                elif change["table"] == "reservations":
+                elif (change["schema"], change["table"]) == ("ledger", "reservations"):
                     event_at = row["created_at"] if row["status"] == "open" else row["ended_at"]
                     events.append({key: row[key] for key in (
                         "user_id", "reservation_id", "status", "amount", "committed_amount", "reason",
@@ -177,14 +217,16 @@ class Stream:
 
     def lag(self) -> dict[str, Any] | None:
         """Bytes of WAL the slot holds, and the age of the oldest ledger commit
-        not yet in the history (0 when none is pending)."""
-        source, _ = self._connections()
+        not yet in the history (0 when none is pending): the slot is read on
+        its node, the progress where the history is."""
+        source, target = self._connections()
         row = source(_lag(self.slot))
         if row is None:
             return None
+        progress = target(_progress(self.slot)) or {"last_committed_at": None, "last_applied_at": None}
         rows = source(_peek(self.slot, 100))
         pending = next((txn for txn in transactions(rows) if txn.changes), None)
-        return row | {"lag_seconds": round(_age_seconds(pending.committed_at), 3) if pending else 0.0}
+        return row | progress | {"lag_seconds": round(_age_seconds(pending.committed_at), 3) if pending else 0.0}
 
 
 def _age_seconds(timestamp: str) -> float:
