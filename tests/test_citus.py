@@ -13,6 +13,7 @@ import dataclasses
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,6 +214,31 @@ def test_reconcile_finds_and_repairs_on_citus(cdb, citus_db):
     assert repaired.repaired[users[1]] == 1
     assert (users[1], "entries_missing_from_history") not in [
         (f["user_id"], f["finding"]) for f in ours(_reconciled(citus_db))]
+
+
+def _overdue(conn: psycopg.Connection, users: list[str]) -> list[int]:
+    """A one-second hold for each user, left to run out."""
+    held = []
+    for user in users:
+        credit(conn, user, "fund", 10)
+        held.append(reserve(conn, user, "hold", 4, ttl=1)["reservation_id"])
+    time.sleep(1.2)
+    return held
+
+
+def _expired_everything(conn: psycopg.Connection, users: list[str]) -> None:
+    for user in users:
+        assert (balance(conn, user)["available"], balance(conn, user)["reserved"]) == (10, 0)
+        assert entries(conn, user)[-1]["kind"] == "expire"
+    assert [a for a in unreconciled_accounts(conn) if a["user_id"] in users] == []
+
+
+def test_expiry_on_citus(cdb):
+    users = [f"x-{uuid.uuid4().hex[:8]}" for _ in range(5)]
+    _overdue(cdb, users)
+    assert cdb.execute("CALL ledger.expire_reservations(NULL, 2)").fetchone()["expired"] == 5
+    _expired_everything(cdb, users)
+    assert cdb.execute("CALL ledger.expire_reservations(NULL, 2)").fetchone()["expired"] == 0
 
 
 # --- the audit stream ----------------------------------------------------------
@@ -471,6 +497,19 @@ def test_the_worker_s_slot_is_applied_to_the_history_on_the_coordinator(coordina
     finally:
         stream.drop_slot()
         stream.close()
+
+
+def test_expiry_runs_on_the_worker_for_its_shards(coordinator):
+    """Each node expires its own shards' holds in its own transactions: the
+    coordinator only asks, and never locks an account on another node."""
+    users = [f"e-{uuid.uuid4().hex[:8]}" for _ in range(5)]
+    _overdue(coordinator, users)
+    expired = []
+    sent = _remote_commands(coordinator, lambda: expired.append(
+        coordinator.execute("CALL ledger.expire_reservations(NULL, 2)").fetchone()["expired"]))
+    assert expired == [5]
+    assert not [s for s in sent if "FOR UPDATE" in s or "PREPARE TRANSACTION" in s or "ledger.accounts" in s]
+    _expired_everything(coordinator, users)
 
 
 def test_rewards_citus_on_makes_a_distributed_single_node():
