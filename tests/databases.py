@@ -11,9 +11,12 @@ sequences come along in the copy, so each test sees a cluster of its own.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 from pytest_postgresql.janitor import DatabaseJanitor
 
 from app.operations import migrate
@@ -85,8 +88,28 @@ class Topology:
         ends every session in the template, Citus' maintenance daemon among them,
         which starts again only when someone uses Citus there.)"""
         for janitor in self._janitors(name, template=TEMPLATE):
-            janitor.init()
+            _retried_while_in_use(janitor.init)
 
     def drop(self, name: str) -> None:
-        for janitor in self._janitors(name):
-            janitor.drop()
+        # Citus' maintenance daemon reconnects to its database (over libpq, to
+        # the coordinator itself too) as soon as its sessions end: shut the door
+        # first, then end them and drop in one step, and try again if one slipped in.
+        for node in self.nodes:
+            with psycopg.connect(node.conninfo(self.settings, "postgres"), autocommit=True) as conn:
+                if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+                    continue
+                conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
+                _retried_while_in_use(lambda: conn.execute(
+                    sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name))))
+
+def _retried_while_in_use(statement: Callable[[], object], attempts: int = 20) -> None:
+    """A daemon that reconnects between a terminate and the CREATE or DROP that
+    needs the database to itself makes it busy for a moment: try again, briefly."""
+    for attempt in range(attempts):
+        try:
+            statement()
+            return
+        except psycopg.errors.ObjectInUse:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.1)

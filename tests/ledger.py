@@ -7,6 +7,7 @@ so a test can compare a whole answer with another in one assertion.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from typing import Any
 
@@ -80,7 +81,16 @@ def unreconciled_accounts(conn: psycopg.Connection) -> list[dict[str, Any]]:
 
 
 def tamper(conn: psycopg.Connection, sql: str, params: tuple = ()) -> None:
-    """Change rows as an attacker with superuser rights would: triggers off."""
+    """Change rows as an attacker with superuser rights would: triggers off (on
+    every node: Citus carries SET LOCAL to the workers when told to)."""
     with conn.transaction():
+        conn.execute("SET LOCAL citus.propagate_set_commands = 'local'")
         conn.execute("SET LOCAL session_replication_role = replica")
         conn.execute(sql, params)
+
+
+def violated_constraint(error: psycopg.errors.CheckViolation) -> str | None:
+    """The constraint a check violation names. Citus, relaying a worker's error,
+    keeps its message but not its fields, so the message is the fallback."""
+    found = re.search(r'constraint "([^"]+)"', error.diag.message_primary or "")
+    return error.diag.constraint_name or (found.group(1) if found else None)

@@ -6,6 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 from psycopg.rows import dict_row
 
+from app.ledger import calls
+from app.ledger.client import Ledger
 from tests.ledger import balance, commit, credit, debit, entries, reserve, unreconciled_accounts
 
 CLIENTS = 50
@@ -82,7 +84,8 @@ def test_mixed_traffic_on_many_accounts_reconciles(db, dsn):
     _together(dsn, work)
 
     assert unreconciled_accounts(db) == []
-    verified = db.execute(
-        "SELECT a.user_id, v.ok FROM ledger.accounts a, ledger.verify_chain(a.user_id) v"
-    ).fetchall()
-    assert verified and all(row["ok"] for row in verified)
+    # One call per account: under Citus a call runs on its user's worker, and
+    # may not be nested in a query over the accounts.
+    users = [row["user_id"] for row in db.execute("SELECT user_id FROM ledger.accounts").fetchall()]
+    verified = [Ledger(db)(calls.verify_chain(user)) for user in users]
+    assert verified and all(check.ok for check in verified)

@@ -9,7 +9,7 @@ from app.ledger.client import Call, Ledger
 from app.ledger.errors import InvalidArgument
 from app.ledger.limits import MAX_AMOUNT
 from app.ledger.results import Outcome
-from tests.ledger import credit, reserve, row_counts
+from tests.ledger import credit, reserve, row_counts, violated_constraint
 
 
 # The named queries with raw parameters, so a test can send what the typed
@@ -53,7 +53,8 @@ CASES = {
     "bad source": (_ok_credit(action_source="ad net", action_external_id="e1"), "action_source"),
     "bad external id": (_ok_credit(action_source="adnet", action_external_id=""), "action_external_id"),
     "debit zero": (calls.debit("alice", "d1", 0, "gift"), "amount"),
-    "debit null user": (calls.debit(None, "d1", 5, "gift"), "user_id"),
+    "debit null user": (Call(queries.DEBIT, {"user_id": None, "key": "d1", "amount": 5, "reason": "gift",
+                                             "metadata": "{}"}, Outcome), "user_id"),
     "reserve ttl zero": (_ok_reserve(ttl_seconds=0), "ttl_seconds"),
     "reserve ttl negative": (_ok_reserve(ttl_seconds=-1), "ttl_seconds"),
     "reserve ttl over a week": (_ok_reserve(ttl_seconds=7 * 86400 + 1), "ttl_seconds"),
@@ -68,7 +69,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("call, argument", CASES.values(), ids=CASES.keys())
+# A NULL user, sent raw, crashes Citus 13.2's call delegation: the client never
+# sends one (test below), and these two run on a single node only.
+NULL_USER = pytest.mark.single_node("a NULL distribution argument crashes Citus 13.2 (segfault)")
+
+
+@pytest.mark.parametrize("call, argument", [
+    pytest.param(*case, id=name, marks=[NULL_USER] if name.endswith("null user") else [])
+    for name, case in CASES.items()])
 def test_invalid_arguments_raise_22023_and_write_nothing(db, call, argument):
     credit(db, "alice", "seed", 100)
     reserve(db, "alice", "seed-hold", 10)
@@ -101,4 +109,16 @@ def test_the_tables_hold_the_rules_whatever_the_code_does(db, statement, constra
     credit(db, "alice", "seed", 100)
     with pytest.raises(psycopg.errors.CheckViolation) as raised:
         db.execute(statement)
-    assert raised.value.diag.constraint_name == constraint
+    assert violated_constraint(raised.value) == constraint
+
+
+@pytest.mark.parametrize("make", [
+    lambda: calls.credit(None, "k", 1, "x"), lambda: calls.debit(None, "k", 1, "x"),
+    lambda: calls.reserve(None, "k", 1, 60, "x"), lambda: calls.commit_reservation(None, "k", 1),
+    lambda: calls.release_reservation(None, "k", 1), lambda: calls.balance(None),
+    lambda: calls.entries_page(None, None, 10), lambda: calls.reservation(None, 1), lambda: calls.verify_chain(None),
+], ids=["credit", "debit", "reserve", "commit", "release", "balance", "entries", "reservation", "verify"])
+def test_the_client_never_sends_a_null_user(make):
+    with pytest.raises(InvalidArgument) as raised:
+        make()
+    assert raised.value.field == "user_id" and raised.value.__cause__ is None

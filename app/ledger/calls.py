@@ -12,6 +12,7 @@ from typing import Any
 
 from app.ledger import queries
 from app.ledger.client import Call, Shape
+from app.ledger.errors import InvalidArgument
 from app.ledger.results import (
     ApiKey,
     Balance,
@@ -23,6 +24,15 @@ from app.ledger.results import (
 )
 
 
+def _user(user_id: str | None) -> str:
+    """The ledger refuses a NULL user (22023) on a single node, but under Citus
+    13.2 a NULL distribution argument crashes the coordinator's call delegation
+    before the function runs (a segfault, seen here): refused here, before sending."""
+    if user_id is None:
+        raise InvalidArgument("invalid user_id: must be 1-64 characters of A-Z a-z 0-9 . _ : -", "user_id")
+    return user_id
+
+
 def _json(metadata: dict[str, Any] | None) -> str:
     return json.dumps(metadata if metadata is not None else {})
 
@@ -31,21 +41,21 @@ def credit(user_id: str, key: str, amount: int, reason: str, action_source: str 
            action_external_id: str | None = None, metadata: dict[str, Any] | None = None) -> Call[Outcome]:
     """Add points; an action (source and external id) earns once per user, ever."""
     return Call(queries.CREDIT, {
-        "user_id": user_id, "key": key, "amount": amount, "reason": reason, "action_source": action_source,
+        "user_id": _user(user_id), "key": key, "amount": amount, "reason": reason, "action_source": action_source,
         "action_external_id": action_external_id, "metadata": _json(metadata)}, Outcome)
 
 
 def debit(user_id: str, key: str, amount: int, reason: str,
           metadata: dict[str, Any] | None = None) -> Call[Outcome]:
     """Spend points at once."""
-    return Call(queries.DEBIT, {"user_id": user_id, "key": key, "amount": amount, "reason": reason,
+    return Call(queries.DEBIT, {"user_id": _user(user_id), "key": key, "amount": amount, "reason": reason,
                                 "metadata": _json(metadata)}, Outcome)
 
 
 def reserve(user_id: str, key: str, amount: int, ttl_seconds: int, reason: str,
             metadata: dict[str, Any] | None = None) -> Call[Outcome]:
     """Hold points until committed, released or expired."""
-    return Call(queries.RESERVE, {"user_id": user_id, "key": key, "amount": amount, "ttl_seconds": ttl_seconds,
+    return Call(queries.RESERVE, {"user_id": _user(user_id), "key": key, "amount": amount, "ttl_seconds": ttl_seconds,
                                   "reason": reason, "metadata": _json(metadata)}, Outcome)
 
 
@@ -53,7 +63,7 @@ def commit_reservation(user_id: str, key: str, reservation_id: int, amount: int 
                        reason: str = "redemption", metadata: dict[str, Any] | None = None) -> Call[Outcome]:
     """Spend a reservation, all of it or `amount` (the rest returns)."""
     return Call(queries.COMMIT_RESERVATION, {
-        "user_id": user_id, "key": key, "reservation_id": reservation_id, "amount": amount, "reason": reason,
+        "user_id": _user(user_id), "key": key, "reservation_id": reservation_id, "amount": amount, "reason": reason,
         "metadata": _json(metadata)}, Outcome)
 
 
@@ -61,28 +71,28 @@ def release_reservation(user_id: str, key: str, reservation_id: int, reason: str
                         metadata: dict[str, Any] | None = None) -> Call[Outcome]:
     """Return a reservation to available points."""
     return Call(queries.RELEASE_RESERVATION, {
-        "user_id": user_id, "key": key, "reservation_id": reservation_id, "reason": reason,
+        "user_id": _user(user_id), "key": key, "reservation_id": reservation_id, "reason": reason,
         "metadata": _json(metadata)}, Outcome)
 
 
 def balance(user_id: str) -> Call[Balance]:
-    return Call(queries.BALANCE, {"user_id": user_id}, Balance)
+    return Call(queries.BALANCE, {"user_id": _user(user_id)}, Balance)
 
 
 def entries_page(user_id: str, before_seq: int | None, limit: int) -> Call[Entry]:
     """Up to `limit` entries, newest first, older than `before_seq` when given."""
-    return Call(queries.ENTRIES_PAGE, {"user_id": user_id, "before_seq": before_seq, "limit": limit},
+    return Call(queries.ENTRIES_PAGE, {"user_id": _user(user_id), "before_seq": before_seq, "limit": limit},
                 Entry, Shape.MANY)
 
 
 def reservation(user_id: str, reservation_id: int) -> Call[Reservation]:
     """One reservation of this user, or None."""
-    return Call(queries.RESERVATION, {"user_id": user_id, "reservation_id": reservation_id},
+    return Call(queries.RESERVATION, {"user_id": _user(user_id), "reservation_id": reservation_id},
                 Reservation, Shape.MAYBE)
 
 
 def verify_chain(user_id: str) -> Call[ChainCheck]:
-    return Call(queries.VERIFY_CHAIN, {"user_id": user_id}, ChainCheck)
+    return Call(queries.VERIFY_CHAIN, {"user_id": _user(user_id)}, ChainCheck)
 
 
 def expire_reservations(batch_size: int) -> Call[Expired]:

@@ -4,6 +4,7 @@ into their own answers and never see psycopg's."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -42,13 +43,22 @@ def translated() -> Iterator[None]:
     except (PoolTimeout, TooManyRequests) as exc:
         raise Overloaded("no database connection came free in time") from exc
     except pg_errors.InvalidParameterValue as exc:
-        raise InvalidArgument(exc.diag.message_primary or "invalid argument", exc.diag.column_name) from exc
+        message = exc.diag.message_primary or "invalid argument"
+        raise InvalidArgument(message, exc.diag.column_name or _argument_named_in(message)) from exc
     except psycopg.DataError as exc:
         # Any other value PostgreSQL cannot take, such as \u0000 inside JSON:
         # refused before the call wrote anything.
         raise InvalidArgument(exc.diag.message_primary or "invalid value") from exc
     except psycopg.OperationalError as exc:
         raise Unavailable(f"the database did not answer: {_first_line(exc)}") from exc
+
+
+def _argument_named_in(message: str) -> str | None:
+    """The argument a ledger refusal names. ledger._invalid puts it in COLUMN and
+    at the start of the message ("invalid amount: ..."); Citus, relaying an error
+    from the worker that ran the call, keeps only the message."""
+    found = re.match(r"invalid (\w+): ", message)
+    return found.group(1) if found else None
 
 
 def _first_line(exc: Exception) -> str:
