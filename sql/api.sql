@@ -125,10 +125,11 @@ AS $$
 $$;
 
 -- ===========================================================================
--- Ownership: every object belongs to rewards_owner, as in the ledger schema
+-- Ownership: as in the ledger schema, everything belongs to rewards_owner but
+-- the table, which stays with the superuser who created it (Citus copies a
+-- reference table to a new node as its owner) and is read through a grant.
 -- ===========================================================================
 
-ALTER TABLE api.keys OWNER TO rewards_owner;
 ALTER VIEW api.key_info OWNER TO rewards_owner;
 ALTER FUNCTION api.authenticate(bytea) OWNER TO rewards_owner;
 ALTER FUNCTION api.create_key(text, bytea, text[]) OWNER TO rewards_owner;
@@ -141,6 +142,7 @@ ALTER FUNCTION api.list_keys() OWNER TO rewards_owner;
 
 REVOKE ALL ON ALL TABLES IN SCHEMA api FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA api FROM PUBLIC;
+GRANT SELECT ON api.keys TO rewards_owner;  -- api.authenticate and the view
 GRANT USAGE ON SCHEMA api TO rewards_api;
 GRANT EXECUTE ON FUNCTION api.authenticate(bytea) TO rewards_api;
 

@@ -1076,10 +1076,17 @@ CREATE TRIGGER reservations_end_once
     FOR EACH ROW EXECUTE FUNCTION ledger._guard_reservation();
 
 -- ===========================================================================
--- Ownership: every ledger object belongs to rewards_owner, so the SECURITY
--- DEFINER functions run with its rights, never a superuser's. (Created as the
--- migrating superuser and handed over, rather than created under SET ROLE,
--- because Citus would open its connections to the workers as that NOLOGIN role.)
+-- Ownership: the functions, views and types belong to rewards_owner, so the
+-- SECURITY DEFINER functions run with its rights, never a superuser's; it works
+-- the tables through the grants below, and nothing more. The tables stay with
+-- the superuser who created them: Citus creates and copies a table's shards on
+-- a node (a node added, a shard moved) over connections made as the table's
+-- owner, which must therefore log in on every node, as the superuser does for
+-- Citus anyway; and the role SECURITY DEFINER code runs as cannot alter a
+-- table, disable its triggers or grant itself back a right on the entries.
+-- (Created as the migrating superuser and handed over, rather than created
+-- under SET ROLE, because Citus would open its connections to the workers as
+-- that NOLOGIN role.)
 -- ===========================================================================
 
 DO $owner$
@@ -1087,11 +1094,9 @@ DECLARE
     v_object record;
 BEGIN
     FOR v_object IN
-        SELECT format('ALTER %s %s OWNER TO rewards_owner',
-                      CASE c.relkind WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END,
-                      c.oid::regclass) AS command
+        SELECT format('ALTER VIEW %s OWNER TO rewards_owner', c.oid::regclass) AS command
         FROM pg_catalog.pg_class c
-        WHERE c.relnamespace = 'ledger'::regnamespace AND c.relkind IN ('r', 'p', 'v')
+        WHERE c.relnamespace = 'ledger'::regnamespace AND c.relkind = 'v'
         UNION ALL
         SELECT format('ALTER ROUTINE %s OWNER TO rewards_owner', p.oid::regprocedure)
         FROM pg_catalog.pg_proc p
@@ -1126,8 +1131,14 @@ REVOKE ALL ON ALL TABLES IN SCHEMA ledger FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA ledger FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA ledger FROM PUBLIC;
 REVOKE ALL ON ALL PROCEDURES IN SCHEMA ledger FROM PUBLIC;
--- Not even the owner may rewrite history.
-REVOKE UPDATE, DELETE, TRUNCATE ON ledger.entries FROM rewards_owner;
+-- Not even the owner may rewrite history (it is the superuser, whom privileges
+-- do not bind: the append-only triggers refuse it all the same).
+REVOKE UPDATE, DELETE, TRUNCATE ON ledger.entries FROM CURRENT_USER;
+-- What the SECURITY DEFINER functions do to the tables, and no more.
+GRANT SELECT, INSERT, UPDATE ON ledger.accounts, ledger.reservations TO rewards_owner;
+GRANT SELECT, INSERT ON ledger.entries, ledger.idempotency_keys TO rewards_owner;
+GRANT SELECT ON ledger.settings TO rewards_owner;
+GRANT USAGE ON SEQUENCE ledger.entries_entry_id_seq, ledger.reservations_reservation_id_seq TO rewards_owner;
 
 GRANT USAGE ON SCHEMA ledger TO rewards_api;
 GRANT EXECUTE ON FUNCTION

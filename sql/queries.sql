@@ -110,6 +110,24 @@ VALUES (%(slot)s, %(lsn)s::pg_lsn, %(committed_at)s::timestamptz, now())
 ON CONFLICT (slot_name) DO UPDATE
 SET lsn = EXCLUDED.lsn, committed_at = EXCLUDED.committed_at, applied_at = EXCLUDED.applied_at;
 
+-- name: audit_is_citus
+SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') AS citus;
+
+-- name: audit_nodes
+-- Under Citus, the nodes whose WAL carries ledger changes, each read through a
+-- slot of its own: every active primary that holds shards of a distributed
+-- table or is to get some (shouldhaveshards), so that a new worker's slot is
+-- made before a rebalance moves anything there.
+SELECT n.nodeid, n.groupid, n.nodename AS host, n.nodeport AS port
+FROM pg_dist_node n
+WHERE n.noderole = 'primary' AND n.isactive
+  AND (n.shouldhaveshards OR EXISTS (
+      SELECT FROM pg_dist_placement p
+      JOIN pg_dist_shard s ON s.shardid = p.shardid
+      JOIN pg_dist_partition t ON t.logicalrelid = s.logicalrelid
+      WHERE p.groupid = n.groupid AND t.partmethod = 'h'))
+ORDER BY n.groupid, n.nodeid;
+
 -- name: audit_lag
 -- On the slot's node (a Citus worker has no audit schema).
 SELECT s.slot_name,

@@ -24,7 +24,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from app.audit import reconcile
-from app.audit.stream import Stream, UnknownChange
+from app.audit.stream import Stream, UnknownChange, discover, run
 from app.ledger import calls, keys, queries
 from app.ledger.client import Call, Ledger
 from app.operations import cluster, migrate, processes
@@ -510,6 +510,76 @@ def test_expiry_runs_on_the_worker_for_its_shards(coordinator):
     assert expired == [5]
     assert not [s for s in sent if "FOR UPDATE" in s or "PREPARE TRANSACTION" in s or "ledger.accounts" in s]
     _expired_everything(coordinator, users)
+
+
+@pytest.fixture
+def growing_db(worker: Settings) -> Iterator[tuple[str, Settings]]:
+    """A database of its own on the coordinator and the module's worker, and a
+    second worker, started but not yet added: the test adds it."""
+    newcomer = _own_node("citus-worker-2", CDC_CONF)
+    name = f"rewards_grow_{uuid.uuid4().hex[:10]}"
+    nodes = (SETTINGS, worker, newcomer)
+    try:
+        _create_citus_database(nodes, name)
+        with psycopg.connect(SETTINGS.superuser_conninfo(name), autocommit=True) as conn:
+            # Copying reference tables to a new node, Citus connects to the
+            # coordinator itself, by default at localhost over TCP, where this
+            # cluster asks for a password: the socket instead (this database only).
+            conn.execute("SET citus.enable_ddl_propagation = off")
+            conn.execute(sql.SQL("ALTER DATABASE {} SET citus.local_hostname = {}").format(
+                sql.Identifier(name), sql.Literal(str(SETTINGS.socket_dir))))
+            conn.execute("RESET citus.enable_ddl_propagation")
+            conn.execute("SELECT citus_set_coordinator_host(%s, %s)", (str(SETTINGS.socket_dir), SETTINGS.pg_port))
+            conn.execute("SELECT citus_add_node(%s, %s)", (str(worker.socket_dir), worker.pg_port))
+        migrate.upgrade(SETTINGS.superuser_conninfo(name))
+        yield name, newcomer
+    finally:
+        _drop_database(nodes, name)
+        _remove_node(newcomer)
+
+
+def test_the_consumer_finds_a_new_worker_before_shards_move_there(growing_db, worker):
+    """Nodes come from pg_dist_node: a worker added later gets its slot (and
+    the backfill) when the consumer looks again, before any shard moves there;
+    a shard move then neither loses nor doubles an entry."""
+    name, newcomer = growing_db
+    writer = SETTINGS.local_conninfo("rewards_audit_writer", name)
+    streams = discover(writer, "audit_grow")
+    assert [(s.slot, f"port={worker.pg_port}" in s.source_conninfo) for s in streams] == [
+        ("audit_grow_node2", True)]  # the coordinator holds no shards here
+    with psycopg.connect(SETTINGS.superuser_conninfo(name), autocommit=True, row_factory=dict_row) as conn:
+        users = [f"g-{i}" for i in range(8)]
+        try:
+            for user in users:
+                credit(conn, user, "c1", 10)
+            run(streams, stop_after_idle=0.5)
+            conn.execute("SELECT citus_add_node(%s, %s)", (str(newcomer.socket_dir), newcomer.pg_port))
+            run(streams, stop_after_idle=0.5, rediscover=lambda: discover(writer, "audit_grow"),
+                rediscover_every=0)
+            assert [s.slot for s in streams] == ["audit_grow_node2", "audit_grow_node3"]
+
+            # One account's shards (and their colocated ones) move to the new
+            # worker, as a rebalance would (which copies the reference tables first).
+            conn.execute("SELECT replicate_reference_tables()")
+            moved = users[0]
+            shard = conn.execute("SELECT get_shard_id_for_distribution_column('ledger.accounts', %s::text) AS id",
+                                 (moved,)).fetchone()["id"]
+            conn.execute("SELECT citus_move_shard_placement(%s, %s, %s, %s, %s, 'force_logical'::citus.shard_transfer_mode)",
+                         (shard, str(worker.socket_dir), worker.pg_port,
+                          str(newcomer.socket_dir), newcomer.pg_port))
+            for user in users:
+                debit(conn, user, "d1", 3)
+            run(streams, stop_after_idle=0.5)
+            for user in users:
+                assert _history(conn, user) == entries(conn, user)  # each entry once
+            assert conn.execute(
+                "SELECT count(*) AS n FROM audit.entries WHERE user_id = ANY(%s)", (users,)).fetchone()["n"] == 16
+            placed = conn.execute("SELECT nodeport FROM citus_shards WHERE shardid = %s", (shard,)).fetchone()
+            assert placed["nodeport"] == newcomer.pg_port
+        finally:
+            for stream in streams:
+                stream.drop_slot()
+                stream.close()
 
 
 def test_rewards_citus_on_makes_a_distributed_single_node():

@@ -23,10 +23,12 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
+
+from psycopg.conninfo import make_conninfo
 
 from app.audit import metrics
 from app.ledger import queries
@@ -252,13 +254,41 @@ def _notification(entry: dict[str, Any]) -> dict[str, Any]:
             "payload": json.dumps(payload)}
 
 
-def run(streams: list[Stream], idle_sleep: float = 0.2, stop_after_idle: float | None = None) -> None:
-    """Poll every source in turn, forever (or until idle for `stop_after_idle` s)."""
+def discover(target: str, slot: str) -> list[Stream]:
+    """One stream per node whose WAL carries ledger changes, each applied to
+    `target` (the history's database, the coordinator under Citus, whose
+    conninfo the nodes' share but for host and port). Without Citus, the target
+    itself. Under Citus the coordinator keeps the slot name as given (so a
+    single node that later grows keeps its slot) and node N's is `<slot>_node<N>`."""
+    with Ledger.connect(target) as ledger:
+        if not ledger(Call(queries.AUDIT_IS_CITUS))["citus"]:
+            return [Stream(target, target, slot)]
+        nodes = ledger(Call(queries.AUDIT_NODES, shape=Shape.MANY))
+    return [Stream(make_conninfo(target, host=node["host"], port=str(node["port"])), target,
+                   slot if node["groupid"] == 0 else f"{slot}_node{node['nodeid']}")
+            for node in nodes]
+
+
+def run(streams: list[Stream], idle_sleep: float = 0.2, stop_after_idle: float | None = None,
+        rediscover: Callable[[], list[Stream]] | None = None, rediscover_every: float = 10.0) -> None:
+    """Poll every source in turn, forever (or until idle for `stop_after_idle` s).
+    With `rediscover` (e.g. `lambda: discover(target, slot)`), the nodes are
+    looked up again every `rediscover_every` s, and a new one gets its slot
+    (and the backfill that covers whatever it held before)."""
     for stream in streams:
         stream.ensure_slot()
     idle_since = time.monotonic()
     measured_at = 0.0
+    discovered_at = time.monotonic()
     while True:
+        if rediscover is not None and time.monotonic() - discovered_at >= rediscover_every:
+            known = {stream.slot for stream in streams}
+            for stream in rediscover():
+                if stream.slot not in known:
+                    stream.ensure_slot()
+                    streams.append(stream)
+                    log.info("new node in the cluster", extra={"fields": {"slot": stream.slot}})
+            discovered_at = time.monotonic()
         if time.monotonic() - measured_at >= 5:
             for stream in streams:
                 lag = stream.lag()
