@@ -20,12 +20,23 @@ from app.settings import PROJECT_ROOT, Settings
 
 PG_HBA = """\
 # Written by `rewards db up`.
-# The Unix socket lives in the project's data folder, reachable only by root and
-# the cluster's OS user, so local connections are trusted; TCP needs a password.
-local   all          all                     trust
+# On the Unix socket, the kernel says who connects: only the OS users pg_ident.conf
+# maps (root and the cluster's own) may log in, as any role. Everyone else, and
+# every role over TCP, needs the role's password.
+local   all          all                     peer map=project
 host    all          all   127.0.0.1/32      scram-sha-256
 host    replication  all   127.0.0.1/32      scram-sha-256
 """
+
+PG_IDENT = """\
+# Written by `rewards db up`: the OS users that may use the socket, and as which
+# roles (PostgreSQL 15 has no wildcard for the role: each is listed).
+# MAP      OS USER   ROLE
+{lines}
+"""
+
+# The roles sql/roles.sql makes (tests/test_socket_access.py holds the two equal).
+PROJECT_ROLES = ("rewards_owner", "rewards_api", "rewards_audit_writer", "rewards_notifier", "rewards_auditor")
 
 
 def as_owner(settings: Settings, *command: str | Path) -> list[str]:
@@ -117,7 +128,13 @@ def _machine_conf(settings: Settings) -> str:
         # citus must come first when present.
         f"shared_preload_libraries = '{','.join(preload)}'",
         f"cron.database_name = '{settings.database}'",
+        # Only the cluster's OS user (and root, which ignores it) may open the socket.
+        "unix_socket_permissions = 0700",
     ]
+    if use_citus(settings):
+        # Logical decoding names the distributed table, not its shard, and a
+        # shard move emits nothing: what the audit stream needs on every node.
+        lines.append("citus.enable_change_data_capture = on")
     # Since 15.19 only listed plugins may decode; older servers lack the setting.
     if _knows_setting(settings, "output_plugin_libraries"):
         lines.append("output_plugin_libraries = 'pgoutput, test_decoding, wal2json'")
@@ -156,6 +173,15 @@ def _configure(settings: Settings) -> None:
     _write_owned(settings, conf_d / "10-project.conf", (PROJECT_ROOT / "ops" / "postgresql.conf").read_text())
     _write_owned(settings, conf_d / "20-machine.conf", _machine_conf(settings))
     _write_owned(settings, settings.pg_data / "pg_hba.conf", PG_HBA)
+    _write_owned(settings, settings.pg_data / "pg_ident.conf", PG_IDENT.format(lines="\n".join(
+        f"project    {user:<9} {role}" for user in _socket_users(settings)
+        for role in (settings.pg_superuser, *PROJECT_ROLES))))
+
+
+def _socket_users(settings: Settings) -> list[str]:
+    """Root, the cluster's OS user, and whoever runs this (when not root)."""
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    return list(dict.fromkeys(["root", settings.pg_os_user, me]))
 
 
 def is_running(settings: Settings) -> bool:
