@@ -282,13 +282,16 @@ def run(streams: list[Stream], idle_sleep: float = 0.2, stop_after_idle: float |
     discovered_at = time.monotonic()
     while True:
         if rediscover is not None and time.monotonic() - discovered_at >= rediscover_every:
-            known = {stream.slot for stream in streams}
-            for stream in rediscover():
-                if stream.slot not in known:
-                    stream.ensure_slot()
-                    streams.append(stream)
-                    log.info("new node in the cluster", extra={"fields": {"slot": stream.slot}})
             discovered_at = time.monotonic()
+            known = {stream.slot for stream in streams}
+            try:
+                for stream in rediscover():
+                    if stream.slot not in known:
+                        stream.ensure_slot()
+                        streams.append(stream)
+                        log.info("new node in the cluster", extra={"fields": {"slot": stream.slot}})
+            except Unavailable as exc:
+                log.warning("could not look for new nodes, retrying", extra={"fields": {"error": str(exc)}})
         if time.monotonic() - measured_at >= 5:
             for stream in streams:
                 lag = stream.lag()
