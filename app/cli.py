@@ -64,16 +64,17 @@ def _keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_streams(args: argparse.Namespace) -> list:
-    from app.audit.stream import Stream
+def _audit_target() -> str:
+    """Where the history is: the service database, as the role that writes it."""
+    return load().local_conninfo("rewards_audit_writer")
 
-    settings = load()
-    target = settings.local_conninfo("rewards_audit_writer")
-    # One slot per source node: the single node by default, or each --node (a
-    # libpq conninfo, e.g. a Citus worker) in turn.
-    sources = args.node or [target]
-    return [Stream(source, target, slot=args.slot if len(sources) == 1 else f"{args.slot}_{i}")
-            for i, source in enumerate(sources)]
+
+def _audit_streams(args: argparse.Namespace) -> list:
+    from app.audit import stream
+
+    # One slot per node whose WAL carries ledger changes, found in pg_dist_node
+    # under Citus; the single node otherwise.
+    return stream.discover(_audit_target(), args.slot)
 
 
 def _audit_run(args: argparse.Namespace) -> int:
@@ -86,7 +87,7 @@ def _audit_run(args: argparse.Namespace) -> int:
     port = load().audit_metrics_port
     if port:
         start_http_server(port, addr="127.0.0.1")
-    stream.run(_audit_streams(args))
+    stream.run(_audit_streams(args), rediscover=lambda: stream.discover(_audit_target(), args.slot))
     return 0
 
 
@@ -286,8 +287,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, func, text in (("run", _audit_run, "apply the ledger's changes to the history, forever"),
                              ("status", _audit_status, "the stream's lag in bytes and its last commit")):
         command = audit.add_parser(name, help=text)
-        command.add_argument("--slot", default="rewards_audit")
-        command.add_argument("--node", action="append", help="a source node's conninfo; repeat for each")
+        command.add_argument("--slot", default="rewards_audit",
+                             help="the slot's name (a Citus node N's is <slot>_node<N>)")
         command.set_defaults(func=func)
 
     notify = groups.add_parser("notify", help="notifications to the app").add_subparsers(dest="command", required=True)
