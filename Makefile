@@ -10,8 +10,11 @@ install:
 run: install
 	$(UV) run rewards up
 
+# Every test twice: on the single node `make run` started, then on a Citus
+# coordinator with two workers (skipped, saying why, without the extension).
 test: run
 	$(UV) run pytest
+	bash ops/test-citus.sh
 
 bench: run
 	$(UV) run python bench/run.py

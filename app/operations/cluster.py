@@ -135,6 +135,9 @@ def _machine_conf(settings: Settings) -> str:
         # Logical decoding names the distributed table, not its shard, and a
         # shard move emits nothing: what the audit stream needs on every node.
         lines.append("citus.enable_change_data_capture = on")
+        # Where Citus reaches this node from itself (copying reference tables to
+        # a new node, the rebalancer's jobs): the socket, not a password over TCP.
+        lines.append(f"citus.local_hostname = '{settings.socket_dir}'")
     # Since 15.19 only listed plugins may decode; older servers lack the setting.
     if _knows_setting(settings, "output_plugin_libraries"):
         lines.append("output_plugin_libraries = 'pgoutput, test_decoding, wal2json'")
