@@ -64,17 +64,13 @@ def _keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audit_target() -> str:
-    """Where the history is: the service database, as the role that writes it."""
-    return load().local_conninfo("rewards_audit_writer")
-
-
 def _audit_streams(args: argparse.Namespace) -> list:
     from app.audit import stream
 
     # One slot per node whose WAL carries ledger changes, found in pg_dist_node
-    # under Citus; the single node otherwise.
-    return stream.discover(_audit_target(), args.slot)
+    # under Citus; the single node otherwise. All applied to the history, in the
+    # service database, as the role that writes it.
+    return stream.discover(load().local_conninfo("rewards_audit_writer"), args.slot)
 
 
 def _audit_run(args: argparse.Namespace) -> int:
@@ -87,7 +83,7 @@ def _audit_run(args: argparse.Namespace) -> int:
     port = load().audit_metrics_port
     if port:
         start_http_server(port, addr="127.0.0.1")
-    stream.run(_audit_streams(args), rediscover=lambda: stream.discover(_audit_target(), args.slot))
+    stream.run(_audit_streams(args), rediscover=lambda: _audit_streams(args))
     return 0
 
 

@@ -11,6 +11,7 @@ sequences come along in the copy, so each test sees a cluster of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,34 +20,24 @@ import psycopg
 from psycopg import sql
 from pytest_postgresql.janitor import DatabaseJanitor
 
-from app.operations import migrate
+from app.operations import citus, migrate
 from app.settings import Settings
 
 TEMPLATE = "rewards_test_template"
 
 
 @dataclass(frozen=True)
-class Node:
-    host: str
-    port: int
-
-    def conninfo(self, settings: Settings, dbname: str) -> str:
-        return f"host={self.host} port={self.port} user={settings.pg_superuser} dbname={dbname}"
-
-
-@dataclass(frozen=True)
 class Topology:
     settings: Settings
-    coordinator: Node
-    workers: tuple[Node, ...]
+    workers: tuple[Settings, ...]
 
     @property
     def citus(self) -> bool:
         return bool(self.workers)
 
     @property
-    def nodes(self) -> tuple[Node, ...]:
-        return (self.coordinator, *self.workers)
+    def nodes(self) -> tuple[Settings, ...]:
+        return (self.settings, *self.workers)
 
     @property
     def name(self) -> str:
@@ -54,34 +45,25 @@ class Topology:
 
     @classmethod
     def of(cls, settings: Settings) -> Topology:
-        """The workers registered in the service database, if it has Citus."""
-        coordinator = Node(str(settings.pg_host or settings.socket_dir), settings.pg_port)
+        """The local workers `make run` started, if the service database has Citus."""
         with psycopg.connect(settings.superuser_conninfo()) as conn:
             has_citus = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'citus'").fetchone()
-            rows = conn.execute(
-                "SELECT nodename, nodeport FROM pg_dist_node WHERE groupid <> 0 AND noderole = 'primary'"
-                " ORDER BY nodeid").fetchall() if has_citus else []
-        return cls(settings, coordinator, tuple(Node(host, port) for host, port in rows))
+        return cls(settings, tuple(citus.local_workers(settings)) if has_citus else ())
 
     def _janitors(self, name: str, template: str | None = None) -> list[DatabaseJanitor]:
-        return [DatabaseJanitor(user=self.settings.pg_superuser, host=node.host, port=node.port,
+        return [DatabaseJanitor(user=node.pg_superuser, host=str(node.pg_host or node.socket_dir), port=node.pg_port,
                                 dbname=name, template_dbname=template) for node in self.nodes]
 
     def build_template(self) -> None:
-        """A migrated database (distributed, under Citus) to clone tests from."""
+        """A migrated database (distributed, under Citus) to clone tests from,
+        prepared as `make run` prepares the service database."""
         self.drop(TEMPLATE)
         for janitor in self._janitors(TEMPLATE):
             janitor.init()
         if self.citus:
-            for node in self.nodes:
-                with psycopg.connect(node.conninfo(self.settings, TEMPLATE), autocommit=True) as conn:
-                    conn.execute("CREATE EXTENSION citus")
-            with psycopg.connect(self.coordinator.conninfo(self.settings, TEMPLATE), autocommit=True) as conn:
-                conn.execute("SELECT citus_set_coordinator_host(%s, %s)",
-                             (self.coordinator.host, self.coordinator.port))
-                for worker in self.workers:
-                    conn.execute("SELECT citus_add_node(%s, %s)", (worker.host, worker.port))
-        migrate.upgrade(self.coordinator.conninfo(self.settings, TEMPLATE))
+            coordinator, *workers = (dataclasses.replace(node, database=TEMPLATE) for node in self.nodes)
+            citus.prepare(coordinator, workers)
+        migrate.upgrade(self.settings.superuser_conninfo(TEMPLATE))
 
     def clone(self, name: str) -> None:
         """A copy of the template under `name` on every node. (The janitor first
@@ -95,7 +77,7 @@ class Topology:
         # the coordinator itself too) as soon as its sessions end: shut the door
         # first, then end them and drop in one step, and try again if one slipped in.
         for node in self.nodes:
-            with psycopg.connect(node.conninfo(self.settings, "postgres"), autocommit=True) as conn:
+            with psycopg.connect(node.superuser_conninfo("postgres"), autocommit=True) as conn:
                 if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
                     continue
                 conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
