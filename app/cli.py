@@ -13,7 +13,7 @@ from app.ledger import calls, keys
 from app.ledger.client import Ledger
 from app.ledger.errors import InvalidArgument, LedgerError, translated
 from app.operations import citus, cluster, migrate, processes
-from app.settings import load
+from app.settings import MissingSecret, load
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -129,7 +129,7 @@ def _notify_run(args: argparse.Namespace) -> int:
         print("REWARDS_NOTIFY_URL is not set: notifications wait in audit.notifications", file=sys.stderr)
         return 2
     logs.configure()
-    Sender(settings.local_conninfo("rewards_notifier"), settings.notify_url, settings.notify_secret,
+    Sender(settings.local_conninfo("rewards_notifier"), settings.notify_url, settings.required("notify_secret"),
            max_attempts=settings.notify_max_attempts).run()
     return 0
 
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidArgument as exc:
         print(f"rewards: {exc}" + (f" ({exc.field})" if exc.field else ""), file=sys.stderr)
         return 2
-    except LedgerError as exc:
+    except (LedgerError, MissingSecret) as exc:
         print(f"rewards: {exc}", file=sys.stderr)
         return 1
 

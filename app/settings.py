@@ -9,7 +9,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from psycopg.conninfo import make_conninfo
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+GENERATED = "generated: `$REWARDS_DATA_DIR/secrets/` (below)"
 
 
 @dataclass(frozen=True)
@@ -29,12 +33,19 @@ class Tier:
         return tier
 
 
+class MissingSecret(RuntimeError):
+    """A secret neither set in the environment nor made by `rewards up` yet."""
+
+
 def setting(env: str, default: str | None, doc: str, parse: Callable[[str], Any] = str,
-            shown: str | None = None) -> Any:
+            shown: str | None = None, secret: str | None = None) -> Any:
     """A field read from the environment variable `env` (or `default`), parsed
     with `parse`; `doc` and `shown` (the default as the README shows it, when it
-    is computed) make the README's settings table (tests/test_settings.py)."""
-    return field(metadata={"env": env, "default": default, "doc": doc, "parse": parse, "shown": shown})
+    is computed) make the README's settings table (tests/test_settings.py). A
+    `secret` has no default: unset, it is read from the file of that name in
+    the data folder's `secrets/`, which `rewards up` writes once (app.secrets)."""
+    return field(metadata={"env": env, "default": default, "doc": doc, "parse": parse, "shown": shown,
+                           "secret": secret})
 
 
 @dataclass(frozen=True)
@@ -51,9 +62,9 @@ class Settings:
         "REWARDS_PG_HOST", None, "where the superuser connects; set it (with `PGPASSWORD`) to migrate a server "
         "elsewhere, such as the Docker Compose coordinator", shown="the socket folder")
     database: str = setting("REWARDS_DATABASE", "rewards", "the service database, also where pg_cron runs jobs")
-    api_password: str = setting(
-        "REWARDS_API_DB_PASSWORD", "rewards-api-dev",
-        "password of `rewards_api`, the role the API logs in as over TCP; set your own outside development")
+    api_password: str | None = setting(
+        "REWARDS_API_DB_PASSWORD", None, "password of `rewards_api`, the role the API logs in as over TCP (the same "
+        "on every node)", shown=GENERATED, secret="api-db-password")
     citus: str = setting(
         "REWARDS_CITUS", "auto", "`auto`: preload citus when installed; `on`: also create the extension in the "
         "service database so the migration distributes the tables; `off`: never")
@@ -102,8 +113,8 @@ class Settings:
                                       "where `rewards audit run` serves its lag metrics (0: nowhere)", int)
     notify_url: str | None = setting("REWARDS_NOTIFY_URL", None,
                                      "the app's notification endpoint; no sender runs while unset", shown="unset")
-    notify_secret: str = setting("REWARDS_NOTIFY_SECRET", "rewards-notify-dev",
-                                 "the HMAC key for the signature; set your own")
+    notify_secret: str | None = setting("REWARDS_NOTIFY_SECRET", None, "the HMAC key for the signature",
+                                        shown=GENERATED, secret="notify-secret")
     notify_max_attempts: int = setting("REWARDS_NOTIFY_MAX_ATTEMPTS", "8",
                                        "deliveries tried before a notification is parked", int)
 
@@ -123,6 +134,10 @@ class Settings:
     def log_file(self) -> Path:
         return self.log_dir / "postgresql.log"
 
+    @property
+    def secrets_dir(self) -> Path:
+        return self.data_dir / "secrets"
+
     def superuser_conninfo(self, dbname: str | None = None) -> str:
         """libpq conninfo for the superuser over the cluster's Unix socket."""
         return self.local_conninfo(self.pg_superuser, dbname)
@@ -130,10 +145,8 @@ class Settings:
     def local_conninfo(self, role: str, dbname: str | None = None) -> str:
         """A role over the cluster's Unix socket (trusted: only root and the
         cluster's OS user can reach it), as the audit consumer and sender connect."""
-        return (
-            f"host={self.pg_host or self.socket_dir} port={self.pg_port} user={role} "
-            f"dbname={dbname or self.database}"
-        )
+        return make_conninfo(host=str(self.pg_host or self.socket_dir), port=str(self.pg_port), user=role,
+                             dbname=dbname or self.database)
 
     def api_conninfo(self, dbname: str | None = None) -> str:
         """The API's role, straight to PostgreSQL over TCP."""
@@ -144,10 +157,18 @@ class Settings:
         return self._api_role_over_tcp(self.bouncer_port, dbname)
 
     def _api_role_over_tcp(self, port: int, dbname: str | None) -> str:
-        return (
-            f"host=127.0.0.1 port={port} user=rewards_api "
-            f"password={self.api_password} dbname={dbname or self.database}"
-        )
+        return make_conninfo(host="127.0.0.1", port=str(port), user="rewards_api",
+                             password=self.required("api_password"), dbname=dbname or self.database)
+
+    def required(self, name: str) -> str:
+        """A secret's value, or a refusal saying where it comes from."""
+        value = getattr(self, name)
+        if not value:
+            spec = next(spec for spec in fields(self) if spec.name == name)
+            raise MissingSecret(f"{spec.metadata['env']} is not set and {self.secrets_dir / spec.metadata['secret']} "
+                                "does not exist: `rewards up` makes it, or set the variable")
+        return value
+
 
 
 # Defaults computed on the machine that reads them.
@@ -164,8 +185,17 @@ def load(env: Mapping[str, str] = os.environ) -> Settings:
         text = env.get(meta["env"]) or meta["default"]
         if text is None and meta["env"] in _COMPUTED:
             text = _COMPUTED[meta["env"]]()
+        if text is None and meta["secret"]:
+            text = _read_secret(values["data_dir"] / "secrets" / meta["secret"])
         values[spec.name] = None if text is None else meta["parse"](text)
     return Settings(**values)
+
+
+def _read_secret(path: Path) -> str | None:
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def readme_table() -> str:

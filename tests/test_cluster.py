@@ -30,6 +30,7 @@ from app.operations import citus, cluster
 from app.operations.processes import free_port
 from app.settings import PROJECT_ROOT, Settings
 from tests.conftest import SETTINGS
+from tests.test_secrets import AWKWARD
 
 pytestmark = pytest.mark.citus
 
@@ -62,7 +63,7 @@ def _env(settings: Settings, **extra: str) -> dict[str, str]:
     return {**os.environ, "REWARDS_DATA_DIR": str(settings.data_dir), "REWARDS_PG_PORT": str(settings.pg_port),
             "REWARDS_PG_BIN": str(settings.pg_bin), "REWARDS_DATABASE": settings.database,
             "REWARDS_CITUS": settings.citus, "REWARDS_CITUS_WORKERS": str(settings.citus_workers),
-            "REWARDS_PG_HOST": "", **extra}
+            "REWARDS_PG_HOST": "", "REWARDS_API_DB_PASSWORD": settings.api_password, **extra}
 
 
 def _rewards(settings: Settings, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -77,8 +78,9 @@ def coordinator() -> Iterator[Settings]:
     if reason:
         pytest.skip(reason)
     folder = Path(tempfile.mkdtemp(prefix="rewards-cluster-"))
+    # A password that needs quoting everywhere, which must reach every node.
     settings = dataclasses.replace(SETTINGS, data_dir=folder / "data", pg_port=_free_ports(1 + WORKERS),
-                                   pg_host=None, citus="on", citus_workers=WORKERS)
+                                   pg_host=None, citus="on", citus_workers=WORKERS, api_password=AWKWARD)
     try:
         started = time.monotonic()
         cluster.up(settings)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 
+from app import secrets
 from app.ledger import queries
 from app.operations import citus, migrate
 from app.settings import PROJECT_ROOT, Settings
@@ -239,7 +240,7 @@ def _let_api_log_in(settings: Settings) -> None:
     with psycopg.connect(settings.superuser_conninfo(), autocommit=True) as conn:
         conn.execute(
             psycopg.sql.SQL("ALTER ROLE rewards_api LOGIN PASSWORD {}").format(
-                psycopg.sql.Literal(settings.api_password)
+                psycopg.sql.Literal(settings.required("api_password"))
             )
         )
 
@@ -259,6 +260,7 @@ def up(settings: Settings) -> None:
     local workers, each node with the service database and the extension, all
     registered before the migration distributes. Safe to run again."""
     check(settings)
+    settings = secrets.ensure(settings)
     nodes = _nodes(settings)
     for node in nodes:
         start_node(node)

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import redis
 
+from app import secrets
 from app.operations import cluster
 from app.settings import PROJECT_ROOT, Settings
 
@@ -74,12 +75,12 @@ def bouncer_up(settings: Settings) -> None:
     folder = _bouncer_dir(settings)
     folder.mkdir(parents=True, exist_ok=True)
     userlist = folder / "userlist.txt"
-    userlist.write_text(f'"rewards_api" "{settings.api_password}"\n')
+    userlist.write_text(_userlist_line("rewards_api", settings.required("api_password")))
     userlist.chmod(0o600)
     ini = folder / "pgbouncer.ini"
     ini.write_text(PGBOUNCER_INI.format(
-        socket_dir=settings.socket_dir, pg_port=settings.pg_port, bouncer_port=settings.bouncer_port,
-        userlist=userlist, log_dir=settings.log_dir, run_dir=settings.socket_dir))
+        socket_dir=_connstring_value(str(settings.socket_dir)), pg_port=settings.pg_port,
+        bouncer_port=settings.bouncer_port, userlist=userlist, log_dir=settings.log_dir, run_dir=settings.socket_dir))
     if os.geteuid() == 0:
         for path in (folder, userlist, ini):
             shutil.chown(path, settings.pg_os_user, settings.pg_os_user)
@@ -92,6 +93,19 @@ def bouncer_up(settings: Settings) -> None:
     subprocess.run(cluster.as_owner(settings, "pgbouncer", "-d", ini), check=True,
                    capture_output=True, text=True)
     _wait_for(lambda: _pid_alive(pid_file) is not None, "PgBouncer", settings.log_dir / "pgbouncer.log")
+
+
+def _userlist_line(user: str, password: str) -> str:
+    """PgBouncer's auth_file takes each field between double quotes, a double
+    quote inside one written twice; nothing else is special."""
+    return " ".join('"' + field.replace('"', '""') + '"' for field in (user, password)) + "\n"
+
+
+def _connstring_value(value: str) -> str:
+    """A value in a [databases] connection string: between single quotes, a
+    single quote inside one written twice (PgBouncer's own rule, not libpq's:
+    a backslash is not special to it)."""
+    return "'" + value.replace("'", "''") + "'"
 
 
 def bouncer_down(settings: Settings) -> None:
@@ -236,6 +250,7 @@ def _wait_for(ready, what: str, log_file: Path, timeout: float = 30.0) -> None:
 
 
 def up(settings: Settings) -> None:
+    settings = secrets.ensure(settings)
     cluster.up(settings)
     bouncer_up(settings)
     redis_up(settings)
