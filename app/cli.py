@@ -74,16 +74,21 @@ def _audit_streams(args: argparse.Namespace) -> list:
 
 
 def _audit_run(args: argparse.Namespace) -> int:
-    from prometheus_client import start_http_server
+    from prometheus_client import REGISTRY, start_http_server
 
     from app import logs
-    from app.audit import stream
+    from app.audit import metrics, stream
 
     logs.configure()
-    port = load().audit_metrics_port
-    if port:
-        start_http_server(port, addr="127.0.0.1")
-    stream.run(_audit_streams(args), rediscover=lambda: _audit_streams(args))
+    settings = load()
+    streams: list = []
+    if settings.audit_metrics_port:
+        # Each scrape also reads every node the stream reads (run() adds new ones to `streams`).
+        REGISTRY.register(metrics.NodeCollector(lambda: [s.source_conninfo for s in streams],
+                                                settings.local_conninfo("rewards_audit_writer")))
+        start_http_server(settings.audit_metrics_port, addr="127.0.0.1")
+    streams.extend(_audit_streams(args))
+    stream.run(streams, rediscover=lambda: _audit_streams(args))
     return 0
 
 

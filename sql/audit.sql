@@ -104,6 +104,9 @@ CREATE INDEX entries_account_time ON audit.entries (user_id, created_at);
 CREATE INDEX entries_entry_id ON audit.entries (entry_id);
 
 CREATE INDEX notifications_due ON audit.notifications (next_attempt_at) WHERE status = 'pending';
+-- Parked notifications are few and counted at every metrics scrape
+-- (rewards_notifications_dead) and listed by `rewards notify dead`.
+CREATE INDEX notifications_dead ON audit.notifications (notification_id) WHERE status = 'dead';
 
 -- ===========================================================================
 -- Partitions (pg_partman): monthly, made ahead, and their configuration
@@ -357,6 +360,9 @@ GRANT SELECT, INSERT, UPDATE ON audit.stream_progress TO rewards_audit_writer;
 GRANT EXECUTE ON FUNCTION audit.backfill(), audit.repair_history(text) TO rewards_audit_writer;
 GRANT USAGE ON SCHEMA ledger TO rewards_audit_writer;
 GRANT SELECT ON ledger.entries, ledger.reservations TO rewards_audit_writer;
+-- The consumer counts the parked notifications for its metrics, and reads no
+-- more of them.
+GRANT SELECT (status) ON audit.notifications TO rewards_audit_writer;
 GRANT SELECT, UPDATE ON audit.notifications TO rewards_notifier;
 
 -- ===========================================================================

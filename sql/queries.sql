@@ -141,6 +141,39 @@ WHERE s.slot_name = %(slot)s;
 SELECT committed_at AS last_committed_at, applied_at AS last_applied_at
 FROM audit.stream_progress WHERE slot_name = %(slot)s;
 
+-- name: metrics_slots
+-- On each node, for the consumer's metrics: every replication slot (the audit
+-- stream's logical ones, a standby's physical one), the WAL it keeps from being
+-- recycled (from its restart_lsn, what the disk really holds for it), and the
+-- bytes still writable before max_slot_wal_keep_size invalidates it (NULL:
+-- unlimited). A node in recovery measures against what it has received.
+SELECT slot_name AS slot, slot_type AS type, active,
+       pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()
+                            ELSE pg_current_wal_lsn() END, restart_lsn)::bigint AS retained_bytes,
+       safe_wal_size AS safe_wal_bytes
+FROM pg_replication_slots ORDER BY slot_name;
+
+-- name: metrics_standbys
+-- On each node: the physical standbys streaming from it (a walsender that
+-- holds a logical slot, such as a Citus shard move's, is not a standby) and
+-- how far each has replayed (a WAL receiver that replays nothing, such as
+-- pg_receivewal, how far it has flushed).
+SELECT r.application_name AS standby, r.state, r.sync_state,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), coalesce(r.replay_lsn, r.flush_lsn))::bigint AS lag_bytes,
+       coalesce(extract(epoch FROM r.replay_lag), 0)::float8 AS lag_seconds
+FROM pg_stat_replication r
+LEFT JOIN pg_replication_slots s ON s.active_pid = r.pid
+WHERE coalesce(s.slot_type, 'physical') = 'physical'
+ORDER BY r.application_name;
+
+-- name: metrics_synchronous
+-- Whether the node's commits wait for a standby.
+SELECT current_setting('synchronous_standby_names') <> '' AS synchronous;
+
+-- name: metrics_notifications_dead
+-- Where the history is (through the partial index notifications_dead).
+SELECT count(*) AS dead FROM audit.notifications WHERE status = 'dead';
+
 -- name: reconcile_accounts_after
 SELECT user_id FROM ledger.accounts WHERE user_id > %(after)s ORDER BY user_id LIMIT %(limit)s;
 

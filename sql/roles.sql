@@ -4,7 +4,8 @@
 --
 -- The first of the current-state files, applied in the order that SCHEMA_FILES
 -- in app/operations/migrate.py names: every other file grants to these roles.
--- None of them is a member of another.
+-- None of them is a member of another; the audit writer alone is a member of a
+-- predefined role (pg_read_all_stats, for the replication metrics it exports).
 
 -- ===========================================================================
 -- Roles (cluster-wide, so created only when missing; on the Citus workers too)
@@ -37,6 +38,10 @@ DECLARE
                 -- The stream consumer: reads the replication slot, inserts history.
                 CREATE ROLE rewards_audit_writer LOGIN REPLICATION;
             END IF;
+            -- The consumer exports each node's standbys and their lag
+            -- (app.audit.metrics): pg_stat_replication shows positions and lag
+            -- only to superusers and members of pg_read_all_stats.
+            GRANT pg_read_all_stats TO rewards_audit_writer;
             IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'rewards_notifier') THEN
                 -- The notification sender: works the outbox.
                 CREATE ROLE rewards_notifier LOGIN;

@@ -1,0 +1,21 @@
+"""What the alert rules read: parked notifications counted through an index, pg_read_all_stats for the audit writer (its standbys' lag).
+
+Revision ID: 0010
+Revises: 0009
+Create Date: 2026-12-01
+"""
+
+from app.operations.migrate import run_sql_file
+
+revision = '0010'
+down_revision = '0009'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    run_sql_file("migrations/sql/0010_metrics_for_alerts.sql")
+
+
+def downgrade() -> None:
+    raise NotImplementedError("the ledger only moves forward: restore from backup instead")
