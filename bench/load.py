@@ -25,14 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.ledger import keys  # noqa: E402
-from app.ledger.client import Ledger  # noqa: E402
-from app.operations import processes  # noqa: E402
 from app.settings import load  # noqa: E402
+from bench import serve  # noqa: E402
 from bench.run import BENCH, LEDGER_DB, USERS, measure, prepare_ledger  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
-
 
 
 def _process_tree_cpu(root_pid: int) -> float:
@@ -82,23 +79,11 @@ def main() -> int:
 
     print(f"preparing {LEDGER_DB} ({USERS} funded accounts)...", file=sys.stderr)
     prepare_ledger(base)
-    with Ledger.connect(base.superuser_conninfo(LEDGER_DB)) as ledger:
-        _, api_key = keys.create(ledger, "bench", ["points:earn", "points:redeem", "points:read"])
-
-    port = processes.free_port()
-    settings = dataclasses.replace(base, database=LEDGER_DB, api_port=port)
-    unlimited = "1000000/1000000"
-    env = {"REWARDS_DATABASE": LEDGER_DB, "REWARDS_API_PORT": str(port), "REWARDS_REDIS_PREFIX": "bench",
-           "REWARDS_RATE_USER_EARN": unlimited, "REWARDS_RATE_USER_REDEEM": unlimited,
-           "REWARDS_RATE_API_KEY": unlimited, "REWARDS_RATE_GLOBAL": unlimited}
-    processes.bouncer_up(base)
-    processes.redis_up(base)
-    api_pid = processes.api_up(settings, env=env, workers=args.workers)
-    url = f"http://127.0.0.1:{port}"
+    api_key = serve.api_key(base, LEDGER_DB)
 
     rows: dict[str, list[dict]] = {"SQL credit (pgbench, 8 clients)": [], "HTTP credit": [],
                                    "HTTP reserve+commit": []}
-    try:
+    with serve.api(base, LEDGER_DB, workers=args.workers) as (url, api_pid):
         for round_no in range(1, args.rounds + 1):
             tps, latency = measure(base, ["-D", f"users={USERS}", "-f", str(BENCH / "credit.sql")], LEDGER_DB,
                                    8, args.seconds, out_dir / f"http_sql_credit.round{round_no}.txt")
@@ -117,8 +102,6 @@ def main() -> int:
                 rows[name].append(result)
                 print(f"round {round_no} {name}: {result['rps']:.0f} req/s, p99 {result['p99_ms']:.1f} ms, "
                       f"{result['non_2xx']} non-2xx", file=sys.stderr)
-    finally:
-        processes.api_down(settings)
 
     def median(name: str, field: str) -> float:
         return statistics.median(r[field] for r in rows[name])

@@ -4,19 +4,20 @@ these, by name, with parameters."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from app.settings import PROJECT_ROOT
 
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 
-def _load() -> dict[str, str]:
-    text = (PROJECT_ROOT / "sql" / "queries.sql").read_text()
-    parts = _NAME.split(text)  # [preamble, name1, body1, name2, body2, ...]
+def named(path: Path) -> dict[str, str]:
+    """The queries of a file in this format, by name (bench/ keeps its own)."""
+    parts = _NAME.split(path.read_text())  # [preamble, name1, body1, name2, body2, ...]
     return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
-_QUERIES = _load()
+_QUERIES = named(PROJECT_ROOT / "sql" / "queries.sql")
 
 VERIFY_CHAIN = _QUERIES["verify_chain"]
 EXPIRE_RESERVATIONS = _QUERIES["expire_reservations"]

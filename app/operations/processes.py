@@ -61,8 +61,18 @@ def _stop(pid_file: Path, sig: signal.Signals = signal.SIGTERM, timeout: float =
     os.kill(pid, sig)
     deadline = time.monotonic() + timeout
     while _pid_alive(pid_file) and time.monotonic() < deadline:
+        _reap(pid)
         time.sleep(0.1)
     pid_file.unlink(missing_ok=True)
+
+
+def _reap(pid: int) -> None:
+    """A process this one started (a test's or a benchmark's API) stays a zombie
+    after it exits, and a zombie still answers kill(pid, 0), until waited for."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not ours: its own parent reaps it
+        pass
 
 
 # --- PgBouncer --------------------------------------------------------------
