@@ -364,6 +364,13 @@ GRANT SELECT ON ledger.entries, ledger.reservations TO rewards_audit_writer;
 -- more of them.
 GRANT SELECT (status) ON audit.notifications TO rewards_audit_writer;
 GRANT SELECT, UPDATE ON audit.notifications TO rewards_notifier;
+-- (On the ledger's schema, but here, after the grants above, where migration
+-- 0011 puts it in the schema's privileges.) A Citus shard move copies the
+-- shard, then applies what was written meanwhile through a subscription on the
+-- new node, as a role Citus makes for the move: a member of the tables' owner
+-- (the migrating superuser) but no superuser, so it reaches the tables only by
+-- the owner's grants, this one too.
+GRANT USAGE ON SCHEMA ledger TO CURRENT_USER;
 
 -- ===========================================================================
 -- Comments
