@@ -106,8 +106,8 @@ def _audit_retention(args: argparse.Namespace) -> int:
     with _ledger() as ledger:
         if args.keep or args.forever:
             ledger(history.set_retention(None if args.forever else args.keep))
-        for row in ledger(history.retention()):
-            print(f"{row['parent_table']}: {row['retention'] or 'kept forever'}")
+        row = ledger(history.retention())
+        print(f"history: {row['retention'] or 'kept forever'}, whole since {row['horizon']}")
     return 0
 
 
@@ -117,7 +117,8 @@ def _reconcile(args: argparse.Namespace) -> int:
     from app.audit import reconcile
 
     report = reconcile.reconcile(load().superuser_conninfo(), batch_size=args.batch_size, repair=args.repair,
-                                 pause=args.pause, progress=reconcile.print_progress)
+                                 pause=args.pause, progress=reconcile.print_progress,
+                                 stream_wait=args.stream_wait)
     print(file=sys.stderr)
     print(reconcile.summary(report))
     reconcile.write_report(report, Path(args.report))
@@ -310,6 +311,8 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--pause", type=float, default=0.0, help="seconds between batches, to spare live traffic")
     rec.add_argument("--report", default="reconcile-report.json")
     rec.add_argument("--repair", action="store_true", help="copy entries missing from the history from the ledger")
+    rec.add_argument("--stream-wait", type=float, default=30.0,
+                     help="longest wait for the audit stream to deliver what a batch found missing")
     rec.set_defaults(func=_reconcile)
 
     db = groups.add_parser("db", help="the project's PostgreSQL cluster").add_subparsers(dest="command", required=True)

@@ -178,7 +178,17 @@ SELECT count(*) AS dead FROM audit.notifications WHERE status = 'dead';
 SELECT user_id FROM ledger.accounts WHERE user_id > %(after)s ORDER BY user_id LIMIT %(limit)s;
 
 -- name: reconcile
-SELECT user_id, finding, detail FROM audit.reconcile(%(user_ids)s);
+SELECT user_id, finding, detail FROM audit.reconcile(%(user_ids)s, %(confirmed_seqs)s);
+
+-- name: reconcile_last_seqs
+SELECT user_id, last_seq FROM ledger.accounts WHERE user_id = ANY (%(user_ids)s);
+
+-- name: stream_barrier
+SELECT audit.stream_barrier() AS marks;
+
+-- name: stream_behind
+SELECT nodeid, slot_name, confirmed_lsn::text AS confirmed_lsn, mark_lsn::text AS mark_lsn
+FROM audit.stream_behind(%(marks)s::jsonb) ORDER BY nodeid, slot_name;
 
 -- name: repair_history
 SELECT audit.repair_history(%(user_id)s) AS copied;
@@ -224,16 +234,11 @@ WHERE notification_id = %(notification_id)s AND status = 'dead'
 RETURNING notification_id;
 
 -- name: audit_retention
-SELECT parent_table, retention FROM partman.part_config
-WHERE parent_table IN ('audit.entries', 'audit.reservation_events') ORDER BY parent_table;
+SELECT history_retention::text AS retention, history_horizon AS horizon FROM audit.settings;
 
 -- name: audit_set_retention
--- partman keeps the interval as text and would only fail on it at maintenance:
--- the cast refuses a bad one now (SQLSTATE 22007), and the text is kept as given.
-UPDATE partman.part_config
-SET retention = CASE WHEN %(retention)s::text::interval IS NOT NULL THEN %(retention)s::text END,
-    retention_keep_table = false
-WHERE parent_table IN ('audit.entries', 'audit.reservation_events');
+-- A bad interval is refused here (SQLSTATE 22007), not at the next drop.
+UPDATE audit.settings SET history_retention = %(retention)s::interval;
 
 -- name: audit_backfill
 SELECT audit.backfill() AS entries;

@@ -1,4 +1,5 @@
-"""The audit history's partitions: how long pg_partman keeps them."""
+"""The audit history's monthly partitions: how long they are kept
+(audit.apply_history_retention drops the older ones, pg_cron hourly)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from app.ledger.client import Call, Shape
 
 
 def retention() -> Call[dict]:
-    """Each history table with its retention (None: kept forever)."""
-    return Call(queries.AUDIT_RETENTION, shape=Shape.MANY)
+    """The history's retention (None: kept forever) and its horizon (since
+    when it holds every entry)."""
+    return Call(queries.AUDIT_RETENTION)
 
 
 def set_retention(keep: str | None) -> Call[dict]:
