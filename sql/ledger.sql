@@ -577,19 +577,43 @@ BEGIN
 END;
 $$;
 
--- Under Citus, the expiry of the reservations whose shards are on this node,
--- shard by shard, committing after each batch: every account it locks is on
--- this node, so no transaction ever spans nodes. ledger.expire_reservations
--- runs it on every node at once. It reads each local shard of
--- ledger.reservations by its own name (the distributed table would be every
--- node's), and _expire_one's statements run locally, against this node's
--- shards. Not SECURITY DEFINER, like expire_reservations (it commits).
+-- The tables on this node that hold p_table's rows, by their own names: under
+-- Citus the shards placed here (p_table itself would reach every node's),
+-- without Citus p_table itself. Work that must stay within one node's
+-- transactions (expiry, retention) walks these.
+CREATE FUNCTION ledger._local_tables(p_table regclass)
+RETURNS SETOF text
+LANGUAGE plpgsql
+STABLE
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        RETURN NEXT p_table::text;
+        RETURN;
+    END IF;
+    RETURN QUERY
+        SELECT pg_catalog.shard_name(p_table, s.shardid)
+        FROM pg_catalog.pg_dist_shard s
+        JOIN pg_catalog.pg_dist_placement p ON p.shardid = s.shardid
+        WHERE s.logicalrelid = p_table
+          AND p.groupid = (SELECT g.groupid FROM pg_catalog.pg_dist_local_group g)
+        ORDER BY s.shardid;
+END;
+$$;
+
+-- The expiry of the reservations held on this node, table by table
+-- (ledger._local_tables), committing after each batch: every account it locks
+-- is on this node, so no transaction ever spans nodes. ledger.expire_reservations
+-- runs it here, or under Citus on every node at once; _expire_one's statements
+-- then run locally, against this node's shards. Bounded by the deadline at the
+-- start, so a stream of new expiries cannot keep it running. Not SECURITY
+-- DEFINER, like expire_reservations (it commits).
 CREATE PROCEDURE ledger._expire_local_shards(INOUT expired bigint DEFAULT 0, batch_size integer DEFAULT 100)
 LANGUAGE plpgsql
 AS $$
 DECLARE
     v_cutoff timestamptz := clock_timestamp();
-    v_shard text;
+    v_table text;
     v_due record;
     v_in_batch integer;
 BEGIN
@@ -597,19 +621,12 @@ BEGIN
     IF batch_size IS NULL OR batch_size < 1 THEN
         PERFORM ledger._invalid('batch_size', 'must be a positive integer');
     END IF;
-    FOR v_shard IN
-        SELECT format('ledger.%I', 'reservations_' || s.shardid)
-        FROM pg_catalog.pg_dist_shard s
-        JOIN pg_catalog.pg_dist_placement p ON p.shardid = s.shardid
-        WHERE s.logicalrelid = 'ledger.reservations'::regclass
-          AND p.groupid = (SELECT g.groupid FROM pg_catalog.pg_dist_local_group g)
-        ORDER BY s.shardid
-    LOOP
+    FOR v_table IN SELECT ledger._local_tables('ledger.reservations') LOOP
         LOOP
             v_in_batch := 0;
             FOR v_due IN EXECUTE format(
                 'SELECT user_id, reservation_id FROM %s WHERE status = ''open'' AND expires_at <= $1'
-                ' ORDER BY expires_at LIMIT $2', v_shard) USING v_cutoff, batch_size
+                ' ORDER BY expires_at LIMIT $2', v_table) USING v_cutoff, batch_size
             LOOP
                 v_in_batch := v_in_batch + 1;
                 IF ledger._expire_one(v_due.user_id, v_due.reservation_id) THEN
@@ -871,9 +888,8 @@ BEGIN
 END;
 $$;
 
--- Ends every open reservation whose deadline has passed, committing after each
--- batch so no account stays locked for long. Bounded by the deadline at the
--- start, so a stream of new expiries cannot keep it running.
+-- Ends every open reservation whose deadline has passed, in batches of
+-- batch_size, each its own transaction (ledger._expire_local_shards).
 -- Not SECURITY DEFINER: PostgreSQL refuses COMMIT in such procedures. pg_cron
 -- runs it as the superuser who scheduled it; by hand, a DBA does.
 -- Under Citus it runs ledger._expire_local_shards on every node at once, over
@@ -884,43 +900,24 @@ CREATE PROCEDURE ledger.expire_reservations(INOUT expired bigint DEFAULT 0, batc
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    v_cutoff timestamptz := clock_timestamp();
-    v_due record;
-    v_in_batch integer;
     v_failures text;
 BEGIN
-    expired := 0;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        CALL ledger._expire_local_shards(expired, batch_size);
+        RETURN;
+    END IF;
     IF batch_size IS NULL OR batch_size < 1 THEN
         PERFORM ledger._invalid('batch_size', 'must be a positive integer');
     END IF;
-    IF EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
-        SELECT coalesce(sum(r.result::bigint) FILTER (WHERE r.success), 0),
-               string_agg(format('node %s: %s', r.nodeid, r.result), '; ') FILTER (WHERE NOT r.success)
-        INTO expired, v_failures
-        FROM pg_catalog.run_command_on_all_nodes(
-            format('CALL ledger._expire_local_shards(NULL, %s)', batch_size)) AS r;
-        IF v_failures IS NOT NULL THEN
-            RAISE EXCEPTION 'reservations could not be expired on every node (% expired elsewhere): %',
-                expired, v_failures;
-        END IF;
-        RETURN;
+    SELECT coalesce(sum(r.result::bigint) FILTER (WHERE r.success), 0),
+           string_agg(format('node %s: %s', r.nodeid, r.result), '; ') FILTER (WHERE NOT r.success)
+    INTO expired, v_failures
+    FROM pg_catalog.run_command_on_all_nodes(
+        format('CALL ledger._expire_local_shards(NULL, %s)', batch_size)) AS r;
+    IF v_failures IS NOT NULL THEN
+        RAISE EXCEPTION 'reservations could not be expired on every node (% expired elsewhere): %',
+            expired, v_failures;
     END IF;
-    LOOP
-        v_in_batch := 0;
-        FOR v_due IN
-            SELECT user_id, reservation_id FROM ledger.reservations
-            WHERE status = 'open' AND expires_at <= v_cutoff
-            ORDER BY expires_at
-            LIMIT batch_size
-        LOOP
-            v_in_batch := v_in_batch + 1;
-            IF ledger._expire_one(v_due.user_id, v_due.reservation_id) THEN
-                expired := expired + 1;
-            END IF;
-        END LOOP;
-        EXIT WHEN v_in_batch < batch_size;
-        COMMIT;
-    END LOOP;
 END;
 $$;
 
@@ -1170,7 +1167,9 @@ COMMENT ON FUNCTION ledger.release_reservation(text, text, bigint, text, jsonb) 
 COMMENT ON PROCEDURE ledger.expire_reservations(bigint, integer) IS
 'Expire every open reservation past its deadline, committing every batch_size; returns how many it expired. Under Citus each node expires its own shards'' reservations (ledger._expire_local_shards), all at once. Run each minute by pg_cron; CALL it by hand at any time.';
 COMMENT ON PROCEDURE ledger._expire_local_shards(bigint, integer) IS
-'Under Citus: expire the overdue reservations of the shards on this node, in transactions of this node alone; ledger.expire_reservations runs it on every node.';
+'Expire the overdue reservations held on this node (its shards under Citus), in transactions of this node alone; ledger.expire_reservations runs it, under Citus on every node.';
+COMMENT ON FUNCTION ledger._local_tables(regclass) IS
+'The tables on this node holding the given table''s rows: its shards placed here under Citus, else the table itself.';
 COMMENT ON FUNCTION ledger.balance(text) IS
 'The account''s available, reserved and lifetime earned points; zeros for a user who never had any.';
 COMMENT ON FUNCTION ledger.entries_page(text, bigint, integer) IS
