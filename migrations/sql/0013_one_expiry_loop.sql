@@ -1,5 +1,5 @@
 -- ===========================================================================
--- One expiry loop for both topologies (revision 0010)
+-- One expiry loop for both topologies (revision 0013)
 --
 -- Without Citus, expire_reservations walked ledger.reservations in a batching
 -- loop of its own, beside the per-shard loop each Citus node runs
