@@ -9,6 +9,7 @@
 
 -- ===========================================================================
 -- Roles (cluster-wide, so created only when missing; on the Citus workers too)
+-- and their waits
 -- ===========================================================================
 
 DO $roles$
@@ -46,6 +47,37 @@ DECLARE
                 -- The notification sender: works the outbox.
                 CREATE ROLE rewards_notifier LOGIN;
             END IF;
+            -- Bounded waits (README, "Bounded waits"). Set on the role, every
+            -- time, so that they hold in each of its sessions (a SET in a
+            -- session would not survive PgBouncer's transaction pooling) and on
+            -- every node (a Citus worker runs a delegated call in a session of
+            -- the caller's role). A session may still SET its own.
+            -- The API: a call takes milliseconds (p99 74 ms over HTTP at
+            -- saturation, bench/RESULTS.md). One that waits half a second for an
+            -- account's lock, or runs a second, is stuck behind something that
+            -- is not the ledger's own traffic: refused (503 overloaded) well
+            -- inside the client's patience. It never holds a transaction open.
+            ALTER ROLE rewards_api SET lock_timeout = '500ms';
+            ALTER ROLE rewards_api SET statement_timeout = '1s';
+            ALTER ROLE rewards_api SET idle_in_transaction_session_timeout = '5s';
+            -- The consumer's backfill copies the whole ledger and a peek after
+            -- an outage decodes all the WAL since, so no statement bound (0 even
+            -- if the server's default changes); but it queues behind no lock for
+            -- long (it retries) and leaves no transaction open.
+            ALTER ROLE rewards_audit_writer SET statement_timeout = 0;
+            ALTER ROLE rewards_audit_writer SET lock_timeout = '5s';
+            ALTER ROLE rewards_audit_writer SET idle_in_transaction_session_timeout = '1min';
+            -- The sender's statements are small: it leases its rows rather than
+            -- holding them while it sends, and retries what failed.
+            ALTER ROLE rewards_notifier SET statement_timeout = '10s';
+            ALTER ROLE rewards_notifier SET lock_timeout = '1s';
+            ALTER ROLE rewards_notifier SET idle_in_transaction_session_timeout = '10s';
+            -- People at a prompt: a forgotten query or an open transaction must
+            -- not hold a snapshot (vacuum) or a lock (partition retention) for
+            -- hours. A longer report SETs its own statement_timeout.
+            ALTER ROLE rewards_auditor SET statement_timeout = '15min';
+            ALTER ROLE rewards_auditor SET lock_timeout = '10s';
+            ALTER ROLE rewards_auditor SET idle_in_transaction_session_timeout = '10min';
             IF v_propagation IS NOT NULL THEN
                 PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', v_propagation, true);
             END IF;

@@ -19,7 +19,9 @@ def make_pool(settings: Settings) -> AsyncConnectionPool:
         # PgBouncer 1.18 in transaction mode cannot keep protocol-level prepared
         # statements, so psycopg must never prepare one. Each call is its own
         # transaction: committed, and so durable, before the response is sent.
-        kwargs={"autocommit": True, "prepare_threshold": None},
+        # A connection attempt to PgBouncer that hangs is given up (libpq's
+        # smallest bound), so the pool goes on trying rather than waiting.
+        kwargs={"autocommit": True, "prepare_threshold": None, "connect_timeout": 2},
         open=False,
         name="rewards-api",
     )

@@ -106,10 +106,18 @@ class AsyncLedger:
 
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self.pool = pool
+        # Connections this process's calls hold now: when none came free in
+        # time, whether they were all at work (overloaded) or there were none
+        # to be had (the pool cannot open one: unavailable).
+        self._held = 0
 
     async def __call__(self, call: Call[T]) -> Any:
-        with translated():
+        with translated(connections_busy=lambda: self._held > 0):
             async with self.pool.connection() as conn:
-                cursor = conn.cursor(row_factory=call.row_factory())
-                await cursor.execute(call.query, call.params)
-                return call.shaped(await cursor.fetchall() if cursor.description else [])
+                self._held += 1
+                try:
+                    cursor = conn.cursor(row_factory=call.row_factory())
+                    await cursor.execute(call.query, call.params)
+                    return call.shaped(await cursor.fetchall() if cursor.description else [])
+                finally:
+                    self._held -= 1

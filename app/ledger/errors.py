@@ -5,7 +5,7 @@ into their own answers and never see psycopg's."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import psycopg
@@ -32,16 +32,28 @@ class Unavailable(LedgerError):
 
 
 class Overloaded(LedgerError):
-    """No database connection came free in time: refused rather than queued."""
+    """Refused rather than queued: every database connection was busy, or the
+    database, up, did not finish the call within its bound (the role's
+    statement_timeout or lock_timeout, sql/roles.sql). Nothing was written."""
 
 
 @contextmanager
-def translated() -> Iterator[None]:
-    """Run a database call with its driver errors as the ledger's own."""
+def translated(connections_busy: Callable[[], bool] = lambda: True) -> Iterator[None]:
+    """Run a database call with its driver errors as the ledger's own.
+    `connections_busy` says whether a pool that gave no connection in time had
+    them all at work (overloaded) rather than none it could open (unavailable)."""
     try:
         yield
     except (PoolTimeout, TooManyRequests) as exc:
+        if not connections_busy():
+            raise Unavailable("no connection to the database could be opened") from exc
         raise Overloaded("no database connection came free in time") from exc
+    except pg_errors.LockNotAvailable as exc:
+        raise Overloaded("a lock the call needed was held by another transaction past lock_timeout") from exc
+    except pg_errors.QueryCanceled as exc:
+        # statement_timeout; also a cancel by an operator. Either way the
+        # statement, and so its transaction, was rolled back.
+        raise Overloaded("the database did not finish the call within statement_timeout") from exc
     except pg_errors.InvalidParameterValue as exc:
         message = exc.diag.message_primary or "invalid argument"
         raise InvalidArgument(message, exc.diag.column_name or _argument_named_in(message)) from exc

@@ -39,6 +39,21 @@ default_pool_size = 24
 reserve_pool_size = 4
 reserve_pool_timeout = 1
 server_reset_query =
+; Bounded waits (README, "Bounded waits"). A query waits at most 1 s for a
+; server connection (then "query_wait_timeout": 503 unavailable), after the
+; API's own 0.5 s for a pool connection; and at most 3 s in all, its wait and
+; the role's 1 s statement_timeout included, should the server not answer at
+; all (then "query_timeout"). A server login that hangs is given up after 2 s;
+; after a failed one, new clients are refused at once for 1 s (not the default
+; 15 s, which would keep the service down that long after PostgreSQL is back).
+; A client idle in a transaction holds a server connection: ended after 5 s,
+; as the role's idle_in_transaction_session_timeout would. Idle clients outside
+; one cost nothing in transaction pooling and are the API pool's own to close.
+query_wait_timeout = 1
+query_timeout = 3
+server_connect_timeout = 2
+server_login_retry = 1
+idle_transaction_timeout = 5
 ignore_startup_parameters = extra_float_digits
 logfile = {log_dir}/pgbouncer.log
 pidfile = {run_dir}/pgbouncer.pid
