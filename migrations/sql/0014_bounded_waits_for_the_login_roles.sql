@@ -1,5 +1,5 @@
 -- ===========================================================================
--- Bounded waits for the login roles (revision 0010)
+-- Bounded waits for the login roles (revision 0014)
 --
 -- Each role that logs in gets its statement, lock and idle-in-transaction
 -- timeouts as role settings, on every node (sql/roles.sql says why each value;
