@@ -29,6 +29,18 @@ def _down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    settings = load()
+    programs = processes.status(settings)
+    if not programs:
+        print(f"nothing runs under the supervisor of {settings.data_dir}")
+        return 1
+    width = max(len(p.name) for p in programs)
+    for program in programs:
+        print(f"{program.name:<{width}}  {program.state:<8}  {program.detail}")
+    return 0 if all(p.state == "RUNNING" for p in programs) else 1
+
+
 @contextmanager
 def _ledger() -> Iterator[Ledger]:
     """The ledger as the cluster's superuser, over its Unix socket."""
@@ -273,6 +285,8 @@ def _parser() -> argparse.ArgumentParser:
 
     groups.add_parser("up", help="database, PgBouncer, Redis and the API (safe to repeat)").set_defaults(func=_up)
     groups.add_parser("down", help="stop everything `rewards up` started").set_defaults(func=_down)
+    groups.add_parser("status", help="each supervised program and its state; exit 1 unless all run").set_defaults(
+        func=_status)
 
     key_commands = groups.add_parser("keys", help="API keys").add_subparsers(dest="command", required=True)
     create = key_commands.add_parser("create", help="make a key; it is printed once")

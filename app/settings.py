@@ -32,6 +32,9 @@ class Tier:
             raise ValueError(f"a rate tier needs a positive rate and burst, not {text!r}")
         return tier
 
+    def __str__(self) -> str:
+        return f"{self.rate:g}/{self.burst}"
+
 
 class MissingSecret(RuntimeError):
     """A secret neither set in the environment nor made by `rewards up` yet."""
@@ -117,6 +120,14 @@ class Settings:
                                         shown=GENERATED, secret="notify-secret")
     notify_max_attempts: int = setting("REWARDS_NOTIFY_MAX_ATTEMPTS", "8",
                                        "deliveries tried before a notification is parked", int)
+
+    def environment(self) -> dict[str, str]:
+        """The variables that make load() give back these settings: what a
+        process started on their behalf (by supervisord) is given. A secret
+        that load() reads from its file is left to be read there."""
+        return {spec.metadata["env"]: str(value) for spec in fields(self)
+                if (value := getattr(self, spec.name)) is not None
+                and not (spec.metadata["secret"] and value == _read_secret(self.secrets_dir / spec.metadata["secret"]))}
 
     @property
     def pg_data(self) -> Path:

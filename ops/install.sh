@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Installs what the project needs on Debian 12, as root: PostgreSQL 15 with
-# pg_partman, wal2json and pg_cron, PgBouncer, Redis, promtool (Debian's prometheus
-# package, for the alert rules' tests), and the Python environment.
+# pg_partman, wal2json and pg_cron, PgBouncer, Redis, supervisor, promtool (Debian's
+# prometheus package, for the alert rules' tests), and the Python environment.
 # Installs only what is missing, so it is quick and safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(
     postgresql-15 postgresql-15-partman postgresql-15-wal2json postgresql-15-cron
-    pgbouncer redis-server acl wrk prometheus
+    pgbouncer redis-server supervisor acl wrk prometheus
 )
 
 missing=()

@@ -13,6 +13,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetailsException, ProblemDetailsPlugin
 
 from app import logs
+from app.api import lifeline
 from app.api.accounts.controllers import AccountsController
 from app.api.dependencies import DEPENDENCIES
 from app.api.frontdoor import FrontDoor
@@ -67,6 +68,7 @@ def create_litestar(settings: Settings) -> Litestar:
 
 
 def create_app() -> FrontDoor:
+    lifeline.tie_to_parent()
     settings = load()
     logs.configure()
     return FrontDoor(create_litestar(settings), settings.max_in_flight)

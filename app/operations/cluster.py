@@ -17,6 +17,7 @@ import psycopg
 from app import secrets
 from app.ledger import queries
 from app.operations import citus, migrate
+from app.operations.supervisor import ALIVE, Program, Supervisor
 from app.settings import PROJECT_ROOT, Settings
 
 PG_HBA = """\
@@ -196,29 +197,52 @@ def is_running(settings: Settings) -> bool:
     return status.returncode == 0
 
 
-def _start(settings: Settings) -> None:
+def postgres_program(node: Settings, home: Settings) -> Program:
+    """A node's PostgreSQL, in the foreground under the supervisord of `home`'s
+    data folder (the coordinator's, for a local Citus worker). With
+    REWARDS_HA=on the node's pg_auto_failover keeper takes this place and runs
+    PostgreSQL itself."""
+    name = "postgres" if node.data_dir == home.data_dir else f"postgres-{node.data_dir.relative_to(home.data_dir)}"
+    return Program(
+        name=name, command=[str(node.pg_bin / "postgres"), "-D", str(node.pg_data)], log_file=node.log_file,
+        user=node.pg_os_user if os.geteuid() == 0 else None, priority=100,
+        # SIGTERM would be a smart shutdown, waiting for every client to leave
+        # (PgBouncer and the audit stream never do) until supervisord kills it.
+        # SIGINT is the fast one: clients are disconnected, then the shutdown
+        # checkpoint is written, and that may take minutes after a busy spell:
+        # supervisord must wait for it, not SIGKILL it mid-checkpoint (which
+        # costs a crash recovery at the next start). Only the postmaster is
+        # signalled, never its process group: the postmaster stops its backends.
+        stopsignal="INT", stopwaitsecs=600, stopasgroup=False,
+        startsecs=2)
+
+
+def _start(settings: Settings, home: Settings) -> None:
+    supervisor = Supervisor.of(home)
+    program = postgres_program(settings, home)
     if is_running(settings):
-        _run(as_owner(settings, settings.pg_bin / "pg_ctl", "reload", "-D", settings.pg_data))
-        return
-    try:
-        _run(as_owner(
-            settings, settings.pg_bin / "pg_ctl", "start", "-w", "-t", "120",
-            "-D", settings.pg_data, "-l", settings.log_file,
-        ))
-    except subprocess.CalledProcessError as exc:
-        tail = "".join(settings.log_file.read_text().splitlines(keepends=True)[-8:])
-        raise SystemExit(f"PostgreSQL did not start (port {settings.pg_port} taken?); its log ends:\n{tail}") from exc
+        if supervisor.status(program.name).state not in ALIVE:
+            # Started by something else (a `rewards up` from before supervision,
+            # or the orphan of a killed supervisord): stopped cleanly, then
+            # handed to supervisord, which cannot adopt a running process.
+            _stop(settings)
+        else:
+            _run(as_owner(settings, settings.pg_bin / "pg_ctl", "reload", "-D", settings.pg_data))
+    supervisor.ensure(program)
 
 
-def wait_ready(settings: Settings, timeout: float = 60.0) -> None:
+def wait_ready(settings: Settings, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
             with psycopg.connect(settings.superuser_conninfo("postgres"), connect_timeout=2):
                 return
-        except psycopg.OperationalError:
+        except psycopg.OperationalError as exc:
             if time.monotonic() > deadline:
-                raise
+                tail = "".join(settings.log_file.read_text().splitlines(keepends=True)[-8:]) \
+                    if settings.log_file.exists() else "(no log)"
+                raise SystemExit(f"PostgreSQL of {settings.pg_data} did not answer within {timeout:.0f} s "
+                                 f"({exc}); its log ends:\n{tail}") from exc
             time.sleep(0.2)
 
 
@@ -245,13 +269,14 @@ def _let_api_log_in(settings: Settings) -> None:
         )
 
 
-def start_node(settings: Settings) -> None:
+def start_node(settings: Settings, home: Settings | None = None) -> None:
     """Create (once), configure and start a cluster, without touching its databases:
-    enough for a Citus worker, whose schema the coordinator manages."""
+    enough for a Citus worker, whose schema the coordinator manages. It runs
+    under the supervisord of `home`'s data folder (its own by default)."""
     _ensure_os_user(settings)
     _initdb(settings)
     _configure(settings)
-    _start(settings)
+    _start(settings, home or settings)
     wait_ready(settings)
 
 
@@ -263,7 +288,7 @@ def up(settings: Settings) -> None:
     settings = secrets.ensure(settings)
     nodes = _nodes(settings)
     for node in nodes:
-        start_node(node)
+        start_node(node, settings)
         _create_database(node)
     if settings.citus == "on":
         citus.prepare(settings, nodes[1:])
@@ -272,11 +297,16 @@ def up(settings: Settings) -> None:
 
 
 def _stop(settings: Settings) -> None:
+    """A fast shutdown (pg_ctl's -m fast is the SIGINT supervisord sends)."""
     if (settings.pg_data / "PG_VERSION").exists() and is_running(settings):
-        _run(as_owner(settings, settings.pg_bin / "pg_ctl", "stop", "-w", "-m", "fast", "-D", settings.pg_data))
+        _run(as_owner(settings, settings.pg_bin / "pg_ctl", "stop", "-w", "-t", "600", "-m", "fast",
+                      "-D", settings.pg_data))
 
 
 def down(settings: Settings) -> None:
-    """Stop the cluster and every local worker in its data folder."""
-    for node in (settings, *citus.local_workers(settings)):
-        _stop(node)
+    """Stop the cluster and every local worker in its data folder; with nothing
+    else left in it to run, its supervisord stops too."""
+    supervisor = Supervisor.of(settings)
+    for node in (*citus.local_workers(settings), settings):
+        supervisor.remove(postgres_program(node, settings).name)
+        _stop(node)  # one not run by supervisord

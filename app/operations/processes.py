@@ -1,5 +1,7 @@
 """The processes beside the database: PgBouncer in front of it, Redis for the
-shared rate limits, and the API's workers. Each start is safe to repeat."""
+shared rate limits, the API, the audit stream and the notification sender, each
+a program of the data folder's supervisord (app.operations.supervisor), which
+starts it again whenever it exits. Each start is safe to repeat."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -18,6 +19,7 @@ import redis
 
 from app import secrets
 from app.operations import cluster
+from app.operations.supervisor import ALIVE, Program, Status, Supervisor
 from app.settings import PROJECT_ROOT, Settings
 
 PGBOUNCER_INI = """\
@@ -55,39 +57,31 @@ server_connect_timeout = 2
 server_login_retry = 1
 idle_transaction_timeout = 5
 ignore_startup_parameters = extra_float_digits
-logfile = {log_dir}/pgbouncer.log
-pidfile = {run_dir}/pgbouncer.pid
 """
 
 
-def _pid_alive(pid_file: Path) -> int | None:
+def _supervisor(settings: Settings) -> Supervisor:
+    return Supervisor.of(settings)
+
+
+def _owner(settings: Settings) -> str | None:
+    # PgBouncer and Redis, like PostgreSQL, are run as the cluster's OS user.
+    return settings.pg_os_user if os.geteuid() == 0 else None
+
+
+def _retire_daemon(pid_file: Path) -> None:
+    """Stop what a `rewards up` from before supervision left running (it wrote
+    this pid file), so that its supervised successor gets the port."""
     try:
         pid = int(pid_file.read_text().strip())
-        os.kill(pid, 0)
-        return pid
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)
+            time.sleep(0.1)
     except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
-        return None
-
-
-def _stop(pid_file: Path, sig: signal.Signals = signal.SIGTERM, timeout: float = 15.0) -> None:
-    pid = _pid_alive(pid_file)
-    if pid is None:
-        return
-    os.kill(pid, sig)
-    deadline = time.monotonic() + timeout
-    while _pid_alive(pid_file) and time.monotonic() < deadline:
-        _reap(pid)
-        time.sleep(0.1)
-    pid_file.unlink(missing_ok=True)
-
-
-def _reap(pid: int) -> None:
-    """A process this one started (a test's or a benchmark's API) stays a zombie
-    after it exits, and a zombie still answers kill(pid, 0), until waited for."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:  # not ours: its own parent reaps it
         pass
+    pid_file.unlink(missing_ok=True)
 
 
 # --- PgBouncer --------------------------------------------------------------
@@ -105,19 +99,20 @@ def bouncer_up(settings: Settings) -> None:
     ini = folder / "pgbouncer.ini"
     ini.write_text(PGBOUNCER_INI.format(
         socket_dir=_connstring_value(str(settings.socket_dir)), pg_port=settings.pg_port,
-        bouncer_port=settings.bouncer_port, userlist=userlist, log_dir=settings.log_dir, run_dir=settings.socket_dir))
+        bouncer_port=settings.bouncer_port, userlist=userlist))
     if os.geteuid() == 0:
         for path in (folder, userlist, ini):
             shutil.chown(path, settings.pg_os_user, settings.pg_os_user)
-    pid_file = settings.socket_dir / "pgbouncer.pid"
-    if _pid_alive(pid_file):
+    _retire_daemon(settings.socket_dir / "pgbouncer.pid")
+    supervisor = _supervisor(settings)
+    was_alive = supervisor.status("pgbouncer").state in ALIVE
+    # SIGINT is PgBouncer's safe shutdown: transactions under way finish first.
+    supervisor.ensure(Program("pgbouncer", ["pgbouncer", str(ini)], settings.log_dir / "pgbouncer.log",
+                              user=_owner(settings), priority=200, stopsignal="INT", stopwaitsecs=30))
+    if was_alive:
         # Re-read the settings without dropping a connection.
-        os.kill(_pid_alive(pid_file), signal.SIGHUP)
-        return
-    # PgBouncer, like PostgreSQL, will not run as root.
-    subprocess.run(cluster.as_owner(settings, "pgbouncer", "-d", ini), check=True,
-                   capture_output=True, text=True)
-    _wait_for(lambda: _pid_alive(pid_file) is not None, "PgBouncer", settings.log_dir / "pgbouncer.log")
+        supervisor.signal("pgbouncer", "HUP")
+    _wait_for(lambda: _port_answers(settings.bouncer_port), "PgBouncer", settings.log_dir / "pgbouncer.log")
 
 
 def _userlist_line(user: str, password: str) -> str:
@@ -134,7 +129,7 @@ def _connstring_value(value: str) -> str:
 
 
 def bouncer_down(settings: Settings) -> None:
-    _stop(settings.socket_dir / "pgbouncer.pid", signal.SIGINT)
+    _supervisor(settings).remove("pgbouncer")
 
 
 # --- Redis ------------------------------------------------------------------
@@ -146,31 +141,37 @@ def redis_answers(url: str) -> bool:
         return False
 
 
+def _redis_program(url: str) -> str:
+    return f"redis-{urlparse(url).port or 6379}"
+
+
 def redis_up(settings: Settings, url: str | None = None) -> None:
-    """Start Debian's redis-server for `url` unless something already answers there."""
+    """Run Debian's redis-server for `url` unless something else already answers there."""
     url = url or settings.redis_url
-    if redis_answers(url):
-        return
     parsed = urlparse(url)
-    if parsed.hostname not in ("127.0.0.1", "localhost"):
-        raise SystemExit(f"nothing answers at {url}, and only a local Redis can be started here")
     port = parsed.port or 6379
     folder = settings.data_dir / f"redis-{port}"
+    _retire_daemon(folder / "redis.pid")
+    supervisor = _supervisor(settings)
+    name = _redis_program(url)
+    if not supervisor.has(name) and redis_answers(url):
+        return
+    if parsed.hostname not in ("127.0.0.1", "localhost"):
+        raise SystemExit(f"nothing answers at {url}, and only a local Redis can be started here")
     folder.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         shutil.chown(folder, settings.pg_os_user, settings.pg_os_user)
+    log_file = settings.log_dir / f"{name}.log"
     # Buckets refill within seconds: nothing of them is worth saving to disk.
-    subprocess.run(cluster.as_owner(
-        settings, "redis-server", "--bind", "127.0.0.1", "--port", str(port), "--daemonize", "yes",
-        "--dir", folder, "--pidfile", folder / "redis.pid", "--logfile", settings.log_dir / f"redis-{port}.log",
+    supervisor.ensure(Program(name, [
+        "redis-server", "--bind", "127.0.0.1", "--port", str(port), "--daemonize", "no", "--dir", str(folder),
         "--save", "", "--appendonly", "no", "--maxmemory", "256mb", "--maxmemory-policy", "volatile-ttl",
-    ), check=True, capture_output=True, text=True)
-    _wait_for(lambda: redis_answers(url), "Redis", settings.log_dir / f"redis-{port}.log")
+    ], log_file, user=_owner(settings), priority=200))
+    _wait_for(lambda: redis_answers(url), "Redis", log_file)
 
 
 def redis_down(settings: Settings, url: str | None = None) -> None:
-    port = urlparse(url or settings.redis_url).port or 6379
-    _stop(settings.data_dir / f"redis-{port}" / "redis.pid")
+    _supervisor(settings).remove(_redis_program(url or settings.redis_url))
 
 
 # --- The API ----------------------------------------------------------------
@@ -191,15 +192,6 @@ def api_command(settings: Settings, workers: int) -> list[str]:
     ]
 
 
-def _spawn(argv: list[str], env: dict[str, str], pid_file: Path, log_file: Path) -> subprocess.Popen:
-    process = subprocess.Popen(
-        argv, cwd=PROJECT_ROOT, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
-        stdout=log_file.open("ab"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    pid_file.write_text(str(process.pid))
-    return process
-
-
 def free_port() -> int:
     """A loopback port nothing listens on now, for a server of a test or a bench."""
     with socket.socket() as probe:
@@ -207,34 +199,39 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _api_pid_file(settings: Settings) -> Path:
+def _api_program(settings: Settings) -> str:
     # One per port, so a test's or a bench's API lives beside the service's.
-    return settings.socket_dir / f"api-{settings.api_port}.pid"
+    return f"api-{settings.api_port}"
 
 
 def api_up(settings: Settings, env: dict[str, str] | None = None, workers: int | None = None) -> int:
-    """Start the API on settings.api_port (unless it runs) and return its pid."""
-    pid_file = _api_pid_file(settings)
-    running = _pid_alive(pid_file)
-    if running:
-        return running
+    """Run the API on settings.api_port, with `env` over the settings'
+    variables; its pid once it answers."""
+    name = _api_program(settings)
+    _retire_daemon(settings.socket_dir / f"{name}.pid")
+    supervisor = _supervisor(settings)
     metrics_dir = settings.socket_dir / f"prometheus-{settings.api_port}"
-    shutil.rmtree(metrics_dir, ignore_errors=True)
-    metrics_dir.mkdir(parents=True)
-    log_file = settings.log_dir / f"api-{settings.api_port}.log"
-    process = _spawn(api_command(settings, workers or settings.api_workers),
-                     {**(env or {}), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}, pid_file, log_file)
+    if supervisor.status(name).state not in ALIVE:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    log_file = settings.log_dir / f"{name}.log"
+    supervisor.ensure(Program(
+        name, api_command(settings, workers or settings.api_workers), log_file, directory=PROJECT_ROOT,
+        environment={**settings.environment(), **(env or {}), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+        priority=300, stopwaitsecs=15,
+        # The server's worker processes go with it, so none is left holding the port.
+        stopasgroup=True))
     health = f"http://{settings.api_host}:{settings.api_port}/healthz"
     try:
-        _wait_for(lambda: process.poll() is None and _http_ok(health), "the API", log_file)
+        _wait_for(lambda: _http_ok(health), "the API", log_file)
     except SystemExit:
-        _stop(pid_file)  # leave nothing half-started behind
+        supervisor.remove(name)  # leave nothing half-started behind
         raise
-    return process.pid
+    return supervisor.pid(name)
 
 
 def api_down(settings: Settings) -> None:
-    _stop(_api_pid_file(settings))
+    _supervisor(settings).remove(_api_program(settings))
 
 
 # --- The audit stream and the notification sender ---------------------------
@@ -243,18 +240,27 @@ WORKERS = {"audit": ["audit", "run"], "notify": ["notify", "run"]}
 
 
 def worker_up(settings: Settings, name: str) -> None:
-    pid_file = settings.socket_dir / f"{name}.pid"
-    if _pid_alive(pid_file):
-        return
-    log_file = settings.log_dir / f"{name}.log"
-    process = _spawn([sys.executable, "-m", "app.cli", *WORKERS[name]], {}, pid_file, log_file)
-    time.sleep(0.5)
-    if process.poll() is not None:
-        raise SystemExit(f"`rewards {' '.join(WORKERS[name])}` stopped at once; see {log_file}")
+    _retire_daemon(settings.socket_dir / f"{name}.pid")
+    _supervisor(settings).ensure(Program(
+        name, [sys.executable, "-m", "app.cli", *WORKERS[name]], settings.log_dir / f"{name}.log",
+        directory=PROJECT_ROOT, environment=settings.environment(), priority=400))
 
 
 def worker_down(settings: Settings, name: str) -> None:
-    _stop(settings.socket_dir / f"{name}.pid")
+    _supervisor(settings).remove(name)
+
+
+def status(settings: Settings) -> list[Status]:
+    """Every supervised program of the data folder, and its state."""
+    return _supervisor(settings).status()
+
+
+def _port_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def _http_ok(url: str) -> bool:
@@ -283,6 +289,8 @@ def up(settings: Settings) -> None:
     worker_up(settings, "audit")
     if settings.notify_url:
         worker_up(settings, "notify")
+    else:
+        worker_down(settings, "notify")
 
 
 def down(settings: Settings) -> None:
@@ -292,3 +300,5 @@ def down(settings: Settings) -> None:
     redis_down(settings)
     bouncer_down(settings)
     cluster.down(settings)
+    # Anything left (a test's API, say) goes with supervisord.
+    _supervisor(settings).close()
