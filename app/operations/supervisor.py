@@ -39,7 +39,9 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 serverurl = unix://{home}/supervisord.sock
 
 [include]
-files = {home}/programs/*.conf
+; Relative to this file: `files` is a list split at spaces, and the data
+; folder's path may hold some.
+files = programs/*.conf
 """
 
 # States (supervisorctl status) in which the program is, or will be again, up.
