@@ -281,6 +281,7 @@ def _wait_for(ready, what: str, log_file: Path, timeout: float = 30.0) -> None:
 
 
 def up(settings: Settings) -> None:
+    cluster.check(settings)  # before anything is made, secrets included
     settings = secrets.ensure(settings)
     cluster.up(settings)
     bouncer_up(settings)
