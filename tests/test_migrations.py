@@ -60,6 +60,17 @@ def _schema_dump(dbname: str, settings: Settings = SETTINGS) -> str:
     return re.sub(r"^(--|\\restrict |\\unrestrict ).*$", "", dump, flags=re.MULTILINE)
 
 
+def test_the_revisions_are_one_line_numbered_by_their_files():
+    """Branches merged side by side can each add the next number: git sees two
+    new files, not a conflict, and alembic would then apply only one of them."""
+    versions = sorted((PROJECT_ROOT / "migrations" / "versions").glob("[0-9][0-9][0-9][0-9]_*.py"))
+    chain = [(script.revision, script.down_revision)
+             for script in ScriptDirectory(str(PROJECT_ROOT / "migrations")).walk_revisions()][::-1]
+    numbers = [path.name[:4] for path in versions]
+    assert numbers == [f"{n:04d}" for n in range(1, len(versions) + 1)]
+    assert chain == [(number, previous) for number, previous in zip(numbers, [None, *numbers])]
+
+
 def test_migrated_schema_equals_the_fresh_schema():
     with _empty_database() as migrated, _empty_database() as fresh:
         migrate.upgrade(SETTINGS.superuser_conninfo(migrated))
