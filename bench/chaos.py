@@ -186,8 +186,11 @@ def _measure(outcome: Outcome, run: Run) -> None:
     if not failed_ends:
         outcome.writes_back_after = 0.0
         return
-    outage_end = max(failed_ends)
-    succeeded = [a.sent + a.latency for a in writes if 200 <= a.status < 300 and a.sent + a.latency >= outage_end]
+    # From the kill to the first write acknowledged after the first one failed
+    # (failures later than that are in the counts).
+    first_failure = min(failed_ends)
+    succeeded = [a.sent + a.latency for a in writes
+                 if 200 <= a.status < 300 and a.sent + a.latency >= first_failure]
     outcome.writes_back_after = round(min(succeeded) - outcome.injected_at, 2) if succeeded else None
 
 
