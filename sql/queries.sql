@@ -52,8 +52,10 @@ SELECT * FROM api.revoke_key(%(key_id)s);
 -- name: ping
 SELECT 1 AS ok;
 
--- name: slot_exists
-SELECT 1 FROM pg_replication_slots WHERE slot_name = %(slot)s;
+-- name: slot_status
+-- wal_status 'lost': max_slot_wal_keep_size invalidated the slot, which can
+-- never deliver again.
+SELECT slot_name, wal_status FROM pg_replication_slots WHERE slot_name = %(slot)s;
 
 -- name: create_slot
 SELECT lsn FROM pg_create_logical_replication_slot(%(slot)s, 'wal2json');
@@ -132,7 +134,8 @@ ORDER BY n.groupid, n.nodeid;
 -- On the slot's node (a Citus worker has no audit schema).
 SELECT s.slot_name,
        pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint AS lag_bytes,
-       s.confirmed_flush_lsn::text AS confirmed_lsn
+       s.confirmed_flush_lsn::text AS confirmed_lsn,
+       s.wal_status
 FROM pg_replication_slots s
 WHERE s.slot_name = %(slot)s;
 

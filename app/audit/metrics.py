@@ -14,7 +14,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -27,6 +27,9 @@ log = logging.getLogger("rewards.audit")
 LAG_BYTES = Gauge("rewards_audit_lag_bytes", "WAL bytes the slot holds beyond what the history has", ["slot"])
 LAG_SECONDS = Gauge("rewards_audit_lag_seconds",
                     "Age of the oldest ledger commit not yet in the history; 0 when none is pending", ["slot"])
+SLOT_INVALIDATIONS = Counter(
+    "rewards_audit_slot_invalidations", "Times the slot was found invalidated by max_slot_wal_keep_size and made "
+    "again, the history backfilled from the ledger", ["slot"])
 
 # A scrape must answer even when a node does not: it waits this long for one.
 CONNECT_TIMEOUT_SECONDS = 3

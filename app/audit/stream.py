@@ -93,8 +93,8 @@ def _refuse_unknown(batch: list[Transaction]) -> None:
                 raise UnknownChange(change["schema"], change["table"], txn.commit_lsn)
 
 
-def _slot_exists(slot: str) -> Call[dict]:
-    return Call(queries.SLOT_EXISTS, {"slot": slot}, shape=Shape.MAYBE)
+def _slot_status(slot: str) -> Call[dict]:
+    return Call(queries.SLOT_STATUS, {"slot": slot}, shape=Shape.MAYBE)
 
 
 def _create_slot(slot: str) -> Call[dict]:
@@ -144,6 +144,10 @@ class Stream:
         self.batch_changes = batch_changes
         self._source: Ledger | None = None
         self._target: Ledger | None = None
+        # The slot is looked at again after every interruption: it may have
+        # been invalidated (the reason a peek fails for good) or, after a
+        # failover, be missing on the new primary.
+        self._slot_checked = False
 
     def _connections(self) -> tuple[Ledger, Ledger]:
         if self._source is None or self._source.closed:
@@ -156,24 +160,40 @@ class Stream:
         for ledger in (self._source, self._target):
             if ledger is not None:
                 ledger.close()
+        self._slot_checked = False
 
     def ensure_slot(self) -> None:
+        """Make the slot when it is missing, and again when max_slot_wal_keep_size
+        invalidated it (the changes it held are gone from the WAL), each time
+        with the backfill that copies from the ledger what the history lacks."""
         source, target = self._connections()
-        if not source(_slot_exists(self.slot)):
+        status = source(_slot_status(self.slot))
+        invalidated = status is not None and status["wal_status"] == "lost"
+        if invalidated:
+            source(_drop_slot(self.slot))
+        if status is None or invalidated:
             source(_create_slot(self.slot))
             # The slot sees only what commits from now on: copy what came before.
             # Into the history, which is on the target (a Citus worker's slot
             # is applied on the coordinator, where audit.* lives).
             copied = target(_backfill())["entries"]
-            log.info("created replication slot", extra={"fields": {"slot": self.slot, "backfilled": copied}})
+            if invalidated:
+                metrics.SLOT_INVALIDATIONS.labels(self.slot).inc()
+                log.warning("replication slot was invalidated (max_slot_wal_keep_size): made again, history "
+                            "backfilled from the ledger", extra={"fields": {"slot": self.slot, "backfilled": copied}})
+            else:
+                log.info("created replication slot", extra={"fields": {"slot": self.slot, "backfilled": copied}})
+        self._slot_checked = True
 
     def drop_slot(self) -> None:
         source, _ = self._connections()
-        if source(_slot_exists(self.slot)):
+        if source(_slot_status(self.slot)):
             source(_drop_slot(self.slot))
 
     def poll(self) -> int:
         """Apply one batch; how many ledger rows it held (0 when caught up)."""
+        if not self._slot_checked:
+            self.ensure_slot()
         source, target = self._connections()
         rows = source(_peek(self.slot, self.batch_changes))
         batch = list(transactions(rows))
@@ -225,6 +245,8 @@ class Stream:
         row = source(_lag(self.slot))
         if row is None:
             return None
+        if row["wal_status"] == "lost":
+            return row | {"lag_seconds": None}  # nothing to peek; the next poll makes it again
         progress = target(_progress(self.slot)) or {"last_committed_at": None, "last_applied_at": None}
         rows = source(_peek(self.slot, 100))
         pending = next((txn for txn in transactions(rows) if txn.changes), None)
@@ -295,7 +317,7 @@ def run(streams: list[Stream], idle_sleep: float = 0.2, stop_after_idle: float |
         if time.monotonic() - measured_at >= 5:
             for stream in streams:
                 lag = stream.lag()
-                if lag:
+                if lag and lag["lag_seconds"] is not None:
                     metrics.LAG_BYTES.labels(stream.slot).set(lag["lag_bytes"])
                     metrics.LAG_SECONDS.labels(stream.slot).set(lag["lag_seconds"])
             measured_at = time.monotonic()
