@@ -94,8 +94,11 @@ CREATE TABLE audit.settings (
     singleton          boolean PRIMARY KEY DEFAULT true,
     history_retention  interval,
     history_horizon    timestamptz NOT NULL DEFAULT '-infinity',
+    -- how long a delivered notification is kept (audit.expire_notifications)
+    notification_retention  interval NOT NULL DEFAULT interval '30 days',
     CONSTRAINT settings_singleton CHECK (singleton),
-    CONSTRAINT settings_history_retention_positive CHECK (history_retention > interval '0')
+    CONSTRAINT settings_history_retention_positive CHECK (history_retention > interval '0'),
+    CONSTRAINT settings_notification_retention_positive CHECK (notification_retention > interval '0')
 );
 
 -- Where each account's chain continues in the history once retention dropped
@@ -126,6 +129,8 @@ CREATE INDEX entries_account_time ON audit.entries (user_id, created_at);
 CREATE INDEX entries_entry_id ON audit.entries (entry_id);
 
 CREATE INDEX notifications_due ON audit.notifications (next_attempt_at) WHERE status = 'pending';
+-- Delivered ones, oldest first, for their expiry.
+CREATE INDEX notifications_delivered ON audit.notifications (delivered_at) WHERE status = 'delivered';
 -- Parked notifications are few and counted at every metrics scrape
 -- (rewards_notifications_dead) and listed by `rewards notify dead`.
 CREATE INDEX notifications_dead ON audit.notifications (notification_id) WHERE status = 'dead';
@@ -484,6 +489,39 @@ BEGIN
 END;
 $$;
 
+-- Forgets the delivered notifications older than
+-- audit.settings.notification_retention (30 days by default), batch_size at a
+-- time, committing after each batch; a pending or parked one is never
+-- touched, however old. The outbox is a plain table where the history is (the
+-- coordinator, under Citus), so this runs there. pg_cron runs it every hour.
+-- Not SECURITY DEFINER and no SET clause (it commits): every name is qualified.
+CREATE PROCEDURE audit.expire_notifications(INOUT deleted bigint DEFAULT 0, batch_size integer DEFAULT 1000)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_cutoff timestamptz := pg_catalog.clock_timestamp()
+                            - (SELECT s.notification_retention FROM audit.settings s);
+    v_in_batch bigint;
+BEGIN
+    deleted := 0;
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'batch_size must be a positive integer' USING ERRCODE = 'invalid_parameter_value',
+            COLUMN = 'batch_size';
+    END IF;
+    LOOP
+        DELETE FROM audit.notifications n
+        WHERE n.notification_id = ANY (ARRAY(
+            SELECT d.notification_id FROM audit.notifications d
+            WHERE d.status = 'delivered' AND d.delivered_at < v_cutoff
+            ORDER BY d.delivered_at LIMIT batch_size));
+        GET DIAGNOSTICS v_in_batch = ROW_COUNT;
+        deleted := deleted + v_in_batch;
+        COMMIT;
+        EXIT WHEN v_in_batch < batch_size;
+    END LOOP;
+END;
+$$;
+
 -- Copy into the history whatever the ledger held before the stream began:
 -- run once, right after the consumer creates its slot. What the slot also
 -- delivers lands once, keyed by the ledger's ids.
@@ -520,6 +558,7 @@ ALTER FUNCTION audit.reconcile(text[], bigint[]) OWNER TO rewards_owner;
 ALTER FUNCTION audit.stream_barrier() OWNER TO rewards_owner;
 ALTER FUNCTION audit.stream_behind(jsonb) OWNER TO rewards_owner;
 ALTER PROCEDURE audit.apply_history_retention(integer) OWNER TO rewards_owner;
+ALTER PROCEDURE audit.expire_notifications(bigint, integer) OWNER TO rewards_owner;
 ALTER FUNCTION audit.repair_history(text) OWNER TO rewards_owner;
 ALTER FUNCTION audit.backfill() OWNER TO rewards_owner;
 
@@ -580,6 +619,8 @@ COMMENT ON FUNCTION audit.stream_behind(jsonb) IS
 'The logical slots of this database not yet past their node''s mark: none once the history holds all committed before it.';
 COMMENT ON PROCEDURE audit.apply_history_retention(integer) IS
 'Drop history months older than audit.settings.history_retention, keeping each account''s chain checkpoint and moving the horizon first. Hourly by pg_cron.';
+COMMENT ON PROCEDURE audit.expire_notifications(bigint, integer) IS
+'Forget delivered notifications older than audit.settings.notification_retention, committing every batch_size; never a pending or parked one. Hourly by pg_cron.';
 COMMENT ON FUNCTION audit.repair_history(text) IS
 'Copy the account''s ledger entries that the history lacks, none before the horizon; returns how many. Never touches the ledger.';
 
@@ -597,5 +638,7 @@ BEGIN
                           'CALL partman.run_maintenance_proc(p_jobmon := false)');
     -- And the months past their retention dropped, each after its checkpoints.
     PERFORM cron.schedule('rewards-audit-retention', '27 * * * *', 'CALL audit.apply_history_retention()');
+    -- And the delivered notifications past theirs.
+    PERFORM cron.schedule('rewards-expire-notifications', '47 * * * *', 'CALL audit.expire_notifications()');
 END
 $cron$;

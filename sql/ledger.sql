@@ -104,11 +104,17 @@ CREATE TABLE ledger.settings (
     max_reservation_ttl  interval NOT NULL,
     max_metadata_bytes   integer NOT NULL,
     max_reason_length    integer NOT NULL,
+    -- how long an idempotency key is remembered (ledger.expire_idempotency_keys)
+    idempotency_retention  interval NOT NULL DEFAULT interval '30 days',
     CONSTRAINT settings_singleton CHECK (singleton),
     CONSTRAINT settings_max_amount_positive CHECK (max_amount > 0),
     CONSTRAINT settings_ttl_positive CHECK (max_reservation_ttl >= interval '1 second'),
     CONSTRAINT settings_metadata_positive CHECK (max_metadata_bytes > 1),
-    CONSTRAINT settings_reason_positive CHECK (max_reason_length > 0)
+    CONSTRAINT settings_reason_positive CHECK (max_reason_length > 0),
+    -- A key must outlive every retry of its call, and a hold's retries last as
+    -- long as the hold: at least a day, and longer than the longest hold.
+    CONSTRAINT settings_idempotency_retention_outlives_retries CHECK (
+        idempotency_retention >= interval '1 day' AND idempotency_retention > max_reservation_ttl)
 );
 
 -- One row per user: the balance the ledger sums to, and the head of its hash chain.
@@ -221,6 +227,9 @@ CREATE UNIQUE INDEX entries_action_once
     WHERE action_source IS NOT NULL;
 
 -- What the expiry job scans: only open reservations, by deadline.
+-- The idempotency records past their retention, oldest first, for the expiry.
+CREATE INDEX idempotency_keys_created_at ON ledger.idempotency_keys (created_at);
+
 CREATE INDEX reservations_open_deadline
     ON ledger.reservations (expires_at)
     WHERE status = 'open';
@@ -640,6 +649,38 @@ BEGIN
 END;
 $$;
 
+-- The expiry of the idempotency records held on this node, table by table
+-- (ledger._local_tables), batch by batch, each batch its own transaction of
+-- this node alone; ledger.expire_idempotency_keys runs it here, or under Citus
+-- on every node at once. The cutoff is taken once, at the start: nothing
+-- younger than the retention is ever deleted. Not SECURITY DEFINER (it commits).
+CREATE PROCEDURE ledger._expire_local_idempotency_keys(INOUT deleted bigint DEFAULT 0,
+                                                       batch_size integer DEFAULT 1000)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_cutoff timestamptz := clock_timestamp() - (SELECT s.idempotency_retention FROM ledger.settings s);
+    v_table text;
+    v_in_batch bigint;
+BEGIN
+    deleted := 0;
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        PERFORM ledger._invalid('batch_size', 'must be a positive integer');
+    END IF;
+    FOR v_table IN SELECT ledger._local_tables('ledger.idempotency_keys') LOOP
+        LOOP
+            EXECUTE format('DELETE FROM %1$s WHERE ctid = ANY (ARRAY('
+                           'SELECT ctid FROM %1$s WHERE created_at < $1 ORDER BY created_at LIMIT $2))', v_table)
+                USING v_cutoff, batch_size;
+            GET DIAGNOSTICS v_in_batch = ROW_COUNT;
+            deleted := deleted + v_in_batch;
+            COMMIT;
+            EXIT WHEN v_in_batch < batch_size;
+        END LOOP;
+    END LOOP;
+END;
+$$;
+
 -- Commit and release share everything but the final step.
 CREATE FUNCTION ledger._finish_reservation(
     p_operation text,
@@ -921,6 +962,37 @@ BEGIN
 END;
 $$;
 
+-- Forgets the idempotency records older than settings.idempotency_retention
+-- (30 days by default), in batches of batch_size, each its own transaction
+-- (ledger._expire_local_idempotency_keys); a retry of such a key is then a new
+-- request. Verified actions are not keys: they stay in the entries and earn
+-- once, ever. pg_cron runs it every hour. Under Citus it runs on every node at
+-- once, as expire_reservations does, and adds up what they deleted.
+CREATE PROCEDURE ledger.expire_idempotency_keys(INOUT deleted bigint DEFAULT 0, batch_size integer DEFAULT 1000)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_failures text;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        CALL ledger._expire_local_idempotency_keys(deleted, batch_size);
+        RETURN;
+    END IF;
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        PERFORM ledger._invalid('batch_size', 'must be a positive integer');
+    END IF;
+    SELECT coalesce(sum(r.result::bigint) FILTER (WHERE r.success), 0),
+           string_agg(format('node %s: %s', r.nodeid, r.result), '; ') FILTER (WHERE NOT r.success)
+    INTO deleted, v_failures
+    FROM pg_catalog.run_command_on_all_nodes(
+        format('CALL ledger._expire_local_idempotency_keys(NULL, %s)', batch_size)) AS r;
+    IF v_failures IS NOT NULL THEN
+        RAISE EXCEPTION 'idempotency keys could not be expired on every node (% deleted elsewhere): %',
+            deleted, v_failures;
+    END IF;
+END;
+$$;
+
 CREATE FUNCTION ledger.balance(p_user_id text)
 RETURNS ledger.balances
 LANGUAGE plpgsql
@@ -1170,6 +1242,10 @@ COMMENT ON PROCEDURE ledger._expire_local_shards(bigint, integer) IS
 'Expire the overdue reservations held on this node (its shards under Citus), in transactions of this node alone; ledger.expire_reservations runs it, under Citus on every node.';
 COMMENT ON FUNCTION ledger._local_tables(regclass) IS
 'The tables on this node holding the given table''s rows: its shards placed here under Citus, else the table itself.';
+COMMENT ON PROCEDURE ledger.expire_idempotency_keys(bigint, integer) IS
+'Forget idempotency records older than settings.idempotency_retention, committing every batch_size; returns how many. Under Citus each node its own shards'' (ledger._expire_local_idempotency_keys), all at once. Hourly by pg_cron.';
+COMMENT ON PROCEDURE ledger._expire_local_idempotency_keys(bigint, integer) IS
+'Forget the expired idempotency records held on this node (its shards under Citus), in transactions of this node alone; ledger.expire_idempotency_keys runs it, under Citus on every node.';
 COMMENT ON FUNCTION ledger.balance(text) IS
 'The account''s available, reserved and lifetime earned points; zeros for a user who never had any.';
 COMMENT ON FUNCTION ledger.entries_page(text, bigint, integer) IS
@@ -1228,6 +1304,8 @@ BEGIN
     END LOOP;
     -- The expiry each node runs for its own shards (ledger.expire_reservations).
     PERFORM create_distributed_function('ledger._expire_local_shards(bigint, integer)');
+    -- The same for the idempotency records (ledger.expire_idempotency_keys).
+    PERFORM create_distributed_function('ledger._expire_local_idempotency_keys(bigint, integer)');
 END
 $citus$;
 
@@ -1243,5 +1321,7 @@ BEGIN
     CREATE EXTENSION IF NOT EXISTS pg_cron;
     PERFORM cron.schedule('rewards-expire-reservations', '* * * * *',
                           'CALL ledger.expire_reservations()');
+    PERFORM cron.schedule('rewards-expire-idempotency-keys', '41 * * * *',
+                          'CALL ledger.expire_idempotency_keys()');
 END
 $cron$;
