@@ -11,6 +11,7 @@ import time
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from app.api.pool import make_pool
 from app.ledger import calls
@@ -120,10 +121,16 @@ def test_a_call_waits_for_a_lock_at_most_lock_timeout(database, locked_account, 
     assert db.execute("SELECT available FROM ledger.accounts WHERE user_id = %s", (locked_account,)).fetchone() == {"available": 10}
 
 
-def test_a_call_runs_at_most_statement_timeout(database, locked_account, db):
-    # With the lock wait allowed longer, the statement's own bound ends it.
-    conninfo = psycopg.conninfo.make_conninfo(SETTINGS.api_conninfo(database), options="-c lock_timeout=10s")
-    refused, waited = _refused_after(conninfo, locked_account)
+def test_a_call_runs_at_most_statement_timeout(topology, database, locked_account, db):
+    # With the lock wait allowed longer, the statement's own bound ends it. Set
+    # for this database on every node: a Citus worker runs the call in a session
+    # of its own, which a session SET on the coordinator does not reach.
+    for node in topology.nodes:
+        with psycopg.connect(node.superuser_conninfo(database), autocommit=True) as conn:
+            conn.execute("SELECT set_config('citus.enable_ddl_propagation', 'off', false)")
+            conn.execute(sql.SQL("ALTER ROLE rewards_api IN DATABASE {} SET lock_timeout = '10s'").format(
+                sql.Identifier(database)))
+    refused, waited = _refused_after(SETTINGS.api_conninfo(database), locked_account)
     assert "statement_timeout" in str(refused)
     assert 1.0 <= waited < 2.0
     assert db.execute("SELECT available FROM ledger.accounts WHERE user_id = %s", (locked_account,)).fetchone() == {"available": 10}
