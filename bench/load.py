@@ -32,8 +32,10 @@ from bench.run import BENCH, LEDGER_DB, USERS, measure, prepare_ledger  # noqa: 
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _process_tree_cpu(root_pid: int) -> float:
-    """CPU seconds used so far by a process and its children (the uvicorn workers)."""
+def process_tree_cpu(root_pid: int) -> float:
+    """CPU seconds used so far by a process and its children (the uvicorn
+    workers, a postmaster's backends), those that have exited included: their
+    time moves to the parent's children's-time fields when it reaps them."""
     total = 0.0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -41,7 +43,9 @@ def _process_tree_cpu(root_pid: int) -> float:
         except OSError:
             continue
         pid, ppid = int(stat.parent.name), int(fields[1])
-        if pid == root_pid or ppid == root_pid:
+        if pid == root_pid:
+            total += sum(int(value) for value in fields[11:15]) / TICKS  # utime stime cutime cstime
+        elif ppid == root_pid:
             total += (int(fields[11]) + int(fields[12])) / TICKS
     return total
 
@@ -53,10 +57,11 @@ def _machine_cpu() -> float:
     return (sum(values[:8]) - idle) / TICKS
 
 
-def _wrk(script: str, url: str, api_key: str, connections: int, seconds: int, out: Path) -> dict:
+def wrk(script: str, url: str, api_key: str, connections: int, seconds: int, out: Path,
+        users: int = USERS) -> dict:
     text = subprocess.run(
         ["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "-s", str(BENCH / script), url,
-         "--", api_key, str(USERS)],
+         "--", api_key, str(users)],
         check=True, capture_output=True, text=True).stdout
     out.write_text(text)
     return json.loads(re.search(r"^RESULT (.*)$", text, re.MULTILINE).group(1))
@@ -91,10 +96,10 @@ def main() -> int:
             print(f"round {round_no} SQL credit: {tps:.0f} tps", file=sys.stderr)
             for name, script in (("HTTP credit", "http_credit.lua"),
                                  ("HTTP reserve+commit", "http_reserve_commit.lua")):
-                api_before, machine_before = _process_tree_cpu(api_pid), _machine_cpu()
-                result = _wrk(script, url, api_key, args.connections, args.seconds,
+                api_before, machine_before = process_tree_cpu(api_pid), _machine_cpu()
+                result = wrk(script, url, api_key, args.connections, args.seconds,
                               out_dir / f"http_{script[5:-4]}.round{round_no}.txt")
-                api_cpu = _process_tree_cpu(api_pid) - api_before
+                api_cpu = process_tree_cpu(api_pid) - api_before
                 machine_cpu = _machine_cpu() - machine_before
                 result |= {"rps": result["requests"] / result["seconds"],
                            "api_cpu_ms": api_cpu * 1000 / result["requests"],

@@ -1,4 +1,4 @@
-"""What a benchmark runs beside the project's cluster, on a database of its own:
+"""What a benchmark runs beside the project's cluster: a database of its own,
 an API (its own port and Redis prefix, rate limits out of the way unless asked
 for: a benchmark measures the request path, not the buckets), a key for it, and
 an audit consumer with a slot of its own. Each is stopped, and the slots
@@ -13,14 +13,31 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import psycopg
+from psycopg import sql
+
 from app.audit import stream
 from app.ledger import keys
 from app.ledger.client import Ledger
-from app.operations import processes
+from app.operations import citus, migrate, processes
 from app.settings import PROJECT_ROOT, Settings
 
 UNLIMITED = "1000000/1000000"
 SCOPES = ["points:earn", "points:redeem", "points:read"]
+
+
+def database(settings: Settings, name: str) -> None:
+    """A new database `name`, migrated: on every node and distributed under
+    Citus, as `make run` prepares the service's."""
+    nodes = [dataclasses.replace(node, database=name) for node in (
+        settings, *(citus.local_workers(settings) if settings.citus == "on" else []))]
+    for node in nodes:
+        with psycopg.connect(node.superuser_conninfo("postgres"), autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    if settings.citus == "on":
+        citus.prepare(nodes[0], nodes[1:])
+    migrate.upgrade(settings.superuser_conninfo(name))
 
 
 def api_key(settings: Settings, database: str, name: str = "bench") -> str:

@@ -1,0 +1,166 @@
+"""Growth under load: a bank's clients (bench/bank.py) run against the API while
+a third worker is added and the shards are rebalanced onto it, as a DBA does it.
+
+    REWARDS_CITUS=on REWARDS_CITUS_WORKERS=2 make run
+    uv run python bench/growth.py [--clients 16] [--accounts 2000] [--before 30] [--after 30]
+
+On the running cluster's service database (the one the DBA's commands work on):
+an API of its own (2 processes, rate limits out of the way), the audit consumer
+`make run` started, then `--before` seconds of load, a third local worker
+added and the shards rebalanced onto it while the load goes on, and `--after`
+seconds more. The move is driven here as Citus is driven by hand (the worker
+made as `make run` makes its workers, `citus_add_node`, `citus_rebalance_start`
+and its status until finished): written while `rewards cluster add-node
+--local` and `rewards cluster rebalance --wait` were being built. Then every request must have been answered with a
+success or a business 409 (a 429, if any, retried), and bench/verify.py's
+checks must hold. Prints throughput and p50/p99 before, during and after the
+move as a Markdown table, keeps the record in bench/out/growth.json and draws
+bench/growth.png: requests/s and p99 per second, the move's start and end
+marked. Exit 1 on any problem. The cluster keeps its third worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.ledger import queries  # noqa: E402
+from app.ledger.client import Call, Ledger, Shape  # noqa: E402
+from app.operations import citus, cluster  # noqa: E402
+from app.settings import Settings, load  # noqa: E402
+from bench import serve  # noqa: E402
+from bench.bank import Load, Run  # noqa: E402
+from bench.verify import verify  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+_QUERIES = queries.named(BENCH / "queries.sql")
+REBALANCE_START, REBALANCE_STATUS = _QUERIES["rebalance_start"], _QUERIES["rebalance_status"]
+MOVE_STARTED, NODE_ADDED, MOVE_ENDED = "move started", "node added", "move ended"
+
+
+def add_local_worker(settings: Settings) -> Settings:
+    """Without the DBA's command: one more local worker, as `make run` makes
+    its workers, with the service database and the extension, registered."""
+    node = citus.worker_settings(settings, len(citus.local_workers(settings)) + 1)
+    cluster.start_node(node)
+    with psycopg.connect(node.superuser_conninfo("postgres"), autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(node.database)))
+    with Ledger.connect(node.superuser_conninfo()) as ledger:
+        ledger(Call(queries.CREATE_CITUS, shape=Shape.NONE))
+    with Ledger.connect(settings.superuser_conninfo()) as ledger:
+        ledger(Call(queries.CITUS_ADD_NODE, {"host": str(node.socket_dir), "port": node.pg_port}))
+    return node
+
+
+def rebalance(settings: Settings) -> None:
+    """Without the DBA's command: citus_rebalance_start, then its status every
+    second until it is done."""
+    with Ledger.connect(settings.superuser_conninfo()) as ledger:
+        ledger(Call(REBALANCE_START))
+        while (state := ledger(Call(REBALANCE_STATUS)))["state"] not in ("finished", "failed", "cancelled"):
+            print(f"rebalance {state['state']}: {state['tasks']}", file=sys.stderr)
+            time.sleep(1)
+    if state["state"] != "finished":
+        raise SystemExit(f"the rebalance ended {state['state']}: {state['tasks']}")
+
+
+def phases(run: Run) -> dict[str, dict]:
+    started, ended = run.marks[MOVE_STARTED], run.marks[MOVE_ENDED]
+    return {"before": run.window(0, started), "during": run.window(started, ended),
+            "after": run.window(ended, run.seconds)}
+
+
+def table(run: Run) -> str:
+    rows = phases(run)
+    base = rows["before"]["rps"]
+    lines = ["| phase | seconds | requests | req/s | p50 ms | p99 ms | req/s / before |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in rows.items():
+        lines.append(f"| {name} the move | {row['seconds']:.0f} | {row['requests']} | {row['rps']:.0f} | "
+                     f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['rps'] / base:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(run: Run, path: Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot  # noqa: PLC0415
+
+    timeline = run.timeline()
+    seconds = [row["second"] for row in timeline]
+    figure, (rate, tail) = pyplot.subplots(2, 1, sharex=True, figsize=(10, 6))
+    rate.plot(seconds, [row["requests"] for row in timeline], color="tab:blue")
+    rate.set_ylabel("requests/s")
+    rate.set_ylim(bottom=0)
+    tail.plot(seconds, [row["p99_ms"] for row in timeline], color="tab:red")
+    tail.set_ylabel("p99 latency (ms)")
+    tail.set_ylim(bottom=0)
+    tail.set_xlabel("seconds since the load started")
+    for axes in (rate, tail):
+        axes.axvspan(run.marks[MOVE_STARTED], run.marks[MOVE_ENDED], color="tab:orange", alpha=0.15)
+        for name in (MOVE_STARTED, NODE_ADDED, MOVE_ENDED):
+            axes.axvline(run.marks[name], color="tab:orange", linestyle="--" if name == NODE_ADDED else "-")
+        axes.grid(alpha=0.3)
+    for name in (MOVE_STARTED, NODE_ADDED, MOVE_ENDED):
+        rate.annotate(name, (run.marks[name], rate.get_ylim()[1]), xytext=(3, -12), textcoords="offset points",
+                      fontsize=8, color="tab:orange")
+    summary = run.summary()
+    figure.suptitle(f"A third worker added and the shards rebalanced under load: {summary['clients']} clients, "
+                    f"{summary['requests']} requests, {summary['lost']} lost", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--accounts", type=int, default=2000)
+    parser.add_argument("--before", type=float, default=30)
+    parser.add_argument("--after", type=float, default=30)
+    parser.add_argument("--workers", type=int, default=2, help="API processes")
+    args = parser.parse_args()
+    settings = load()
+    workers = citus.local_workers(settings)
+    if settings.citus != "on" or len(workers) < 2:
+        raise SystemExit("needs the local Citus cluster: REWARDS_CITUS=on REWARDS_CITUS_WORKERS=2 make run")
+
+    key = serve.api_key(settings, settings.database, "growth-bench")
+    with serve.api(settings, settings.database, workers=args.workers) as (url, _):
+        load_ = Load(url, key, clients=args.clients, accounts=args.accounts)
+        load_.start()
+        time.sleep(args.before)
+        load_.mark(MOVE_STARTED)
+        add_local_worker(settings)
+        load_.mark(NODE_ADDED)
+        rebalance(settings)
+        load_.mark(MOVE_ENDED)
+        time.sleep(args.after)
+        run = load_.finish()
+    run.save(BENCH / "out" / "growth.json")
+    plot(run, BENCH / "growth.png")
+
+    problems = run.problems(allowed=frozenset({409, 429}))
+    verdict = verify(run, settings.superuser_conninfo())
+    problems += verdict.problems
+    print(f"\n{args.clients} clients on {args.accounts} accounts, API {args.workers} processes; the move took "
+          f"{run.marks[MOVE_ENDED] - run.marks[MOVE_STARTED]:.0f} s (the node added after "
+          f"{run.marks[NODE_ADDED] - run.marks[MOVE_STARTED]:.0f} s)\n")
+    print(table(run))
+    print(f"\n{json.dumps(run.summary())}\n")
+    print("\n".join(verdict.lines()))
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
