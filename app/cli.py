@@ -99,7 +99,7 @@ def _audit_run(args: argparse.Namespace) -> int:
         REGISTRY.register(metrics.NodeCollector(lambda: [s.source_conninfo for s in streams],
                                                 settings.local_conninfo("rewards_audit_writer")))
         start_http_server(settings.audit_metrics_port, addr="127.0.0.1")
-    streams.extend(_audit_streams(args))
+    # run() finds the nodes itself, waiting for the database when it is away.
     stream.run(streams, rediscover=lambda: _audit_streams(args))
     return 0
 
@@ -147,6 +147,10 @@ def _notify_run(args: argparse.Namespace) -> int:
         print("REWARDS_NOTIFY_URL is not set: notifications wait in audit.notifications", file=sys.stderr)
         return 2
     logs.configure()
+    if settings.notify_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.notify_metrics_port, addr="127.0.0.1")
     Sender(settings.local_conninfo("rewards_notifier"), settings.notify_url, settings.required("notify_secret"),
            max_attempts=settings.notify_max_attempts).run()
     return 0

@@ -118,6 +118,8 @@ class Settings:
                                      "the app's notification endpoint; no sender runs while unset", shown="unset")
     notify_secret: str | None = setting("REWARDS_NOTIFY_SECRET", None, "the HMAC key for the signature",
                                         shown=GENERATED, secret="notify-secret")
+    notify_metrics_port: int = setting("REWARDS_NOTIFY_METRICS_PORT", "9188",
+                                       "where `rewards notify run` serves its metrics (0: nowhere)", int)
     notify_max_attempts: int = setting("REWARDS_NOTIFY_MAX_ATTEMPTS", "8",
                                        "deliveries tried before a notification is parked", int)
 

@@ -23,8 +23,10 @@ from typing import Any
 
 import httpx
 
+from app.audit import reconnect
 from app.ledger import queries
 from app.ledger.client import Call, Ledger, Shape
+from app.ledger.errors import Overloaded, Unavailable
 
 log = logging.getLogger("rewards.notify")
 
@@ -108,12 +110,30 @@ class Sender:
         return len(due)
 
     def run(self, idle_sleep: float = 0.5, stop_after_idle: float | None = None) -> None:
+        """Deliver forever (or until idle for `stop_after_idle` s). A database
+        that cannot be reached is waited for, never a reason to exit: a claim
+        lost with the connection is only a lease, which expires, and a delivery
+        whose outcome was not recorded is sent again (the receiver drops the
+        repeat by its id)."""
+        backoff = reconnect.Backoff("notify", log)
         idle_since = time.monotonic()
-        with Ledger.connect(self.conninfo) as ledger, httpx.Client(timeout=self.timeout) as http:
+        ledger: Ledger | None = None
+        with httpx.Client(timeout=self.timeout) as http:
             while True:
-                if self.run_once(ledger, http):
+                try:
+                    if ledger is None or ledger.closed:
+                        ledger = Ledger.open(self.conninfo)
+                    claimed = self.run_once(ledger, http)
+                except (Unavailable, Overloaded) as exc:
+                    if ledger is not None:
+                        ledger.close()
+                    backoff.failed(exc)
+                    continue
+                backoff.ok()
+                if claimed:
                     idle_since = time.monotonic()
                 elif stop_after_idle is not None and time.monotonic() - idle_since >= stop_after_idle:
+                    ledger.close()
                     return
                 else:
                     time.sleep(idle_sleep)

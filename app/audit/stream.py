@@ -30,10 +30,10 @@ from typing import Any
 
 from psycopg.conninfo import make_conninfo
 
-from app.audit import metrics
+from app.audit import metrics, reconnect
 from app.ledger import queries
 from app.ledger.client import Call, Ledger, Shape
-from app.ledger.errors import LedgerError, Unavailable
+from app.ledger.errors import LedgerError, Overloaded, Unavailable
 
 log = logging.getLogger("rewards.audit")
 
@@ -295,40 +295,40 @@ def run(streams: list[Stream], idle_sleep: float = 0.2, stop_after_idle: float |
         rediscover: Callable[[], list[Stream]] | None = None, rediscover_every: float = 10.0) -> None:
     """Poll every source in turn, forever (or until idle for `stop_after_idle` s).
     With `rediscover` (e.g. `lambda: discover(target, slot)`), the nodes are
-    looked up again every `rediscover_every` s, and a new one gets its slot
-    (and the backfill that covers whatever it held before)."""
-    for stream in streams:
-        stream.ensure_slot()
+    looked up again every `rediscover_every` s (at once when `streams` is
+    empty), and a new one gets its slot (and the backfill that covers whatever
+    it held before) at its first poll. A database that cannot be reached, or
+    that refuses a call for its time bound, is waited for (reconnect.Backoff),
+    never a reason to exit: nothing is confirmed that was not written, so the
+    next attempt picks up where the failed one stopped."""
+    backoff = reconnect.Backoff("audit", log)
     idle_since = time.monotonic()
     measured_at = 0.0
-    discovered_at = time.monotonic()
+    discovered_at = time.monotonic() if streams else float("-inf")
     while True:
-        if rediscover is not None and time.monotonic() - discovered_at >= rediscover_every:
-            discovered_at = time.monotonic()
-            known = {stream.slot for stream in streams}
-            try:
+        try:
+            if rediscover is not None and time.monotonic() - discovered_at >= rediscover_every:
+                known = {stream.slot for stream in streams}
                 for stream in rediscover():
                     if stream.slot not in known:
-                        stream.ensure_slot()
                         streams.append(stream)
-                        log.info("new node in the cluster", extra={"fields": {"slot": stream.slot}})
-            except Unavailable as exc:
-                log.warning("could not look for new nodes, retrying", extra={"fields": {"error": str(exc)}})
-        if time.monotonic() - measured_at >= 5:
+                        if known:
+                            log.info("new node in the cluster", extra={"fields": {"slot": stream.slot}})
+                discovered_at = time.monotonic()
+            applied = sum(stream.poll() for stream in streams)
+            if time.monotonic() - measured_at >= 5:
+                for stream in streams:
+                    lag = stream.lag()
+                    if lag and lag["lag_seconds"] is not None:
+                        metrics.LAG_BYTES.labels(stream.slot).set(lag["lag_bytes"])
+                        metrics.LAG_SECONDS.labels(stream.slot).set(lag["lag_seconds"])
+                measured_at = time.monotonic()
+        except (Unavailable, Overloaded) as exc:
             for stream in streams:
-                lag = stream.lag()
-                if lag and lag["lag_seconds"] is not None:
-                    metrics.LAG_BYTES.labels(stream.slot).set(lag["lag_bytes"])
-                    metrics.LAG_SECONDS.labels(stream.slot).set(lag["lag_seconds"])
-            measured_at = time.monotonic()
-        applied = 0
-        for stream in streams:
-            try:
-                applied += stream.poll()
-            except Unavailable as exc:
-                log.warning("stream interrupted, retrying", extra={"fields": {"slot": stream.slot, "error": str(exc)}})
-                stream.close()
-                time.sleep(1)
+                stream.close()  # its slot is looked at again at its next poll
+            backoff.failed(exc)
+            continue
+        backoff.ok()
         if applied:
             idle_since = time.monotonic()
         elif stop_after_idle is not None and time.monotonic() - idle_since >= stop_after_idle:

@@ -112,7 +112,7 @@ def bouncer_up(settings: Settings) -> None:
     if was_alive:
         # Re-read the settings without dropping a connection.
         supervisor.signal("pgbouncer", "HUP")
-    _wait_for(lambda: _port_answers(settings.bouncer_port), "PgBouncer", settings.log_dir / "pgbouncer.log")
+    _wait_for(lambda: port_answers(settings.bouncer_port), "PgBouncer", settings.log_dir / "pgbouncer.log")
 
 
 def _userlist_line(user: str, password: str) -> str:
@@ -255,7 +255,7 @@ def status(settings: Settings) -> list[Status]:
     return _supervisor(settings).status()
 
 
-def _port_answers(port: int) -> bool:
+def port_answers(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return True
