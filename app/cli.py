@@ -283,6 +283,59 @@ def _cluster_status(args: argparse.Namespace) -> int:
     return 1 if state.problems else 0
 
 
+def _print_ha(report: dict) -> None:
+    print(f"pg_auto_failover formation {report['formation']}, monitor {report['monitor']}: "
+          f"primary {report['primary'] or '-'}")
+    for n in report["nodes"]:
+        state = n["reported_state"] if n["reported_state"] == n["assigned_state"] \
+            else f"{n['reported_state']} -> {n['assigned_state']}"
+        print(f"  {n['name']:<6} {n['host']}:{n['port']}  {state:<28} {'healthy' if n['healthy'] else 'UNHEALTHY':<9} "
+              f"timeline {n['timeline']} at {n['lsn']}")
+    if report["primary"] and "synchronous_commit" in report:
+        print(f"commits on {report['primary']}: synchronous_commit = {report['synchronous_commit']}, "
+              f"synchronous_standby_names = '{report['synchronous_standby_names']}'")
+        for r in report["replication"]:
+            seconds = "-" if r["replay_lag_seconds"] is None else f"{r['replay_lag_seconds']:.3f} s"
+            print(f"  {r['standby']}: {r['state']}, {r['sync_state']}, flush lag {_size(r['flush_lag_bytes'] or 0)}, "
+                  f"replay lag {_size(r['replay_lag_bytes'] or 0)} ({seconds})")
+        if not report["replication"]:
+            print("  no standby is connected")
+
+
+def _ha_status(args: argparse.Namespace) -> int:
+    from app.operations import ha
+
+    report = ha.status(load())
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        _print_ha(report)
+    for problem in report["problems"]:
+        print(f"rewards: {problem}", file=sys.stderr)
+    return 1 if report["problems"] else 0
+
+
+def _ha_failover(args: argparse.Namespace) -> int:
+    from app.operations import ha
+
+    settings = load()
+    done = ha.switchover(settings, timeout=args.timeout)
+    print(f"switched over from {done['from']} to {done['to']} in {done['seconds']} s; the old primary is its "
+          f"standby and PgBouncer points at {done['to']}")
+    _print_ha(ha.status(settings))
+    return 0
+
+
+def _ha_follow(args: argparse.Namespace) -> int:
+    from app import logs
+    from app.operations import ha
+
+    logs.configure()
+    settings = load()
+    ha.follow(settings, retarget=lambda port: processes.bouncer_up(settings, port))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rewards", description="Rewards Ledger operations")
     groups = parser.add_subparsers(dest="group", required=True)
@@ -348,6 +401,19 @@ def _parser() -> argparse.ArgumentParser:
         "status", help="nodes, shards and size per node, skew, slots and lag, delegation; exit 1 on a problem")
     cluster_status.add_argument("--json", action="store_true", help="the same as one JSON document")
     cluster_status.set_defaults(func=_cluster_status)
+
+    ha_commands = groups.add_parser("ha", help="the primary and its synchronous standby (REWARDS_HA=on)").add_subparsers(
+        dest="command", required=True)
+    ha_status = ha_commands.add_parser(
+        "status", help="nodes, their states, synchronous replication and lag; exit 1 on a problem")
+    ha_status.add_argument("--json", action="store_true", help="the same as one JSON document")
+    ha_status.set_defaults(func=_ha_status)
+    failover = ha_commands.add_parser(
+        "failover", help="a planned switchover to the standby; returns once it is done, then reports")
+    failover.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for it")
+    failover.set_defaults(func=_ha_failover)
+    ha_commands.add_parser("follow", help="point PgBouncer at the primary whenever it changes, forever").set_defaults(
+        func=_ha_follow)
 
     ledger = groups.add_parser("ledger", help="ledger checks").add_subparsers(dest="command", required=True)
     verify = ledger.add_parser("verify", help="verify one account's hash chain; exit 2 when broken")

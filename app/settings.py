@@ -75,6 +75,9 @@ class Settings:
         "REWARDS_CITUS_WORKERS", "0", "with `REWARDS_CITUS=on`, local Citus workers started beside the coordinator, "
         "each a cluster of its own in `$REWARDS_DATA_DIR/worker-<i>` on port `REWARDS_PG_PORT + i`; with any, the "
         "coordinator holds no shards", int)
+    ha: bool = setting(
+        "REWARDS_HA", "off", "`on`: pg_auto_failover runs a monitor on `REWARDS_PG_PORT` and a primary and a "
+        "synchronous standby on the next two ports (README \"HA\"); `off`: the one cluster", lambda text: text == "on")
 
     # --- PgBouncer and Redis, beside the cluster -------------------------------
     bouncer_port: int = setting("REWARDS_BOUNCER_PORT", "64329", "PgBouncer's port on 127.0.0.1", int)
@@ -127,7 +130,7 @@ class Settings:
         """The variables that make load() give back these settings: what a
         process started on their behalf (by supervisord) is given. A secret
         that load() reads from its file is left to be read there."""
-        return {spec.metadata["env"]: str(value) for spec in fields(self)
+        return {spec.metadata["env"]: _text(value) for spec in fields(self)
                 if (value := getattr(self, spec.name)) is not None
                 and not (spec.metadata["secret"] and value == _read_secret(self.secrets_dir / spec.metadata["secret"]))}
 
@@ -155,23 +158,35 @@ class Settings:
         """libpq conninfo for the superuser over the cluster's Unix socket."""
         return self.local_conninfo(self.pg_superuser, dbname)
 
+    @property
+    def db_ports(self) -> tuple[int, ...]:
+        """Where the service database answers: the cluster's port, or with
+        REWARDS_HA=on both nodes' ports, of which libpq picks the primary."""
+        return (self.pg_port + 1, self.pg_port + 2) if self.ha else (self.pg_port,)
+
     def local_conninfo(self, role: str, dbname: str | None = None) -> str:
         """A role over the cluster's Unix socket (trusted: only root and the
         cluster's OS user can reach it), as the audit consumer and sender connect."""
-        return make_conninfo(host=str(self.pg_host or self.socket_dir), port=str(self.pg_port), user=role,
-                             dbname=dbname or self.database)
+        return self._conninfo(str(self.pg_host or self.socket_dir), self.db_ports, role, dbname)
+
+    def _conninfo(self, host: str, ports: tuple[int, ...], role: str, dbname: str | None, **extra: str) -> str:
+        # With REWARDS_HA=on, every node's port on the same host, and libpq
+        # takes the first one that accepts writes (it tries them in turn).
+        if self.ha and len(ports) > 1:
+            extra["target_session_attrs"] = "read-write"
+        return make_conninfo(host=",".join([host] * len(ports)), port=",".join(map(str, ports)), user=role,
+                             dbname=dbname or self.database, **extra)
 
     def api_conninfo(self, dbname: str | None = None) -> str:
         """The API's role, straight to PostgreSQL over TCP."""
-        return self._api_role_over_tcp(self.pg_port, dbname)
+        return self._api_role_over_tcp(self.db_ports, dbname)
 
     def bouncer_conninfo(self, dbname: str | None = None) -> str:
         """The API's role through PgBouncer, as the API connects."""
-        return self._api_role_over_tcp(self.bouncer_port, dbname)
+        return self._api_role_over_tcp((self.bouncer_port,), dbname)
 
-    def _api_role_over_tcp(self, port: int, dbname: str | None) -> str:
-        return make_conninfo(host="127.0.0.1", port=str(port), user="rewards_api",
-                             password=self.required("api_password"), dbname=dbname or self.database)
+    def _api_role_over_tcp(self, ports: tuple[int, ...], dbname: str | None) -> str:
+        return self._conninfo("127.0.0.1", ports, "rewards_api", dbname, password=self.required("api_password"))
 
     def required(self, name: str) -> str:
         """A secret's value, or a refusal saying where it comes from."""
@@ -182,6 +197,13 @@ class Settings:
                                 "does not exist: `rewards up` makes it, or set the variable")
         return value
 
+
+
+def _text(value: Any) -> str:
+    """A setting's value as its variable spells it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 # Defaults computed on the machine that reads them.

@@ -315,3 +315,44 @@ FROM unnest(%(names)s::text[]) WITH ORDINALITY AS w(name, position)
 LEFT JOIN pg_proc p ON p.pronamespace = to_regnamespace('ledger') AND p.proname = w.name
 LEFT JOIN pg_dist_object d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.objsubid = 0
 ORDER BY w.position, signature;
+
+-- name: ha_primary
+-- On the pg_auto_failover monitor: the node that takes writes now (none
+-- during a failover, before the standby is promoted).
+SELECT primary_name AS name, primary_host AS host, primary_port AS port
+FROM pgautofailover.get_primary(%(formation)s, 0);
+
+-- name: ha_nodes
+SELECT nodename AS name, nodehost AS host, nodeport AS port, node_id,
+       current_group_state::text AS reported_state, assigned_group_state::text AS assigned_state,
+       health = 1 AS healthy, reported_tli AS timeline, reported_lsn::text AS lsn
+FROM pgautofailover.current_state(%(formation)s)
+ORDER BY node_id;
+
+-- name: ha_perform_failover
+SELECT pgautofailover.perform_failover(%(formation)s, 0);
+
+-- name: ha_listen
+LISTEN state;
+
+-- name: ha_node_role
+SELECT pg_is_in_recovery() AS in_recovery,
+       current_setting('synchronous_commit') AS synchronous_commit,
+       current_setting('synchronous_standby_names') AS synchronous_standby_names;
+
+-- name: ha_replication
+-- On the primary: each standby, whether commits wait for it, and how far
+-- behind it is.
+SELECT application_name AS standby, state, sync_state,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), flush_lsn)::bigint AS flush_lag_bytes,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint AS replay_lag_bytes,
+       extract(epoch FROM replay_lag)::float8 AS replay_lag_seconds,
+       flush_lsn::text AS flush_lsn
+FROM pg_stat_replication
+ORDER BY application_name;
+
+-- name: ha_logical_slots
+SELECT slot_name AS slot FROM pg_replication_slots WHERE slot_type = 'logical' ORDER BY slot_name;
+
+-- name: ha_server_port
+SELECT current_setting('port')::int AS port;

@@ -63,6 +63,11 @@ def translated(connections_busy: Callable[[], bool] = lambda: True) -> Iterator[
         raise InvalidArgument(exc.diag.message_primary or "invalid value") from exc
     except psycopg.OperationalError as exc:
         raise Unavailable(f"the database did not answer: {_first_line(exc)}") from exc
+    except pg_errors.ReadOnlySqlTransaction as exc:
+        # A standby answered (with REWARDS_HA=on, for the moments of a
+        # switchover before PgBouncer points at the new primary): nothing was
+        # written, and the same call succeeds again on the primary.
+        raise Unavailable(f"the database is read-only for now: {_first_line(exc)}") from exc
 
 
 def _argument_named_in(message: str) -> str | None:

@@ -121,11 +121,13 @@ def _port_taken(port: int) -> bool:
     return False
 
 
-def _machine_conf(settings: Settings) -> str:
+def _machine_conf(settings: Settings, port: bool = True) -> str:
     preload = (["citus"] if use_citus(settings) else []) + ["pg_cron"]
     lines = [
         "# Written by `rewards db up` for this machine.",
-        f"port = {settings.pg_port}",
+        # A pg_auto_failover node's port is on its keeper's command line, so
+        # that every node's files are the same (pg_rewind copies them across).
+        f"port = {settings.pg_port}" if port else "# port: given by pg_autoctl run",
         f"unix_socket_directories = '{settings.socket_dir}'",
         # citus must come first when present.
         f"shared_preload_libraries = '{','.join(preload)}'",
@@ -146,41 +148,65 @@ def _machine_conf(settings: Settings) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_owned(settings: Settings, path: Path, text: str) -> None:
+def write_owned(settings: Settings, path: Path, text: str) -> None:
     path.write_text(text)
     if os.geteuid() == 0:
         shutil.chown(path, settings.pg_os_user, settings.pg_os_user)
 
 
-def _initdb(settings: Settings) -> None:
+def make_folders(settings: Settings) -> None:
+    """The data, socket and log folders, the cluster's OS user's."""
     for folder in (settings.data_dir, settings.socket_dir, settings.log_file.parent):
         folder.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(folder, settings.pg_os_user, settings.pg_os_user)
     _grant_traverse(settings, settings.data_dir)
-    if (settings.pg_data / "PG_VERSION").exists():
+
+
+def initdb(settings: Settings, pg_data: Path) -> None:
+    """A new cluster in `pg_data` (unless there is one) that reads conf.d."""
+    if (pg_data / "PG_VERSION").exists():
         return
+    pg_data.parent.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(pg_data.parent, settings.pg_os_user, settings.pg_os_user)
     _run(as_owner(
         settings, settings.pg_bin / "initdb",
-        "-D", settings.pg_data, "-U", settings.pg_superuser,
+        "-D", pg_data, "-U", settings.pg_superuser,
         "--encoding=UTF8", "--locale=C.UTF-8", "--data-checksums",
         "--auth-local=trust", "--auth-host=scram-sha-256",
     ))
-    with (settings.pg_data / "postgresql.conf").open("a") as conf:
+    with (pg_data / "postgresql.conf").open("a") as conf:
         conf.write("\ninclude_dir = 'conf.d'\n")
-    (settings.pg_data / "conf.d").mkdir(exist_ok=True)
+    (pg_data / "conf.d").mkdir(exist_ok=True)
     if os.geteuid() == 0:
-        shutil.chown(settings.pg_data / "conf.d", settings.pg_os_user, settings.pg_os_user)
+        shutil.chown(pg_data / "conf.d", settings.pg_os_user, settings.pg_os_user)
+
+
+def _initdb(settings: Settings) -> None:
+    make_folders(settings)
+    initdb(settings, settings.pg_data)
+
+
+def configure(settings: Settings, pg_data: Path, port: bool = True, roles: tuple[str, ...] = ()) -> None:
+    """The project's settings, this machine's, and who may connect."""
+    conf_d = pg_data / "conf.d"
+    write_owned(settings, conf_d / "10-project.conf", (PROJECT_ROOT / "ops" / "postgresql.conf").read_text())
+    write_owned(settings, conf_d / "20-machine.conf", _machine_conf(settings, port))
+    access(settings, pg_data, roles)
+
+
+def access(settings: Settings, pg_data: Path, roles: tuple[str, ...] = ()) -> None:
+    """pg_hba.conf and pg_ident.conf: peer on the socket (for the project's roles
+    and `roles`), passwords over TCP."""
+    write_owned(settings, pg_data / "pg_hba.conf", PG_HBA)
+    write_owned(settings, pg_data / "pg_ident.conf", PG_IDENT.format(lines="\n".join(
+        f"project    {user:<9} {role}" for user in _socket_users(settings)
+        for role in (settings.pg_superuser, *PROJECT_ROLES, *roles))))
 
 
 def _configure(settings: Settings) -> None:
-    conf_d = settings.pg_data / "conf.d"
-    _write_owned(settings, conf_d / "10-project.conf", (PROJECT_ROOT / "ops" / "postgresql.conf").read_text())
-    _write_owned(settings, conf_d / "20-machine.conf", _machine_conf(settings))
-    _write_owned(settings, settings.pg_data / "pg_hba.conf", PG_HBA)
-    _write_owned(settings, settings.pg_data / "pg_ident.conf", PG_IDENT.format(lines="\n".join(
-        f"project    {user:<9} {role}" for user in _socket_users(settings)
-        for role in (settings.pg_superuser, *PROJECT_ROLES))))
+    configure(settings, settings.pg_data)
 
 
 def _socket_users(settings: Settings) -> list[str]:

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import redis
 
 from app import secrets
-from app.operations import cluster
+from app.operations import cluster, ha
 from app.operations.supervisor import ALIVE, Program, Status, Supervisor
 from app.settings import PROJECT_ROOT, Settings
 
@@ -90,7 +90,13 @@ def _bouncer_dir(settings: Settings) -> Path:
     return settings.data_dir / "pgbouncer"
 
 
-def bouncer_up(settings: Settings) -> None:
+def bouncer_up(settings: Settings, pg_port: int | None = None) -> None:
+    """Write PgBouncer's files and start it, or have it re-read them. Its one
+    database entry points at `pg_port` (the cluster's, or with REWARDS_HA=on the
+    primary's, which `rewards ha follow` keeps up to date)."""
+    if pg_port is None:
+        current = ha.primary(settings) if settings.ha else None
+        pg_port = current.port if current else settings.pg_port
     folder = _bouncer_dir(settings)
     folder.mkdir(parents=True, exist_ok=True)
     userlist = folder / "userlist.txt"
@@ -98,7 +104,7 @@ def bouncer_up(settings: Settings) -> None:
     userlist.chmod(0o600)
     ini = folder / "pgbouncer.ini"
     ini.write_text(PGBOUNCER_INI.format(
-        socket_dir=_connstring_value(str(settings.socket_dir)), pg_port=settings.pg_port,
+        socket_dir=_connstring_value(str(settings.socket_dir)), pg_port=pg_port,
         bouncer_port=settings.bouncer_port, userlist=userlist))
     if os.geteuid() == 0:
         for path in (folder, userlist, ini):
@@ -110,7 +116,9 @@ def bouncer_up(settings: Settings) -> None:
     supervisor.ensure(Program("pgbouncer", ["pgbouncer", str(ini)], settings.log_dir / "pgbouncer.log",
                               user=_owner(settings), priority=200, stopsignal="INT", stopwaitsecs=30))
     if was_alive:
-        # Re-read the settings without dropping a connection.
+        # Re-read the settings without dropping a client connection. A server
+        # connection to a database whose host or port changed is closed as
+        # soon as its transaction ends (PgBouncer 1.18's RELOAD).
         supervisor.signal("pgbouncer", "HUP")
     _wait_for(lambda: port_answers(settings.bouncer_port), "PgBouncer", settings.log_dir / "pgbouncer.log")
 
@@ -236,7 +244,7 @@ def api_down(settings: Settings) -> None:
 
 # --- The audit stream and the notification sender ---------------------------
 
-WORKERS = {"audit": ["audit", "run"], "notify": ["notify", "run"]}
+WORKERS = {"audit": ["audit", "run"], "notify": ["notify", "run"], "ha-follow": ["ha", "follow"]}
 
 
 def worker_up(settings: Settings, name: str) -> None:
@@ -281,10 +289,19 @@ def _wait_for(ready, what: str, log_file: Path, timeout: float = 30.0) -> None:
 
 
 def up(settings: Settings) -> None:
-    cluster.check(settings)  # before anything is made, secrets included
+    # Before anything is made, secrets included.
+    if settings.ha:
+        ha.check(settings)
+    else:
+        cluster.check(settings)
     settings = secrets.ensure(settings)
-    cluster.up(settings)
+    if settings.ha:
+        ha.up(settings)
+    else:
+        cluster.up(settings)
     bouncer_up(settings)
+    if settings.ha:
+        worker_up(settings, "ha-follow")
     redis_up(settings)
     api_up(settings)
     worker_up(settings, "audit")
@@ -299,7 +316,11 @@ def down(settings: Settings) -> None:
     worker_down(settings, "audit")
     api_down(settings)
     redis_down(settings)
+    worker_down(settings, "ha-follow")
     bouncer_down(settings)
-    cluster.down(settings)
+    if settings.ha:
+        ha.down(settings)
+    else:
+        cluster.down(settings)
     # Anything left (a test's API, say) goes with supervisord.
     _supervisor(settings).close()
