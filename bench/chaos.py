@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import psycopg
 from psycopg.conninfo import make_conninfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -96,9 +97,15 @@ def api_workers(settings: Settings) -> list[int]:
 
 
 def postmaster(settings: Settings) -> list[int]:
+    """The running postmaster of the service database: the cluster's, or with
+    REWARDS_HA=on the primary node's."""
+    return _postmaster_of(_primary_node(settings).pg_data if settings.ha else settings.pg_data)
+
+
+def _postmaster_of(pg_data: Path) -> list[int]:
     """The running postmaster's pid (the first line of postmaster.pid), if any."""
     try:
-        pid = int((settings.pg_data / "postmaster.pid").read_text().split("\n", 1)[0])
+        pid = int((pg_data / "postmaster.pid").read_text().split("\n", 1)[0])
         os.kill(pid, 0)
         return [pid]
     except (OSError, ValueError):
@@ -140,6 +147,36 @@ def _redis_port(settings: Settings) -> int:
     return urlparse(settings.redis_url).port or 6379
 
 
+def _primary_node(settings: Settings):
+    from app.operations import ha  # noqa: PLC0415  (REWARDS_HA=on only)
+
+    current = ha.primary(settings)
+    return next(node for node in ha.nodes(settings) if current is not None and node.port == current.port)
+
+
+def _kill_primary(settings: Settings) -> list[int]:
+    """The primary node lost whole: its keeper, the keeper's children and its
+    PostgreSQL (SIGKILL); the pid reported is its postmaster's."""
+    from app.operations import ha  # noqa: PLC0415
+
+    node = _primary_node(settings)
+    pids = _postmaster_of(node.pg_data)
+    ha.kill_node(settings, node)
+    return pids
+
+
+def _primary_healed(settings: Settings, killed: list[int]) -> bool:
+    """Another node takes writes through PgBouncer, and the lost one is back as
+    its synchronous standby."""
+    from app.operations import ha  # noqa: PLC0415
+
+    try:
+        return (ha.settled(settings) and _back(_postmaster_of(_primary_node(settings).pg_data), killed)
+                and _answers(settings.bouncer_conninfo()))
+    except (psycopg.Error, StopIteration):  # the monitor not answering, or no primary yet
+        return False
+
+
 FAULTS = {fault.name: fault for fault in (
     Fault("pgbouncer", "PgBouncer killed (SIGKILL)",
           lambda s: _kill(listeners(s.bouncer_port)),
@@ -156,6 +193,8 @@ FAULTS = {fault.name: fault for fault in (
     Fault("api-worker", "one API worker process killed (SIGKILL)",
           lambda s: _kill(api_workers(s)[:1]),
           lambda s, killed: len(set(api_workers(s)) - set(killed)) == s.api_workers),
+    Fault("primary", "the primary node killed (keeper, its children and PostgreSQL: SIGKILL)",
+          _kill_primary, _primary_healed),
 )}
 
 
@@ -307,7 +346,7 @@ def main() -> int:
     parser.add_argument("--plot", type=Path, default=Path(__file__).resolve().parent / "out" / "chaos.png")
     args = parser.parse_args()
     settings = load()
-    names = args.faults.split(",") if args.faults else list(FAULTS)
+    names = args.faults.split(",") if args.faults else [name for name in FAULTS if settings.ha or name != "primary"]
     unknown = [name for name in names if name not in FAULTS]
     if unknown:
         print(f"chaos: no fault {', '.join(unknown)} (known: {', '.join(FAULTS)})", file=sys.stderr)
