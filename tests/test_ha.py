@@ -26,6 +26,7 @@ from app.ledger import calls
 from app.ledger.client import Ledger
 from app.ledger.errors import LedgerError, Unavailable
 from app.operations import ha, processes
+from app.operations.supervisor import Supervisor
 from app.settings import Settings
 from tests.conftest import SETTINGS
 
@@ -87,6 +88,7 @@ def trio() -> Iterator[Settings]:
             follower.join(timeout=10)
         processes.bouncer_down(settings)
         ha.down(settings)
+        Supervisor.of(settings).close()
         shutil.rmtree(settings.data_dir, ignore_errors=True)
 
 

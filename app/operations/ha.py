@@ -31,6 +31,7 @@ from psycopg.rows import dict_row
 
 from app.ledger import queries
 from app.operations import cluster, migrate
+from app.operations.supervisor import ALIVE, Program, Supervisor
 from app.settings import Settings
 
 log = logging.getLogger("rewards.ha")
@@ -155,10 +156,19 @@ def _run_autoctl(settings: Settings, node: Node, *args: str | Path, check: bool 
     return result.stdout
 
 
-def keeper_command(settings: Settings, node: Node) -> list[str]:
-    """The node's keeper in the foreground: it starts, watches and restarts the
-    node's PostgreSQL and carries out the monitor's decisions."""
-    return _autoctl(settings, node, "run")
+def keeper_program(settings: Settings, node: Node) -> Program:
+    """The node's keeper in the foreground, a program of the data folder's
+    supervisord: it starts, watches and restarts the node's PostgreSQL and
+    carries out the monitor's decisions (with REWARDS_HA=on it takes the place
+    of cluster.postgres_program)."""
+    return Program(
+        name=f"ha-{node.name}", command=["pg_autoctl", "run", "--pgdata", str(node.pg_data)],
+        log_file=_log_file(settings, node), user=settings.pg_os_user if os.geteuid() == 0 else None,
+        environment=_environment(settings, node), priority=100 if node.name == "monitor" else 110,
+        # SIGINT is pg_autoctl's fast stop (PostgreSQL's fast shutdown), waited
+        # for as long as a shutdown checkpoint may take; the keeper stops its
+        # own children and PostgreSQL.
+        stopsignal="INT", stopwaitsecs=600, stopasgroup=False, startsecs=2)
 
 
 def keeper_running(settings: Settings, node: Node) -> bool:
@@ -166,39 +176,37 @@ def keeper_running(settings: Settings, node: Node) -> bool:
     return result.returncode == 0
 
 
-def _keeper_pid_file(settings: Settings, node: Node) -> Path:
-    return settings.socket_dir / f"ha-{node.name}.pid"
-
-
 def _start_keeper(settings: Settings, node: Node) -> None:
-    if keeper_running(settings, node):
-        return
-    log_file = _log_file(settings, node)
-    # Its own session: a node is killed whole by its process group.
-    process = subprocess.Popen(keeper_command(settings, node), stdin=subprocess.DEVNULL,
-                               stdout=log_file.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
-    _keeper_pid_file(settings, node).write_text(str(process.pid))
+    supervisor = Supervisor.of(settings)
+    program = keeper_program(settings, node)
+    if supervisor.status(program.name).state not in ALIVE and keeper_running(settings, node):
+        # Started by something else (a `rewards up` from before supervision):
+        # stopped cleanly, then handed to supervisord.
+        _run_autoctl(settings, node, "stop", "--fast", check=False)
+        _wait(f"the {node.name} keeper stopping", lambda: not keeper_running(settings, node), 120, [])
+    supervisor.ensure(program)
 
 
 def _stop_keeper(settings: Settings, node: Node) -> None:
-    if (node.pg_data / "PG_VERSION").exists() and keeper_running(settings, node):
-        # --fast: PostgreSQL's fast shutdown (SIGINT), not a wait for every client.
-        _run_autoctl(settings, node, "stop", "--fast", check=False)
-        deadline = time.monotonic() + 60
-        while keeper_running(settings, node) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    _keeper_pid_file(settings, node).unlink(missing_ok=True)
+    Supervisor.of(settings).remove(keeper_program(settings, node).name)
 
 
 def kill_node(settings: Settings, node: Node) -> None:
-    """SIGKILL to a node's keeper, its children and its PostgreSQL at once: a
-    machine lost, as the tests and `make chaos` inflict it."""
-    pid = int(_keeper_pid_file(settings, node).read_text())
+    """SIGKILL to a node's keeper, its children and its PostgreSQL at once
+    (supervisord gives each program a process group of its own), and the node
+    kept down: a machine lost, as the tests inflict it."""
+    supervisor = Supervisor.of(settings)
+    name = keeper_program(settings, node).name
+    pid = supervisor.pid(name)
+    if pid is None:
+        raise HAError(f"the {node.name} keeper is not running")
     os.killpg(os.getpgid(pid), signal.SIGKILL)
+    # Whatever supervisord started again in the meantime is stopped.
+    supervisor.remove(name)
 
 
 def restart_node(settings: Settings, node: Node) -> None:
-    """A killed node's keeper started again: it rejoins as the standby."""
+    """A lost node's keeper started again: it rejoins as the standby."""
     _start_keeper(settings, node)
 
 
