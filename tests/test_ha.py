@@ -242,7 +242,7 @@ def test_losing_the_primary_node_keeps_every_acknowledged_write(trio: Settings) 
     lost = ha.primary(trio)
     assert lost is not None
     lost_node = next(n for n in ha.nodes(trio) if n.port == lost.port)
-    ha.kill_node(trio, lost_node)
+    ha.kill_node(trio, lost_node, keep_down=True)
     killed = time.monotonic()
     deadline = killed + 60
     while writer.first_acknowledged_after(killed) is None and time.monotonic() < deadline:

@@ -191,18 +191,20 @@ def _stop_keeper(settings: Settings, node: Node) -> None:
     Supervisor.of(settings).remove(keeper_program(settings, node).name)
 
 
-def kill_node(settings: Settings, node: Node) -> None:
+def kill_node(settings: Settings, node: Node, keep_down: bool = False) -> None:
     """SIGKILL to a node's keeper, its children and its PostgreSQL at once
-    (supervisord gives each program a process group of its own), and the node
-    kept down: a machine lost, as the tests inflict it."""
+    (supervisord gives each program a process group of its own). supervisord
+    then starts the keeper again, unless `keep_down`: a machine lost for good,
+    so that the standby must take over (the tests)."""
     supervisor = Supervisor.of(settings)
     name = keeper_program(settings, node).name
     pid = supervisor.pid(name)
     if pid is None:
         raise HAError(f"the {node.name} keeper is not running")
     os.killpg(os.getpgid(pid), signal.SIGKILL)
-    # Whatever supervisord started again in the meantime is stopped.
-    supervisor.remove(name)
+    if keep_down:
+        # Whatever supervisord started again in the meantime is stopped.
+        supervisor.remove(name)
 
 
 def restart_node(settings: Settings, node: Node) -> None:
