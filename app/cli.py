@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 
+from app.audit import stream
 from app.ledger import calls, keys
 from app.ledger.client import Ledger
-from app.ledger.errors import InvalidArgument, LedgerError, translated
-from app.operations import citus, cluster, migrate, processes
+from app.ledger.errors import InvalidArgument, LedgerError, Refused, translated
+from app.operations import citus, cluster, migrate, nodes, processes, rebalance
 from app.settings import MissingSecret, load
 
 
@@ -77,8 +78,6 @@ def _keys_revoke(args: argparse.Namespace) -> int:
 
 
 def _audit_streams(args: argparse.Namespace) -> list:
-    from app.audit import stream
-
     # One slot per node whose WAL carries ledger changes, found in pg_dist_node
     # under Citus; the single node otherwise. All applied to the history, in the
     # service database, as the role that writes it.
@@ -89,7 +88,7 @@ def _audit_run(args: argparse.Namespace) -> int:
     from prometheus_client import REGISTRY, start_http_server
 
     from app import logs
-    from app.audit import metrics, stream
+    from app.audit import metrics
 
     logs.configure()
     settings = load()
@@ -333,6 +332,120 @@ def _ha_follow(args: argparse.Namespace) -> int:
     logs.configure()
     settings = load()
     ha.follow(settings, retarget=lambda port: processes.bouncer_up(settings, port))
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+def _cluster_add_node(args: argparse.Namespace) -> int:
+    settings = load()
+    if args.local == bool(args.node):
+        raise InvalidArgument("give the node as HOST:PORT, or --local for one more local worker", "node")
+    added = (nodes.add_local(settings, args.slot) if args.local
+             else nodes.add(settings, nodes.Address.parse(args.node), args.slot))
+    if args.json:
+        _print_json(asdict(added))
+        return 0
+    print(f"checked {added.host}:{added.port}: PostgreSQL {added.postgresql}, Citus {added.citus}")
+    for line in added.checked:
+        print(f"  ok  {line}")
+    where = f" (a local worker in {added.folder}, started by `rewards up`)" if added.folder else ""
+    print(f"added node {added.nodeid}{where}; audit slot {added.slot} made, then the node marked to hold shards")
+    print("its shards come with `rewards cluster rebalance --wait`")
+    return 0
+
+
+def _moves(job: rebalance.Job) -> str:
+    return f"{job.done}/{job.total} tasks"
+
+
+def _moving(job: rebalance.Job) -> str:
+    return "; ".join(f"{m.command.removeprefix('SELECT pg_catalog.')} {m.source} -> {m.target}"
+                     + (f" ({m.phase})" if m.phase and sys.stderr.isatty() else "") for m in job.running)
+
+
+def _progress_printer() -> Callable[[rebalance.Job], None]:
+    """A bar redrawn in place on a terminal; a line per change otherwise (a log)."""
+    shown: list[tuple] = []
+    terminal = sys.stderr.isatty()
+
+    def show(job: rebalance.Job) -> None:
+        if terminal:
+            width = 30
+            filled = width * job.done // job.total if job.total else width
+            text = f"\r[{'#' * filled}{'.' * (width - filled)}] {_moves(job)}  {job.state}  {_moving(job)}"
+            print(text[:200].ljust(120), end="" if not job.over else "\n", file=sys.stderr, flush=True)
+            return
+        state = (job.state, job.done)
+        if not shown or shown[-1] != state:
+            shown.append(state)
+            moving = f", now {_moving(job)}" if job.running else ""
+            print(f"job {job.job_id}: {job.state}, {_moves(job)}{moving}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _print_post_check(check: rebalance.PostCheck) -> None:
+    rows = ", ".join(f"{name} {count}" for name, count in check.after.items())
+    if check.changed:
+        changed = ", ".join(f"{name} {delta:+d}" for name, delta in check.changed.items())
+        print(f"post-check: rows per distributed table CHANGED during the move: {changed} (now {rows})")
+    else:
+        print(f"post-check: rows per distributed table unchanged ({rows})")
+    print("  history: " + ("caught up with every node" if check.history_caught_up
+                           else "NOT caught up: is `rewards audit run` running?"))
+    print(f"  reconcile: {check.accounts_checked} accounts, "
+          + ("all agree" if not check.findings else f"{check.findings} discrepancies (run `rewards reconcile`)"))
+
+
+def _cluster_rebalance(args: argparse.Namespace) -> int:
+    settings = load()
+    with nodes.coordinator(settings) as ledger:
+        if args.stop:
+            job = rebalance.stop(ledger)
+            if args.json:
+                _print_json({"job": asdict(job)})
+            else:
+                print(f"rebalance job {job.job_id} {job.state} after {_moves(job)}; "
+                      "`rewards cluster rebalance` starts it again where it stopped")
+            return 0
+        before = rebalance.counts(ledger)
+        if not args.wait:
+            rebalance.check(settings, ledger, args.slot)
+            job = rebalance.start(ledger)
+            if args.json:
+                _print_json({"job": asdict(job) if job else None})
+            elif job is None:
+                print("nothing to move: the shards are balanced")
+            else:
+                print(f"rebalance job {job.job_id} {job.state}: {_moves(job)} in the background; follow it with "
+                      "`rewards cluster rebalance --wait`, stop it with `rewards cluster rebalance --stop`")
+            return 0
+        job = rebalance.run(settings, ledger, args.slot, progress=None if args.json else _progress_printer())
+        check = rebalance.post_check(settings, ledger, before, args.slot)
+    if args.json:
+        _print_json({"job": asdict(job) if job else None, "post_check": asdict(check) | {
+            "changed": check.changed, "ok": check.ok}})
+    else:
+        print("nothing to move: the shards are balanced" if job is None else
+              f"rebalance job {job.job_id} finished: {_moves(job)} in "
+              f"{(job.finished_at - job.started_at).total_seconds():.0f} s")
+        _print_post_check(check)
+    return 0 if check.ok else 1
+
+
+def _cluster_drain(args: argparse.Namespace) -> int:
+    settings = load()
+    drained = nodes.drain(settings, nodes.Address.parse(args.node), args.slot, args.timeout,
+                          progress=None if args.json else _progress_printer())
+    if args.json:
+        _print_json(asdict(drained))
+        return 0
+    print(f"drained {drained.host}:{drained.port} (node {drained.nodeid}): {drained.moves} moves; the audit consumer "
+          f"confirmed its slot past {drained.confirmed_lsn}")
+    print(f"removed it from the cluster and dropped its audit slot {drained.slot}"
+          + (f"; deleted the local worker's folder {drained.folder_deleted}" if drained.folder_deleted else ""))
     return 0
 
 
@@ -360,7 +473,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, func, text in (("run", _audit_run, "apply the ledger's changes to the history, forever"),
                              ("status", _audit_status, "the stream's lag in bytes and its last commit")):
         command = audit.add_parser(name, help=text)
-        command.add_argument("--slot", default="rewards_audit",
+        command.add_argument("--slot", default=stream.DEFAULT_SLOT,
                              help="the slot's name (a Citus node N's is <slot>_node<N>)")
         command.set_defaults(func=func)
 
@@ -401,6 +514,32 @@ def _parser() -> argparse.ArgumentParser:
         "status", help="nodes, shards and size per node, skew, slots and lag, delegation; exit 1 on a problem")
     cluster_status.add_argument("--json", action="store_true", help="the same as one JSON document")
     cluster_status.set_defaults(func=_cluster_status)
+    slot_help = "the audit consumer's slot (`rewards audit run --slot`)"
+    add_node = cluster_commands.add_parser(
+        "add-node", help="check a server, register it with its audit slot, let it hold shards (exit 2: refused)")
+    add_node.add_argument("node", nargs="?", help="HOST:PORT of a prepared server (see the README, For DBAs)")
+    add_node.add_argument("--local", action="store_true",
+                          help="start one more local worker (worker-<i> in the data folder, on port pg+i)")
+    add_node.add_argument("--slot", default=stream.DEFAULT_SLOT, help=slot_help)
+    add_node.add_argument("--json", action="store_true", help="the result as one JSON document")
+    add_node.set_defaults(func=_cluster_add_node)
+    rebalance_cmd = cluster_commands.add_parser(
+        "rebalance", help="move shards until every node holds its share, in the background (citus_rebalance_start)")
+    rebalance_how = rebalance_cmd.add_mutually_exclusive_group()
+    rebalance_how.add_argument("--wait", action="store_true",
+                               help="show progress until it ends, then check row counts and reconcile; exit 1 if not clean")
+    rebalance_how.add_argument("--stop", action="store_true", help="stop the running job (running it again resumes)")
+    rebalance_cmd.add_argument("--slot", default=stream.DEFAULT_SLOT, help=slot_help)
+    rebalance_cmd.add_argument("--json", action="store_true", help="the result as one JSON document")
+    rebalance_cmd.set_defaults(func=_cluster_rebalance)
+    drain_cmd = cluster_commands.add_parser(
+        "drain", help="move every shard off a node, then remove it with its audit slot (and a local worker's folder)")
+    drain_cmd.add_argument("node", help="HOST:PORT as `rewards cluster status` shows it")
+    drain_cmd.add_argument("--timeout", type=float, default=120.0,
+                           help="seconds to wait for the audit consumer to confirm the node's last changes")
+    drain_cmd.add_argument("--slot", default=stream.DEFAULT_SLOT, help=slot_help)
+    drain_cmd.add_argument("--json", action="store_true", help="the result as one JSON document")
+    drain_cmd.set_defaults(func=_cluster_drain)
 
     ha_commands = groups.add_parser("ha", help="the primary and its synchronous standby (REWARDS_HA=on)").add_subparsers(
         dest="command", required=True)
@@ -427,13 +566,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Refusals and outages end in one line on stderr and a non-zero exit:
-    2 for an argument the ledger refused, 1 for anything else it could not do."""
+    2 for an argument the ledger refused or a precondition that does not hold,
+    1 for anything else it could not do."""
     args = _parser().parse_args(argv)
     try:
         with translated():
             return args.func(args)
     except InvalidArgument as exc:
         print(f"rewards: {exc}" + (f" ({exc.field})" if exc.field else ""), file=sys.stderr)
+        return 2
+    except Refused as exc:
+        print(f"rewards: {exc}", file=sys.stderr)
         return 2
     except (LedgerError, MissingSecret) as exc:
         print(f"rewards: {exc}", file=sys.stderr)

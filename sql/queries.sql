@@ -117,18 +117,28 @@ SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') AS citus;
 
 -- name: audit_nodes
 -- Under Citus, the nodes whose WAL carries ledger changes, each read through a
--- slot of its own: every active primary that holds shards of a distributed
--- table or is to get some (shouldhaveshards), so that a new worker's slot is
--- made before a rebalance moves anything there.
+-- slot of its own: every active primary worker, from the moment it is
+-- registered (so its slot is made before a rebalance moves anything there)
+-- until it is removed (a drained worker's last changes are still read), and
+-- the coordinator when it holds shards of a distributed table or is to get some.
 SELECT n.nodeid, n.groupid, n.nodename AS host, n.nodeport AS port
 FROM pg_dist_node n
 WHERE n.noderole = 'primary' AND n.isactive
-  AND (n.shouldhaveshards OR EXISTS (
+  AND (n.groupid <> 0 OR n.shouldhaveshards OR EXISTS (
       SELECT FROM pg_dist_placement p
       JOIN pg_dist_shard s ON s.shardid = p.shardid
       JOIN pg_dist_partition t ON t.logicalrelid = s.logicalrelid
       WHERE p.groupid = n.groupid AND t.partmethod = 'h'))
 ORDER BY n.groupid, n.nodeid;
+
+-- name: audit_mark
+-- On the slot's node: a transaction holding only a logical message, whose LSN
+-- the slot is confirmed past once everything committed before it is applied.
+SELECT pg_logical_emit_message(true, 'rewards', %(text)s)::text AS lsn;
+
+-- name: audit_confirmed_past
+SELECT confirmed_flush_lsn >= %(lsn)s::pg_lsn AS confirmed
+FROM pg_replication_slots WHERE slot_name = %(slot)s;
 
 -- name: audit_lag
 -- On the slot's node (a Citus worker has no audit schema).
@@ -258,7 +268,7 @@ SELECT citus_set_coordinator_host(%(host)s, %(port)s);
 -- name: citus_worker_count
 SELECT count(*) AS workers FROM pg_dist_node WHERE groupid <> 0 AND noderole = 'primary';
 
--- name: citus_coordinator_holds_shards
+-- name: citus_node_holds_shards
 SELECT citus_set_node_property(%(host)s, %(port)s, 'shouldhaveshards', %(holds)s);
 
 -- name: citus_add_node
@@ -356,3 +366,123 @@ SELECT slot_name AS slot FROM pg_replication_slots WHERE slot_type = 'logical' O
 
 -- name: ha_server_port
 SELECT current_setting('port')::int AS port;
+
+-- Growing and shrinking the cluster (`rewards cluster add-node`, `rebalance`,
+-- `drain`), run on the coordinator.
+
+-- name: node_facts
+-- What a server says about itself, compared before it joins: run on the
+-- coordinator, and on the new node through the coordinator's own connection
+-- (node_run), in the service database either way.
+SELECT json_build_object(
+    'server_version', current_setting('server_version'),
+    'server_version_num', current_setting('server_version_num')::int,
+    'preload', current_setting('shared_preload_libraries'),
+    'wal_level', current_setting('wal_level'),
+    'change_data_capture', current_setting('citus.enable_change_data_capture', true),
+    'output_plugin_libraries', current_setting('output_plugin_libraries', true),
+    'node_conninfo', current_setting('citus.node_conninfo', true),
+    'free_slots', current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots),
+    'citus', (SELECT extversion FROM pg_extension WHERE extname = 'citus'),
+    'available', (SELECT coalesce(json_object_agg(name, versions), '{}'::json) FROM (
+        SELECT name, json_agg(version ORDER BY version) AS versions
+        FROM pg_available_extension_versions GROUP BY name) v),
+    'roles', (SELECT coalesce(json_agg(rolname ORDER BY rolname), '[]'::json)
+              FROM pg_roles WHERE starts_with(rolname, 'rewards_'))
+)::text AS facts;
+
+-- name: node_run
+-- A command on a server through the coordinator's own connection to it, as
+-- Citus makes them (citus.node_conninfo, a password from pg_dist_authinfo or
+-- .pgpass), whether the server is registered in pg_dist_node or not.
+SELECT success, result
+FROM master_run_on_worker(ARRAY[%(host)s], ARRAY[%(port)s::int], ARRAY[%(command)s], false);
+
+-- name: node_reachable
+-- Whether Citus reaches the server as the current user; when not, why comes as
+-- a WARNING.
+SELECT citus_check_connection_to_node(%(host)s, %(port)s) AS reached;
+
+-- name: act_as
+-- The current user until the transaction ends: whom Citus connects as.
+SELECT set_config('role', %(role)s, true);
+
+-- name: login_roles
+-- The roles Citus connects to the nodes as: this superuser, and each of the
+-- project's roles that logs in (the services' sessions, whose distributed
+-- queries and delegated calls reach the workers as themselves).
+SELECT rolname AS role FROM pg_roles
+WHERE rolcanlogin AND (rolname = current_user OR starts_with(rolname, 'rewards_'))
+ORDER BY rolname <> current_user, rolname;
+
+-- name: distributed_extensions
+-- The extensions Citus creates on every node, at the coordinator's version.
+SELECT e.extname AS name, e.extversion AS version
+FROM pg_dist_object d JOIN pg_extension e ON d.classid = 'pg_extension'::regclass AND d.objid = e.oid
+ORDER BY 1;
+
+-- name: citus_node
+SELECT nodeid, groupid, shouldhaveshards, isactive FROM pg_dist_node
+WHERE nodename = %(host)s AND nodeport = %(port)s AND noderole = 'primary';
+
+-- name: citus_remove_node
+SELECT citus_remove_node(%(host)s, %(port)s);
+
+-- name: node_shards
+-- Shards of distributed tables placed on the node (what a drain moves off).
+SELECT count(*)::int AS shards FROM citus_shards
+WHERE nodename = %(host)s AND nodeport = %(port)s AND citus_table_type = 'distributed';
+
+-- name: cleanup_orphaned_resources
+-- Drop now what shard moves left to drop later (the placements they moved
+-- away from): a removed node's records would stay in pg_dist_cleanup and make
+-- every later move of those shards fail.
+CALL citus_cleanup_orphaned_resources();
+
+-- name: node_leftovers
+-- What pg_dist_cleanup still has to drop on the node.
+SELECT count(*)::int AS leftovers
+FROM pg_dist_cleanup c JOIN pg_dist_node n ON n.groupid = c.node_group_id
+WHERE n.nodename = %(host)s AND n.nodeport = %(port)s;
+
+-- name: nodes_wal_level
+-- Every node's wal_level: a shard move copies with logical replication.
+SELECT n.nodename AS host, n.nodeport AS port, r.success, r.result AS wal_level
+FROM run_command_on_all_nodes('SHOW wal_level') r JOIN pg_dist_node n USING (nodeid)
+ORDER BY n.groupid, n.nodeid;
+
+-- name: tables_without_replica_identity
+-- Distributed tables a shard move could not keep writable while it copies
+-- (shard_transfer_mode 'auto' refuses them): no primary key or replica identity.
+SELECT p.logicalrelid::text AS name
+FROM pg_dist_partition p JOIN pg_class c ON c.oid = p.logicalrelid
+WHERE p.partmethod = 'h'
+  AND c.relreplident <> 'f'
+  AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid
+                  AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident)))
+ORDER BY 1;
+
+-- name: distributed_row_counts
+-- Rows per distributed table, counted across its shards (query_to_xml runs
+-- each table's count, the table named through format('%%I')).
+SELECT p.logicalrelid::text AS name,
+       (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %%I.%%I', n.nspname, c.relname),
+                                            false, true, '')))[1]::text::bigint AS rows
+FROM pg_dist_partition p
+JOIN pg_class c ON c.oid = p.logicalrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE p.partmethod = 'h'
+ORDER BY 1;
+
+-- name: rebalance_start
+-- A background job of shard moves (NULL: nothing to move); drain_only moves
+-- only the shards of nodes marked to hold none. 'auto' copies with logical
+-- replication, writes going on, and refuses a table without replica identity.
+SELECT citus_rebalance_start(drain_only => %(drain_only)s, shard_transfer_mode => 'auto') AS job_id;
+
+-- name: rebalance_status
+-- The latest rebalance job and its tasks (empty before the first).
+SELECT job_id, state::text AS state, started_at, finished_at, details FROM citus_rebalance_status();
+
+-- name: rebalance_stop
+SELECT citus_rebalance_stop();

@@ -7,16 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -28,7 +21,8 @@ from app.ledger.client import Ledger
 from app.ledger.results import Status
 from app.operations import citus, cluster
 from app.operations.processes import free_port
-from app.settings import PROJECT_ROOT, Settings
+from app.settings import Settings
+from tests.clusters import citus_missing_reason, local_cluster, rewards
 from tests.conftest import SETTINGS
 from tests.test_secrets import AWKWARD
 
@@ -37,58 +31,14 @@ pytestmark = pytest.mark.citus
 WORKERS = 2
 
 
-def _citus_missing_reason() -> str | None:
-    with psycopg.connect(SETTINGS.superuser_conninfo("postgres")) as conn:
-        if not conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'citus'").fetchone():
-            return "the citus extension is not installed in this PostgreSQL (it is in no package registry here)"
-    return None
-
-
-def _free_ports(count: int) -> int:
-    """A port with the `count - 1` after it free too: the coordinator's and its workers'."""
-    for _ in range(50):
-        base = free_port()
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError(f"no {count} free consecutive ports")
-
-
-def _env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment that points the `rewards` command at `settings`' cluster."""
-    return {**os.environ, "REWARDS_DATA_DIR": str(settings.data_dir), "REWARDS_PG_PORT": str(settings.pg_port),
-            "REWARDS_PG_BIN": str(settings.pg_bin), "REWARDS_DATABASE": settings.database,
-            "REWARDS_CITUS": settings.citus, "REWARDS_CITUS_WORKERS": str(settings.citus_workers),
-            "REWARDS_PG_HOST": "", "REWARDS_API_DB_PASSWORD": settings.api_password, **extra}
-
-
-def _rewards(settings: Settings, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=PROJECT_ROOT, capture_output=True,
-                          text=True, timeout=60, env=_env(settings, **extra))
-
-
 @pytest.fixture(scope="module")
 def coordinator() -> Iterator[Settings]:
     """The coordinator's settings, its two workers up and registered, migrated."""
-    reason = _citus_missing_reason()
+    reason = citus_missing_reason()
     if reason:
         pytest.skip(reason)
-    folder = Path(tempfile.mkdtemp(prefix="rewards-cluster-"))
-    # A password that needs quoting everywhere, which must reach every node.
-    settings = dataclasses.replace(SETTINGS, data_dir=folder / "data", pg_port=_free_ports(1 + WORKERS),
-                                   pg_host=None, citus="on", citus_workers=WORKERS, api_password=AWKWARD)
-    try:
-        started = time.monotonic()
-        cluster.up(settings)
-        print(f"\ncoordinator and {WORKERS} workers up and migrated in {time.monotonic() - started:.1f} s")
+    with local_cluster(WORKERS, api_password=AWKWARD) as settings:
         yield settings
-    finally:
-        cluster.down(settings)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
@@ -179,7 +129,7 @@ def test_cluster_status_as_json(coordinator):
     with psycopg.connect(worker.superuser_conninfo(), autocommit=True) as on_worker:
         on_worker.execute("SELECT pg_create_logical_replication_slot('status_probe', 'wal2json')")
     try:
-        done = _rewards(coordinator, "cluster", "status", "--json")
+        done = rewards(coordinator, "cluster", "status", "--json")
     finally:
         with psycopg.connect(worker.superuser_conninfo(), autocommit=True) as on_worker:
             on_worker.execute("SELECT pg_drop_replication_slot('status_probe')")
@@ -199,7 +149,7 @@ def test_cluster_status_as_json(coordinator):
     assert all(f["delegated"] and f["distribution_argument"] == "p_user_id" for f in status["functions"])
     assert status["problems"] == []
     # The same, for a person.
-    text = _rewards(coordinator, "cluster", "status")
+    text = rewards(coordinator, "cluster", "status")
     assert text.returncode == 0, text.stderr
     assert "a coordinator and 2 workers" in text.stdout and "ledger.release_reservation" in text.stdout
 
@@ -210,22 +160,22 @@ def test_cluster_status_fails_when_a_write_function_is_not_delegated(coordinator
                     " force_delegation => %s)")
     conn.execute(redistribute, (signature, False))
     try:
-        done = _rewards(coordinator, "cluster", "status", "--json")
+        done = rewards(coordinator, "cluster", "status", "--json")
     finally:
         conn.execute(redistribute, (signature, True))
     assert done.returncode == 1
     assert done.stderr.strip() == "rewards: ledger.debit is not delegated: without force_delegation"
     debit = next(f for f in json.loads(done.stdout)["functions"] if f["name"] == "debit")
     assert debit["distributed"] and not debit["force_delegation"] and not debit["delegated"]
-    assert _rewards(coordinator, "cluster", "status").returncode == 0  # put back
+    assert rewards(coordinator, "cluster", "status").returncode == 0  # put back
 
 
 def test_cluster_status_of_a_database_without_citus_is_a_single_node(coordinator, conn):
     plain = f"plain_{uuid.uuid4().hex[:8]}"
     conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(plain)))
     try:
-        done = _rewards(coordinator, "cluster", "status", REWARDS_DATABASE=plain)
-        as_json = _rewards(coordinator, "cluster", "status", "--json", REWARDS_DATABASE=plain)
+        done = rewards(coordinator, "cluster", "status", REWARDS_DATABASE=plain)
+        as_json = rewards(coordinator, "cluster", "status", "--json", REWARDS_DATABASE=plain)
     finally:
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(plain)))
     assert done.returncode == 0, done.stderr
@@ -235,7 +185,7 @@ def test_cluster_status_of_a_database_without_citus_is_a_single_node(coordinator
 
 
 def test_cluster_status_of_a_stopped_database_is_one_line(coordinator):
-    done = _rewards(coordinator, "cluster", "status", REWARDS_PG_PORT=str(free_port()), REWARDS_PG_HOST="127.0.0.1")
+    done = rewards(coordinator, "cluster", "status", REWARDS_PG_PORT=str(free_port()), REWARDS_PG_HOST="127.0.0.1")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("rewards: the database did not answer") and "\n" not in done.stderr.strip()
 
@@ -248,7 +198,7 @@ def test_without_the_extension_citus_on_says_so_and_changes_nothing(tmp_path):
     shutil.copy2(SETTINGS.pg_bin / "pg_config", bin_dir)
     settings = dataclasses.replace(SETTINGS, data_dir=tmp_path / "data", pg_port=free_port(), pg_bin=bin_dir,
                                    citus="on", citus_workers=WORKERS)
-    done = _rewards(settings, "up", REWARDS_BOUNCER_PORT=str(free_port()), REWARDS_API_PORT=str(free_port()))
+    done = rewards(settings, "up", REWARDS_BOUNCER_PORT=str(free_port()), REWARDS_API_PORT=str(free_port()))
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip() == (f"REWARDS_CITUS=on but the citus extension is not installed in the PostgreSQL "
                                    f"of {bin_dir}: nothing was changed")
@@ -265,7 +215,7 @@ def test_workers_without_citus_on_are_refused_before_anything_is_made(tmp_path):
 def test_down_stops_the_workers_too(coordinator):
     """Last: `make stop` (rewards down) stops the coordinator and every worker, found
     in the data folder (without REWARDS_CITUS or REWARDS_CITUS_WORKERS set)."""
-    done = _rewards(coordinator, "down", REWARDS_CITUS="", REWARDS_CITUS_WORKERS="",
+    done = rewards(coordinator, "down", REWARDS_CITUS="", REWARDS_CITUS_WORKERS="",
                     REWARDS_BOUNCER_PORT=str(free_port()), REWARDS_API_PORT=str(free_port()),
                     REWARDS_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     assert done.returncode == 0, done.stderr

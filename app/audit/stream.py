@@ -33,7 +33,7 @@ from psycopg.conninfo import make_conninfo
 from app.audit import metrics, reconnect
 from app.ledger import queries
 from app.ledger.client import Call, Ledger, Shape
-from app.ledger.errors import LedgerError, Overloaded, Unavailable
+from app.ledger.errors import AlreadyExists, LedgerError, NotFound, Overloaded, Unavailable
 
 log = logging.getLogger("rewards.audit")
 
@@ -43,6 +43,9 @@ NOTIFIED_KINDS = frozenset({"credit", "debit", "commit", "expire"})
 # The tables whose changes become history. The slot is peeked for the whole
 # ledger schema but these (sql/queries.sql, peek_changes): every other table
 # reaching the consumer is one it does not understand.
+# `rewards audit run --slot`'s default; a Citus worker's is `<slot>_node<N>`.
+DEFAULT_SLOT = "rewards_audit"
+
 APPLIED_TABLES = frozenset({("ledger", "entries"), ("ledger", "reservations")})
 
 
@@ -105,6 +108,14 @@ def _drop_slot(slot: str) -> Call[dict]:
     return Call(queries.DROP_SLOT, {"slot": slot})
 
 
+def _mark(text: str) -> Call[dict]:
+    return Call(queries.AUDIT_MARK, {"text": text})
+
+
+def _confirmed_past(slot: str, lsn: str) -> Call[dict]:
+    return Call(queries.AUDIT_CONFIRMED_PAST, {"slot": slot, "lsn": lsn}, shape=Shape.MAYBE)
+
+
 def _backfill() -> Call[dict]:
     return Call(queries.AUDIT_BACKFILL)
 
@@ -162,6 +173,10 @@ class Stream:
                 ledger.close()
         self._slot_checked = False
 
+    def has_slot(self) -> bool:
+        source, _ = self._connections()
+        return source(_slot_status(self.slot)) is not None
+
     def ensure_slot(self) -> None:
         """Make the slot when it is missing, and again when max_slot_wal_keep_size
         invalidated it (the changes it held are gone from the WAL), each time
@@ -172,7 +187,13 @@ class Stream:
         if invalidated:
             source(_drop_slot(self.slot))
         if status is None or invalidated:
-            source(_create_slot(self.slot))
+            try:
+                source(_create_slot(self.slot))
+            except AlreadyExists:
+                # Made a moment ago by the other process that found the node
+                # (`rewards cluster add-node`, or this consumer): it backfills.
+                self._slot_checked = True
+                return
             # The slot sees only what commits from now on: copy what came before.
             # Into the history, which is on the target (a Citus worker's slot
             # is applied on the coordinator, where audit.* lives).
@@ -232,6 +253,20 @@ class Stream:
             target(_save_progress(self.slot, last.commit_lsn, last.committed_at))
         return len(entries) + len(events)
 
+    def mark(self, text: str) -> str:
+        """Write a transaction of no ledger change to the source's WAL (a logical
+        message) and return its LSN: once the slot is confirmed past it, every
+        ledger change the node committed before it is in the history."""
+        source, _ = self._connections()
+        return source(_mark(text))["lsn"]
+
+    def confirmed_past(self, lsn: str) -> bool:
+        """Whether the consumer has confirmed the slot past `lsn` (False when the
+        slot does not exist)."""
+        source, _ = self._connections()
+        row = source(_confirmed_past(self.slot, lsn))
+        return bool(row and row["confirmed"])
+
     def confirm(self, lsn: str) -> None:
         """Tell the slot these changes are safely in the history (after the commit)."""
         source, _ = self._connections()
@@ -286,9 +321,38 @@ def discover(target: str, slot: str) -> list[Stream]:
         if not ledger(Call(queries.AUDIT_IS_CITUS))["citus"]:
             return [Stream(target, target, slot)]
         nodes = ledger(Call(queries.AUDIT_NODES, shape=Shape.MANY))
-    return [Stream(make_conninfo(target, host=node["host"], port=str(node["port"])), target,
-                   slot if node["groupid"] == 0 else f"{slot}_node{node['nodeid']}")
+    return [Stream(node_conninfo(target, node["host"], node["port"]), target,
+                   node_slot(slot, node["nodeid"], node["groupid"]))
             for node in nodes]
+
+
+def node_conninfo(target: str, host: str, port: int) -> str:
+    """A node's conninfo: the history's, but for host and port."""
+    return make_conninfo(target, host=host, port=str(port))
+
+
+def wait_applied(stream: Stream, note: str, timeout: float) -> str | None:
+    """Mark the stream's source and wait (at most `timeout` s) for the consumer
+    to confirm its slot past the mark: then everything the node committed
+    before it is in the history. The mark's LSN, or None if it did not; no
+    slot means nothing to wait for ("-"). Closes the stream."""
+    try:
+        if not stream.has_slot():
+            return "-"
+        mark = stream.mark(note)
+        deadline = time.monotonic() + timeout
+        while not stream.confirmed_past(mark):
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.2)
+        return mark
+    finally:
+        stream.close()
+
+
+def node_slot(slot: str, nodeid: int, groupid: int) -> str:
+    """The slot's name on a Citus node (see `discover`)."""
+    return slot if groupid == 0 else f"{slot}_node{nodeid}"
 
 
 def run(streams: list[Stream], idle_sleep: float = 0.2, stop_after_idle: float | None = None,
@@ -296,11 +360,14 @@ def run(streams: list[Stream], idle_sleep: float = 0.2, stop_after_idle: float |
     """Poll every source in turn, forever (or until idle for `stop_after_idle` s).
     With `rediscover` (e.g. `lambda: discover(target, slot)`), the nodes are
     looked up again every `rediscover_every` s (at once when `streams` is
-    empty), and a new one gets its slot (and the backfill that covers whatever
-    it held before) at its first poll. A database that cannot be reached, or
-    that refuses a call for its time bound, is waited for (reconnect.Backoff),
-    never a reason to exit: nothing is confirmed that was not written, so the
-    next attempt picks up where the failed one stopped."""
+    empty): a new one gets its slot (and the backfill that covers whatever it
+    held before) at its first poll, and one that left the cluster, or whose
+    slot was dropped, is no longer read (`rewards cluster drain` removes a node
+    only once its slot is confirmed to the end, then drops the slot). A
+    database that cannot be reached, or that refuses a call for its time bound,
+    is waited for (reconnect.Backoff), never a reason to exit: nothing is
+    confirmed that was not written, so the next attempt picks up where the
+    failed one stopped."""
     backoff = reconnect.Backoff("audit", log)
     idle_since = time.monotonic()
     measured_at = 0.0
@@ -309,16 +376,31 @@ def run(streams: list[Stream], idle_sleep: float = 0.2, stop_after_idle: float |
         try:
             if rediscover is not None and time.monotonic() - discovered_at >= rediscover_every:
                 known = {stream.slot for stream in streams}
-                for stream in rediscover():
+                found = rediscover()
+                for stream in found:
                     if stream.slot not in known:
                         streams.append(stream)
                         if known:
                             log.info("new node in the cluster", extra={"fields": {"slot": stream.slot}})
+                current = {stream.slot for stream in found}
+                for stream in [s for s in streams if s.slot not in current]:
+                    _retire(streams, stream, "node left the cluster")
                 discovered_at = time.monotonic()
-            applied = sum(stream.poll() for stream in streams)
+            applied = 0
+            for stream in list(streams):
+                try:
+                    applied += stream.poll()
+                except NotFound:
+                    # Its slot was dropped: the node was drained and removed,
+                    # and everything it held was confirmed first.
+                    _retire(streams, stream, "slot dropped")
             if time.monotonic() - measured_at >= 5:
-                for stream in streams:
-                    lag = stream.lag()
+                for stream in list(streams):
+                    try:
+                        lag = stream.lag()
+                    except NotFound:
+                        _retire(streams, stream, "slot dropped")
+                        continue
                     if lag and lag["lag_seconds"] is not None:
                         metrics.LAG_BYTES.labels(stream.slot).set(lag["lag_bytes"])
                         metrics.LAG_SECONDS.labels(stream.slot).set(lag["lag_seconds"])
@@ -335,3 +417,14 @@ def run(streams: list[Stream], idle_sleep: float = 0.2, stop_after_idle: float |
             return
         else:
             time.sleep(idle_sleep)
+
+
+def _retire(streams: list[Stream], stream: Stream, why: str) -> None:
+    streams.remove(stream)
+    stream.close()
+    for gauge in (metrics.LAG_BYTES, metrics.LAG_SECONDS):
+        try:
+            gauge.remove(stream.slot)
+        except KeyError:
+            pass  # never measured
+    log.info(f"no longer reading a node: {why}", extra={"fields": {"slot": stream.slot}})

@@ -37,6 +37,27 @@ class Overloaded(LedgerError):
     statement_timeout or lock_timeout, sql/roles.sql). Nothing was written."""
 
 
+class Refused(LedgerError):
+    """An operation whose precondition does not hold, refused before it changed
+    anything (or after undoing what it had done); `str()` says which one and
+    what to do about it."""
+
+
+class AlreadyExists(LedgerError):
+    """The object a call creates is there already (SQLSTATE 42710), such as a
+    replication slot another process made a moment before."""
+
+
+class NotFound(LedgerError):
+    """The object a call names does not exist (SQLSTATE 42704), such as a
+    replication slot dropped meanwhile."""
+
+
+class InUse(LedgerError):
+    """The object a call needs is held by another session (SQLSTATE 55006), such
+    as a replication slot being read."""
+
+
 @contextmanager
 def translated(connections_busy: Callable[[], bool] = lambda: True) -> Iterator[None]:
     """Run a database call with its driver errors as the ledger's own.
@@ -57,6 +78,12 @@ def translated(connections_busy: Callable[[], bool] = lambda: True) -> Iterator[
     except pg_errors.InvalidParameterValue as exc:
         message = exc.diag.message_primary or "invalid argument"
         raise InvalidArgument(message, exc.diag.column_name or _argument_named_in(message)) from exc
+    except pg_errors.DuplicateObject as exc:
+        raise AlreadyExists(_first_line(exc)) from exc
+    except pg_errors.UndefinedObject as exc:
+        raise NotFound(_first_line(exc)) from exc
+    except pg_errors.ObjectInUse as exc:
+        raise InUse(_first_line(exc)) from exc
     except psycopg.DataError as exc:
         # Any other value PostgreSQL cannot take, such as \u0000 inside JSON:
         # refused before the call wrote anything.

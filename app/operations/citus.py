@@ -41,9 +41,15 @@ def local_workers(settings: Settings) -> list[Settings]:
     return [worker_settings(settings, index) for index in sorted(made | wanted)]
 
 
-def _address(node: Settings) -> dict[str, object]:
+def address(node: Settings) -> dict[str, object]:
     """How the nodes reach each other: the node's Unix socket folder and port."""
     return {"host": str(node.socket_dir), "port": node.pg_port}
+
+
+def create_extension(node: Settings) -> None:
+    """The citus extension in the node's service database (made there already)."""
+    with psycopg.connect(node.superuser_conninfo(), autocommit=True) as conn:
+        conn.execute(queries.CREATE_CITUS)
 
 
 def prepare(coordinator: Settings, workers: list[Settings]) -> None:
@@ -51,14 +57,13 @@ def prepare(coordinator: Settings, workers: list[Settings]) -> None:
     registered (again harmlessly on a re-run). A coordinator without workers holds
     the shards itself (a single-node cluster); with workers it holds none."""
     for node in (coordinator, *workers):
-        with psycopg.connect(node.superuser_conninfo(), autocommit=True) as conn:
-            conn.execute(queries.CREATE_CITUS)
+        create_extension(node)
     with psycopg.connect(coordinator.superuser_conninfo(), autocommit=True) as conn:
-        conn.execute(queries.CITUS_SET_COORDINATOR, _address(coordinator))
+        conn.execute(queries.CITUS_SET_COORDINATOR, address(coordinator))
         for worker in workers:
-            conn.execute(queries.CITUS_ADD_NODE, _address(worker))
+            conn.execute(queries.CITUS_ADD_NODE, address(worker))
         alone = conn.execute(queries.CITUS_WORKER_COUNT).fetchone()[0] == 0
-        conn.execute(queries.CITUS_COORDINATOR_HOLDS_SHARDS, {**_address(coordinator), "holds": alone})
+        conn.execute(queries.CITUS_NODE_HOLDS_SHARDS, {**address(coordinator), "holds": alone})
 
 
 # --- The cluster's state ----------------------------------------------------

@@ -104,12 +104,12 @@ def check(settings: Settings) -> None:
                          f"{settings.citus}): nothing was changed")
     use_citus(settings)
     for node in _nodes(settings):
-        if not is_running(node) and _port_taken(node.pg_port):
+        if not is_running(node) and port_taken(node.pg_port):
             raise SystemExit(f"port {node.pg_port} (for {node.pg_data}) is taken by another program: nothing was "
                              "changed")
 
 
-def _port_taken(port: int) -> bool:
+def port_taken(port: int) -> bool:
     """Something listens on the port (as PostgreSQL binds: connections of a server
     just stopped, in TIME_WAIT, do not count)."""
     with socket.socket() as probe:
@@ -320,6 +320,21 @@ def up(settings: Settings) -> None:
         citus.prepare(settings, nodes[1:])
     migrate.upgrade(settings.superuser_conninfo())
     _let_api_log_in(settings)
+
+
+def start_worker(worker: Settings) -> None:
+    """A new local Citus worker, made and started as every node is, with the
+    service database and the extension (registering it is the coordinator's
+    business: app.operations.nodes)."""
+    start_node(worker)
+    _create_database(worker)
+    citus.create_extension(worker)
+
+
+def delete_worker(worker: Settings) -> None:
+    """Stop a local worker and delete its folder: `rewards up` starts it no more."""
+    _stop(worker)
+    shutil.rmtree(worker.data_dir)
 
 
 def _stop(settings: Settings) -> None:

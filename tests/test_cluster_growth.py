@@ -1,0 +1,257 @@
+"""The DBA's commands that grow and shrink a Citus cluster, on a cluster of this
+module's own (a coordinator and two workers, with the audit consumer running
+as `rewards up` runs it): `rewards cluster add-node`, `rebalance` and `drain`,
+and each of their refusals. Run in the Citus pass of `make test`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from app.operations import citus, cluster, requirements
+from app.operations.processes import free_port
+from app.settings import PROJECT_ROOT, Settings
+from tests.clusters import citus_missing_reason, env, local_cluster, rewards
+from tests.conftest import SETTINGS
+from tests.databases import Topology
+from tests.ledger import commit, credit, debit, reserve
+
+pytestmark = pytest.mark.citus
+
+USERS = 40
+
+
+@pytest.fixture(scope="module")
+def coordinator() -> Iterator[Settings]:
+    """Two workers, a ledger with entries on both, and `rewards audit run`."""
+    reason = citus_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    if not Topology.of(SETTINGS).citus:
+        pytest.skip("growing a cluster is tested in the Citus pass of `make test`")
+    with local_cluster(workers=2, spare_ports=1) as settings:
+        consumer = subprocess.Popen([sys.executable, "-m", "app.cli", "audit", "run"], cwd=PROJECT_ROOT,
+                                    env=env(settings, REWARDS_AUDIT_METRICS_PORT="0"),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            with psycopg.connect(settings.superuser_conninfo(), autocommit=True, row_factory=dict_row) as conn:
+                _activity(conn, "before")
+            yield settings
+        finally:
+            consumer.send_signal(signal.SIGTERM)
+            consumer.wait(timeout=30)
+
+
+@pytest.fixture
+def conn(coordinator: Settings) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(coordinator.superuser_conninfo(), autocommit=True, row_factory=dict_row) as conn:
+        yield conn
+
+
+def _activity(conn: psycopg.Connection, tag: str) -> None:
+    """Every kind of entry, for users spread over every shard."""
+    for i in range(USERS):
+        user = f"user-{i}"
+        credit(conn, user, f"c-{tag}", 50)
+        held = reserve(conn, user, f"r-{tag}", 20)
+        commit(conn, user, f"m-{tag}", held["reservation_id"], 15)
+        debit(conn, user, f"d-{tag}", 5)
+
+
+def _entries(conn: psycopg.Connection, table: str) -> list[tuple[str, int]]:
+    rows = conn.execute(sql.SQL("SELECT user_id, entry_id FROM {} ORDER BY 1, 2").format(
+        sql.Identifier(*table.split(".")))).fetchall()
+    return [(r["user_id"], r["entry_id"]) for r in rows]
+
+
+def _history_complete(conn: psycopg.Connection, timeout: float = 30.0) -> None:
+    """Every ledger entry in the history exactly once, once the consumer caught up."""
+    deadline = time.monotonic() + timeout
+    while _entries(conn, "audit.entries") != _entries(conn, "ledger.entries") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    history = _entries(conn, "audit.entries")
+    assert history == _entries(conn, "ledger.entries") and len(history) == len(set(history))
+
+
+def _shards_by_port(conn: psycopg.Connection) -> dict[int, int]:
+    rows = conn.execute("SELECT nodeport, count(*) AS shards FROM citus_shards"
+                        " WHERE citus_table_type = 'distributed' GROUP BY nodeport").fetchall()
+    return {r["nodeport"]: r["shards"] for r in rows}
+
+
+def _node_ports(conn: psycopg.Connection) -> list[int]:
+    return [r["nodeport"] for r in conn.execute("SELECT nodeport FROM pg_dist_node ORDER BY nodeport").fetchall()]
+
+
+def _refused(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    message = done.stderr.strip()
+    assert message.startswith("rewards: ") and "\n" not in message and "Traceback" not in done.stderr
+    return message
+
+
+# --- Refusals that change nothing --------------------------------------------
+
+def test_on_a_single_node_each_command_says_citus_is_off(coordinator, conn):
+    plain = f"plain_{uuid.uuid4().hex[:8]}"
+    conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(plain)))
+    try:
+        for command in (["rebalance", "--wait"], ["rebalance", "--stop"], ["add-node", "--local"],
+                        ["drain", "127.0.0.1:5432"]):
+            message = _refused(rewards(coordinator, "cluster", *command, REWARDS_DATABASE=plain))
+            assert message.startswith(f"rewards: Citus is off: database {plain} on port {coordinator.pg_port} "
+                                      "has no citus extension")
+    finally:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(plain)))
+    assert not (coordinator.data_dir / "worker-3").exists()
+
+
+def test_a_node_in_the_cluster_already_is_refused(coordinator, conn):
+    worker = citus.worker_settings(coordinator, 1)
+    message = _refused(rewards(coordinator, "cluster", "add-node", f"{worker.socket_dir}:{worker.pg_port}"))
+    assert message == f"rewards: {worker.socket_dir}:{worker.pg_port} is in the cluster already (pg_dist_node; see " \
+                      "`rewards cluster status`)"
+    assert _refused(rewards(coordinator, "cluster", "add-node", "no-port")).endswith("(node)")
+
+
+@pytest.fixture(scope="module")
+def prepared_server(coordinator: Settings) -> Iterator[Settings]:
+    """A server of its own, prepared as a DBA would (citus preloaded and created
+    in the service database) but with wal_level = replica."""
+    server = dataclasses.replace(coordinator, data_dir=coordinator.data_dir.parent / f"server-{uuid.uuid4().hex[:8]}",
+                                 pg_port=free_port(), citus_workers=0)
+    cluster.start_worker(server)
+    (server.pg_data / "conf.d" / "90-test.conf").write_text("wal_level = replica\n")
+    subprocess.run(cluster.as_owner(server, server.pg_bin / "pg_ctl", "restart", "-w", "-D", server.pg_data,
+                                    "-l", server.log_file), check=True, capture_output=True)
+    try:
+        yield server
+    finally:
+        cluster.delete_worker(server)
+
+
+def test_a_server_without_logical_wal_is_refused_naming_it(coordinator, conn, prepared_server):
+    address = f"{prepared_server.socket_dir}:{prepared_server.pg_port}"
+    message = _refused(rewards(coordinator, "cluster", "add-node", address))
+    assert message == (f"rewards: {address} cannot join the cluster: wal_level is replica there, not logical (no "
+                       "audit slot and no shard move without it): set it and restart that server")
+    assert prepared_server.pg_port not in _node_ports(conn)
+
+
+def test_a_server_citus_cannot_log_in_to_is_refused_with_where_the_password_goes(coordinator, conn, prepared_server):
+    """Over TCP the superuser has no password there: Citus says why, and the
+    refusal says where a password is kept."""
+    message = _refused(rewards(coordinator, "cluster", "add-node", f"127.0.0.1:{prepared_server.pg_port}"))
+    assert message.startswith(f"rewards: Citus on the coordinator cannot connect to 127.0.0.1:{prepared_server.pg_port}"
+                              f" as {coordinator.pg_superuser} (")
+    assert "pg_dist_authinfo" in message and ".pgpass" in message
+    assert prepared_server.pg_port not in _node_ports(conn)
+
+
+FACTS = {"server_version": "15.18", "server_version_num": 150018, "preload": "citus,pg_cron", "wal_level": "logical",
+         "change_data_capture": "on", "output_plugin_libraries": "pgoutput, wal2json", "node_conninfo": "sslmode=require",
+         "free_slots": 10, "citus": "13.2-1", "available": {"pg_cron": ["1.4-1"], "pg_partman": ["4.7.2"]},
+         "roles": []}
+EXTENSIONS = [{"name": "citus", "version": "13.2-1"}, {"name": "pg_cron", "version": "1.4-1"},
+              {"name": "pg_partman", "version": "4.7.2"}, {"name": "plpgsql", "version": "1.0"}]
+
+
+@pytest.mark.parametrize(("there", "said"), [
+    ({"server_version": "16.4", "server_version_num": 160004},
+     "PostgreSQL 16.4 there, 15.18 on the coordinator: the major versions must be the same"),
+    ({"citus": "12.1-1"}, "Citus 12.1-1 there, 13.2-1 on the coordinator: the versions must be the same"),
+    ({"citus": None}, "the citus extension is not created in database rewards there: CREATE EXTENSION citus"),
+    ({"preload": "pg_cron"}, "citus is not first in shared_preload_libraries there ('pg_cron'): set it and restart "
+                             "that server"),
+    ({"available": {"pg_cron": ["1.4-1"], "pg_partman": ["5.0.1"]}},
+     "extension pg_partman 4.7.2 is not available there (available: 5.0.1)"),
+    ({"change_data_capture": None}, "citus.enable_change_data_capture is unset there, not on (the audit stream would "
+                                    "see shards instead of tables, and every shard move as new entries)"),
+    ({"output_plugin_libraries": "pgoutput"}, "output_plugin_libraries there ('pgoutput') does not allow wal2json"),
+    ({"free_slots": 1}, "only 1 replication slots are free there (max_replication_slots): the audit slot and a shard "
+                        "move off the node need 2"),
+])
+def test_each_requirement_names_what_the_server_lacks(there, said):
+    assert requirements.missing(FACTS, FACTS | there, EXTENSIONS, "rewards") == [said]
+
+
+def test_a_server_like_the_coordinator_lacks_nothing():
+    assert requirements.missing(FACTS, FACTS | {"server_version": "15.20", "server_version_num": 150020,
+                                                "output_plugin_libraries": None}, EXTENSIONS, "rewards") == []
+
+
+# --- Growing and shrinking ------------------------------------------------------
+
+def test_add_node_local_then_rebalance_moves_shards_there_with_nothing_lost(coordinator, conn):
+    before = _shards_by_port(conn)
+    added = rewards(coordinator, "cluster", "add-node", "--local", "--json")
+    assert added.returncode == 0, added.stderr
+    node = json.loads(added.stdout)
+    worker = citus.worker_settings(coordinator, 3)
+    assert (node["host"], node["port"], node["folder"]) == (str(worker.socket_dir), worker.pg_port,
+                                                           str(worker.data_dir))
+    assert node["slot"] == f"rewards_audit_node{node['nodeid']}" and node["citus"] == "13.2-1"
+    # Registered, marked to hold shards, holding none yet, its audit slot there already.
+    assert _shards_by_port(conn) == before
+    row = conn.execute("SELECT shouldhaveshards FROM pg_dist_node WHERE nodeport = %s", (worker.pg_port,)).fetchone()
+    assert row == {"shouldhaveshards": True}
+    with psycopg.connect(worker.superuser_conninfo()) as on_worker:
+        assert on_worker.execute("SELECT plugin FROM pg_replication_slots WHERE slot_name = %s",
+                                 (node["slot"],)).fetchone() == ("wal2json",)
+    assert cluster.is_running(worker) and worker in citus.local_workers(coordinator)
+
+    # Started in the background, stopped, then resumed and followed to the end.
+    started = rewards(coordinator, "cluster", "rebalance", "--json")
+    assert started.returncode == 0, started.stderr
+    job = json.loads(started.stdout)["job"]
+    assert job["state"] in ("scheduled", "running") and job["total"] > 0
+    stopped = rewards(coordinator, "cluster", "rebalance", "--stop", "--json")
+    assert stopped.returncode == 0, stopped.stderr
+    assert json.loads(stopped.stdout)["job"]["job_id"] == job["job_id"]
+    assert "no rebalance is running" in _refused(rewards(coordinator, "cluster", "rebalance", "--stop"))
+    _activity(conn, "between")  # writes while the cluster is half moved
+    done = rewards(coordinator, "cluster", "rebalance", "--wait", timeout=400)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert "post-check: rows per distributed table unchanged" in done.stdout
+    assert "history: caught up with every node" in done.stdout and "all agree" in done.stdout
+    assert done.stderr.splitlines()[-1].endswith("tasks")  # one line per task done, not a bar, off a terminal
+
+    shards = _shards_by_port(conn)
+    assert set(shards) == {coordinator.pg_port + i for i in (1, 2, 3)} and max(shards.values()) - min(
+        shards.values()) <= 4  # one colocated group of four tables
+    _activity(conn, "after")  # on the new node too
+    _history_complete(conn)
+    status = json.loads(rewards(coordinator, "cluster", "status", "--json").stdout)
+    assert status["problems"] == [] and status["skew"]["nodes"] == 3
+
+
+def test_drain_moves_every_shard_off_and_removes_the_node(coordinator, conn):
+    worker = citus.worker_settings(coordinator, 3)
+    drained = rewards(coordinator, "cluster", "drain", f"{worker.socket_dir}:{worker.pg_port}", "--json", timeout=400)
+    assert drained.returncode == 0, (drained.stdout, drained.stderr)
+    result = json.loads(drained.stdout)
+    assert result["folder_deleted"] == str(worker.data_dir) and result["confirmed_lsn"] not in ("", "-")
+    assert worker.pg_port not in _node_ports(conn) and not worker.data_dir.exists()
+    assert set(_shards_by_port(conn)) == {coordinator.pg_port + 1, coordinator.pg_port + 2}
+    assert conn.execute("SELECT count(*) AS n FROM pg_dist_cleanup").fetchone() == {"n": 0}
+    assert worker not in citus.local_workers(coordinator)
+    _activity(conn, "drained")
+    _history_complete(conn)
+    reconciled = rewards(coordinator, "reconcile", "--report", str(coordinator.data_dir / "reconcile.json"))
+    assert reconciled.returncode == 0, reconciled.stdout
+
+
+def test_drain_of_a_node_not_in_the_cluster_is_refused(coordinator):
+    message = _refused(rewards(coordinator, "cluster", "drain", "127.0.0.1:1"))
+    assert message.startswith("rewards: no node 127.0.0.1:1 in the cluster (pg_dist_node); the workers are: ")
