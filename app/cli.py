@@ -388,9 +388,11 @@ def _progress_printer() -> Callable[[rebalance.Job], None]:
 
 def _print_post_check(check: rebalance.PostCheck) -> None:
     rows = ", ".join(f"{name} {count}" for name, count in check.after.items())
-    if check.changed:
-        changed = ", ".join(f"{name} {delta:+d}" for name, delta in check.changed.items())
-        print(f"post-check: rows per distributed table CHANGED during the move: {changed} (now {rows})")
+    changed = ", ".join(f"{name} {delta:+d}" for name, delta in check.changed.items())
+    if check.lost:
+        print(f"post-check: FEWER rows than before the move: {changed} (now {rows})")
+    elif check.changed:
+        print(f"post-check: no rows lost; written during the move: {changed} (now {rows})")
     else:
         print(f"post-check: rows per distributed table unchanged ({rows})")
     print("  history: " + ("caught up with every node" if check.history_caught_up
@@ -410,7 +412,6 @@ def _cluster_rebalance(args: argparse.Namespace) -> int:
                 print(f"rebalance job {job.job_id} {job.state} after {_moves(job)}; "
                       "`rewards cluster rebalance` starts it again where it stopped")
             return 0
-        before = rebalance.counts(ledger)
         if not args.wait:
             rebalance.check(settings, ledger, args.slot)
             job = rebalance.start(ledger)
@@ -422,11 +423,12 @@ def _cluster_rebalance(args: argparse.Namespace) -> int:
                 print(f"rebalance job {job.job_id} {job.state}: {_moves(job)} in the background; follow it with "
                       "`rewards cluster rebalance --wait`, stop it with `rewards cluster rebalance --stop`")
             return 0
+        before = rebalance.counts(ledger)
         job = rebalance.run(settings, ledger, args.slot, progress=None if args.json else _progress_printer())
         check = rebalance.post_check(settings, ledger, before, args.slot)
     if args.json:
         _print_json({"job": asdict(job) if job else None, "post_check": asdict(check) | {
-            "changed": check.changed, "ok": check.ok}})
+            "changed": check.changed, "lost": check.lost, "ok": check.ok}})
     else:
         print("nothing to move: the shards are balanced" if job is None else
               f"rebalance job {job.job_id} finished: {_moves(job)} in "
