@@ -21,6 +21,7 @@ from psycopg.rows import dict_row
 
 from app.operations import citus, cluster, requirements
 from app.operations.processes import free_port
+from app.operations.supervisor import Supervisor
 from app.settings import PROJECT_ROOT, Settings
 from tests.clusters import citus_missing_reason, env, local_cluster, rewards
 from tests.conftest import SETTINGS
@@ -131,14 +132,14 @@ def prepared_server(coordinator: Settings) -> Iterator[Settings]:
     in the service database) but with wal_level = replica."""
     server = dataclasses.replace(coordinator, data_dir=coordinator.data_dir.parent / f"server-{uuid.uuid4().hex[:8]}",
                                  pg_port=free_port(), citus_workers=0)
-    cluster.start_worker(server)
+    cluster.start_worker(server, server)
+    Supervisor.of(server).remove(cluster.postgres_program(server, server).name)  # stopped, to change a setting
     (server.pg_data / "conf.d" / "90-test.conf").write_text("wal_level = replica\n")
-    subprocess.run(cluster.as_owner(server, server.pg_bin / "pg_ctl", "restart", "-w", "-D", server.pg_data,
-                                    "-l", server.log_file), check=True, capture_output=True)
+    cluster.start_node(server)
     try:
         yield server
     finally:
-        cluster.delete_worker(server)
+        cluster.delete_worker(server, server)
 
 
 def test_a_server_without_logical_wal_is_refused_naming_it(coordinator, conn, prepared_server):

@@ -232,6 +232,10 @@ def postgres_program(node: Settings, home: Settings) -> Program:
     return Program(
         name=name, command=[str(node.pg_bin / "postgres"), "-D", str(node.pg_data)], log_file=node.log_file,
         user=node.pg_os_user if os.geteuid() == 0 else None, priority=100,
+        # Its own home, not supervisord's (root's): libpq looks there for
+        # client certificates when Citus connects to a node over TCP with SSL,
+        # and a home it may not enter fails every such connection.
+        environment={"HOME": pwd.getpwnam(node.pg_os_user).pw_dir} if os.geteuid() == 0 else {},
         # SIGTERM would be a smart shutdown, waiting for every client to leave
         # (PgBouncer and the audit stream never do) until supervisord kills it.
         # SIGINT is the fast one: clients are disconnected, then the shutdown
@@ -322,17 +326,19 @@ def up(settings: Settings) -> None:
     _let_api_log_in(settings)
 
 
-def start_worker(worker: Settings) -> None:
-    """A new local Citus worker, made and started as every node is, with the
-    service database and the extension (registering it is the coordinator's
-    business: app.operations.nodes)."""
-    start_node(worker)
+def start_worker(worker: Settings, home: Settings) -> None:
+    """A new local Citus worker, made and started as every node is (under the
+    supervisord of `home`'s data folder), with the service database and the
+    extension; registering it is the coordinator's business
+    (app.operations.nodes)."""
+    start_node(worker, home)
     _create_database(worker)
     citus.create_extension(worker)
 
 
-def delete_worker(worker: Settings) -> None:
+def delete_worker(worker: Settings, home: Settings) -> None:
     """Stop a local worker and delete its folder: `rewards up` starts it no more."""
+    Supervisor.of(home).remove(postgres_program(worker, home).name)
     _stop(worker)
     shutil.rmtree(worker.data_dir)
 

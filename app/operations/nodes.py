@@ -107,11 +107,11 @@ def add_local(settings: Settings, slot: str) -> Added:
         if cluster.port_taken(worker.pg_port):
             raise Refused(f"port {worker.pg_port} (worker {index}'s, REWARDS_PG_PORT + {index}) is taken by another "
                           "program: nothing was made")
-        cluster.start_worker(worker)
+        cluster.start_worker(worker, settings)
         try:
             return _add(settings, ledger, Address.of(worker), slot, folder=str(worker.data_dir))
         except BaseException:
-            cluster.delete_worker(worker)
+            cluster.delete_worker(worker, settings)
             raise
 
 
@@ -255,7 +255,7 @@ def drain(settings: Settings, node: Address, slot: str, timeout: float,
     _drop_slot(settings, node, name)
     worker = next((w for w in citus.local_workers(settings) if Address.of(w) == node), None)
     if worker is not None:
-        cluster.delete_worker(worker)
+        cluster.delete_worker(worker, settings)
     return Drained(host=node.host, port=node.port, nodeid=row["nodeid"], moves=job.moves if job else 0, slot=name,
                    confirmed_lsn=confirmed, folder_deleted=str(worker.data_dir) if worker else None)
 
