@@ -313,7 +313,7 @@ def check(settings: Settings) -> None:
                       "nothing was changed")
     for node in (monitor(settings), *nodes(settings)):
         if (not (node.pg_data / "PG_VERSION").exists() or not keeper_running(settings, node)) \
-                and cluster._port_taken(node.port):
+                and cluster.port_taken(node.port):
             raise HAError(f"port {node.port} (for the HA {node.name}) is taken by another program: nothing was "
                           "changed")
 
