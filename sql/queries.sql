@@ -112,8 +112,18 @@ VALUES (%(slot)s, %(lsn)s::pg_lsn, %(committed_at)s::timestamptz, now())
 ON CONFLICT (slot_name) DO UPDATE
 SET lsn = EXCLUDED.lsn, committed_at = EXCLUDED.committed_at, applied_at = EXCLUDED.applied_at;
 
--- name: audit_is_citus
+-- name: citus_installed
 SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') AS citus;
+
+-- name: shard_ranges
+-- The hash range of each shard of ledger.accounts, which names its colocation
+-- group: every ledger table is colocated with it (app.ledger.shards). Only run
+-- where citus_installed.
+SELECT s.shardid AS shard_id, s.shardminvalue::integer AS min_hash, s.shardmaxvalue::integer AS max_hash
+FROM pg_catalog.pg_dist_shard s
+JOIN pg_catalog.pg_dist_partition p ON p.logicalrelid = s.logicalrelid
+WHERE s.logicalrelid = 'ledger.accounts'::regclass AND p.partmethod = 'h'
+ORDER BY min_hash;
 
 -- name: audit_nodes
 -- Under Citus, the nodes whose WAL carries ledger changes, each read through a

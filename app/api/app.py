@@ -24,6 +24,7 @@ from app.api.ratelimit import RateLimiter
 from app.api.security import ApiKeyMiddleware, KeyCache
 from app.ledger.client import AsyncLedger
 from app.ledger.errors import LedgerError
+from app.ledger.shards import Shards
 from app.settings import Settings, load
 
 log = logging.getLogger("rewards.api")
@@ -39,6 +40,7 @@ def create_litestar(settings: Settings) -> Litestar:
     async def resources(app: Litestar) -> AsyncIterator[None]:
         pool = make_pool(settings)
         app.state.ledger = AsyncLedger(pool)
+        app.state.shards = Shards(app.state.ledger, settings.shard_map_seconds)
         app.state.key_cache = KeyCache(settings.auth_cache_seconds)
         app.state.rate_limiter = RateLimiter(settings)
         # Start even while the database is away: /readyz says so, requests get 503.

@@ -318,7 +318,7 @@ def discover(target: str, slot: str) -> list[Stream]:
     itself. Under Citus the coordinator keeps the slot name as given (so a
     single node that later grows keeps its slot) and node N's is `<slot>_node<N>`."""
     with Ledger.connect(target) as ledger:
-        if not ledger(Call(queries.AUDIT_IS_CITUS))["citus"]:
+        if not ledger(Call(queries.CITUS_INSTALLED))["citus"]:
             return [Stream(target, target, slot)]
         nodes = ledger(Call(queries.AUDIT_NODES, shape=Shape.MANY))
     return [Stream(node_conninfo(target, node["host"], node["port"]), target,

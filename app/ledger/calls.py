@@ -21,6 +21,7 @@ from app.ledger.results import (
     Expired,
     Outcome,
     Reservation,
+    ShardRange,
 )
 
 
@@ -116,6 +117,16 @@ def list_keys() -> Call[ApiKey]:
 def revoke_key(key_id: int) -> Call[ApiKey]:
     """Revoke once (again changes nothing); None for an unknown key."""
     return Call(queries.REVOKE_KEY, {"key_id": key_id}, ApiKey, Shape.MAYBE)
+
+
+def citus_installed() -> Call[dict]:
+    """{"citus": whether the database has the citus extension}."""
+    return Call(queries.CITUS_INSTALLED)
+
+
+def shard_ranges() -> Call[ShardRange]:
+    """The shards of ledger.accounts' colocation group (Citus only)."""
+    return Call(queries.SHARD_RANGES, {}, ShardRange, Shape.MANY)
 
 
 def ping() -> Call[dict]:

@@ -115,6 +115,15 @@ class Expired:
 
 
 @dataclass(frozen=True, slots=True)
+class ShardRange:
+    """A shard of ledger.accounts and the hashes of the users it holds (pg_dist_shard)."""
+
+    shard_id: int
+    min_hash: int
+    max_hash: int
+
+
+@dataclass(frozen=True, slots=True)
 class ApiKey:
     """api.key_info: a key as the ledger keeps it (never its secret)."""
 
