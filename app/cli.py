@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 
 from app.audit import stream
-from app.ledger import calls, keys
+from app.ledger import calls, keys, sources
 from app.ledger.client import Ledger
 from app.ledger.errors import InvalidArgument, LedgerError, Refused, translated
 from app.operations import citus, cluster, migrate, nodes, processes, rebalance
@@ -74,6 +74,52 @@ def _keys_revoke(args: argparse.Namespace) -> int:
         print(f"no key {args.key_id}", file=sys.stderr)
         return 1
     print(f"key {key.key_id} ({key.name}) revoked at {key.revoked_at}")
+    return 0
+
+
+def _print_secrets(rows: list) -> None:
+    for row in rows:
+        state = ("retired " + f"{row.retired_at:%Y-%m-%d %H:%M}" if row.retired_at else
+                 "disabled" if row.disabled_at else "in use")
+        print(f"{row.source}\tsecret {row.secret_id}\tsha256 {row.fingerprint_hex}...\t"
+              f"made {row.created_at:%Y-%m-%d %H:%M}\t{state}")
+
+
+def _print_new_secret(rows: list, secret: str, next_step: str) -> None:
+    _print_secrets(rows)
+    print(f"the new secret is shown once, now ({next_step}):", file=sys.stderr)
+    print(secret)
+
+
+def _sources_create(args: argparse.Namespace) -> int:
+    with _ledger() as ledger:
+        rows, secret = sources.create(ledger, load().required("callback_master_key"), args.source)
+    _print_new_secret(rows, secret, "give it to the partner")
+    return 0
+
+
+def _sources_rotate(args: argparse.Namespace) -> int:
+    with _ledger() as ledger:
+        rows, secret = sources.rotate(ledger, load().required("callback_master_key"), args.source)
+    _print_new_secret(rows, secret, "both verify until `rewards sources finish-rotation`")
+    return 0
+
+
+def _sources_finish_rotation(args: argparse.Namespace) -> int:
+    with _ledger() as ledger:
+        _print_secrets(ledger(calls.finish_callback_rotation(args.source)))
+    return 0
+
+
+def _sources_disable(args: argparse.Namespace) -> int:
+    with _ledger() as ledger:
+        _print_secrets(ledger(calls.disable_callback_source(args.source)))
+    return 0
+
+
+def _sources_list(args: argparse.Namespace) -> int:
+    with _ledger() as ledger:
+        _print_secrets(ledger(calls.list_callback_sources()))
     return 0
 
 
@@ -469,6 +515,20 @@ def _parser() -> argparse.ArgumentParser:
     revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id", type=int)
     revoke.set_defaults(func=_keys_revoke)
+
+    source_commands = groups.add_parser(
+        "sources", help="partners that send signed callbacks, and their secrets").add_subparsers(
+        dest="command", required=True)
+    for name, func, text in (
+            ("create", _sources_create, "register a source; its secret is printed once"),
+            ("rotate", _sources_rotate, "a second secret (printed once); both verify until the rotation is finished"),
+            ("finish-rotation", _sources_finish_rotation, "retire the older secret: only the newest verifies"),
+            ("disable", _sources_disable, "refuse the source's callbacks from now on")):
+        command = source_commands.add_parser(name, help=text)
+        command.add_argument("source", help="the name in POST /v1/callbacks/{source}")
+        command.set_defaults(func=func)
+    source_commands.add_parser("list", help="every source's secrets: in use, retired, disabled").set_defaults(
+        func=_sources_list)
 
     audit = groups.add_parser("audit", help="the change stream into the audit history").add_subparsers(
         dest="command", required=True)

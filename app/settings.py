@@ -129,6 +129,15 @@ class Settings:
     notify_max_attempts: int = setting("REWARDS_NOTIFY_MAX_ATTEMPTS", "8",
                                        "deliveries tried before a notification is parked", int)
 
+    # --- Signed callbacks from partners (README "Signed callbacks") ------------
+    callback_master_key: str | None = setting(
+        "REWARDS_CALLBACK_MASTER_KEY", None, "the key every callback source's secret is derived from (with the "
+        "source's salt in the database); changing it invalidates every source's secret", shown=GENERATED,
+        secret="callback-master-key")
+    callback_tolerance_seconds: int = setting(
+        "REWARDS_CALLBACK_TOLERANCE_SECONDS", "300", "a callback's timestamp may be this many seconds before or "
+        "after the API's clock; others are refused as stale", int)
+
     def environment(self) -> dict[str, str]:
         """The variables that make load() give back these settings: what a
         process started on their behalf (by supervisord) is given. A secret

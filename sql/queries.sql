@@ -49,6 +49,24 @@ SELECT * FROM api.list_keys();
 -- name: revoke_key
 SELECT * FROM api.revoke_key(%(key_id)s);
 
+-- name: callback_salts
+SELECT api.callback_salts(%(source)s) AS salts;
+
+-- name: create_callback_source
+SELECT * FROM api.create_callback_source(%(source)s, %(salt)s, %(fingerprint)s);
+
+-- name: rotate_callback_secret
+SELECT * FROM api.rotate_callback_secret(%(source)s, %(salt)s, %(fingerprint)s);
+
+-- name: finish_callback_rotation
+SELECT * FROM api.finish_callback_rotation(%(source)s);
+
+-- name: disable_callback_source
+SELECT * FROM api.disable_callback_source(%(source)s);
+
+-- name: list_callback_sources
+SELECT * FROM api.list_callback_sources();
+
 -- name: ping
 SELECT 1 AS ok;
 

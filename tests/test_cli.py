@@ -36,6 +36,14 @@ def test_an_unknown_scope_is_refused_in_one_line(db):
     _one_clear_line(done, 2, "points:fly")
 
 
+def test_a_second_rotation_of_a_source_is_refused_in_one_line(db):
+    assert _rewards("sources", "create", "adnet", REWARDS_DATABASE=db.info.dbname).returncode == 0
+    rotated = _rewards("sources", "rotate", "adnet", REWARDS_DATABASE=db.info.dbname)
+    assert rotated.returncode == 0 and rotated.stdout.strip().splitlines()[-1].startswith("rcs_")
+    _one_clear_line(_rewards("sources", "rotate", "adnet", REWARDS_DATABASE=db.info.dbname), 2, "under way")
+    assert db.execute("SELECT count(*) AS n FROM api.callback_secrets").fetchone()["n"] == 2
+
+
 def test_a_bad_retention_interval_is_refused_in_one_line(db):
     done = _rewards("audit", "retention", "--keep", "seven years", REWARDS_DATABASE=db.info.dbname)
     _one_clear_line(done, 2, "interval")
@@ -45,6 +53,7 @@ def test_a_bad_retention_interval_is_refused_in_one_line(db):
     ["keys", "list"],
     ["keys", "create", "--name", "x", "--scopes", "points:read"],
     ["keys", "revoke", "1"],
+    ["sources", "list"],
     ["ledger", "verify", "alice"],
     ["ledger", "expire"],
     ["reconcile"],

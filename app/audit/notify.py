@@ -2,7 +2,7 @@
 notification service. At least once: a notification is marked delivered only
 after a 2xx, and each carries an id (payload "id", header
 X-Rewards-Notification-Id) for the receiver to drop repeats. Signed with
-HMAC-SHA256 over "<timestamp>.<body>" in X-Rewards-Signature: t=<unix seconds>,v1=<hex>.
+HMAC-SHA256 over "<timestamp>.<body>" in X-Rewards-Signature (app.signatures).
 Failures retry with exponential backoff and full jitter, and after
 `max_attempts` the notification is parked as 'dead' until `rewards notify resend`.
 
@@ -11,8 +11,6 @@ failing receiver cannot delay a credit."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import random
@@ -23,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from app import signatures
 from app.audit import reconnect
 from app.ledger import queries
 from app.ledger.client import Call, Ledger, Shape
@@ -56,11 +55,6 @@ def resend(notification_id: int) -> Call[dict]:
     return Call(queries.NOTIFICATION_RESEND, {"notification_id": notification_id}, shape=Shape.MAYBE)
 
 
-def sign(secret: str, timestamp: int, body: bytes) -> str:
-    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={digest}"
-
-
 @dataclass
 class Sender:
     conninfo: str
@@ -82,7 +76,7 @@ class Sender:
         headers = {
             "Content-Type": "application/json",
             "X-Rewards-Notification-Id": notification["payload"]["id"],
-            "X-Rewards-Signature": sign(self.secret, int(time.time()), body),
+            signatures.HEADER: signatures.sign(self.secret, int(time.time()), body),
         }
         try:
             response = http.post(self.url, content=body, headers=headers)

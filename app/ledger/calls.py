@@ -16,6 +16,7 @@ from app.ledger.errors import InvalidArgument
 from app.ledger.results import (
     ApiKey,
     Balance,
+    CallbackSecret,
     ChainCheck,
     Entry,
     Expired,
@@ -127,6 +128,34 @@ def citus_installed() -> Call[dict]:
 def shard_ranges() -> Call[ShardRange]:
     """The shards of ledger.accounts' colocation group (Citus only)."""
     return Call(queries.SHARD_RANGES, {}, ShardRange, Shape.MANY)
+
+
+def callback_salts(source: str) -> Call[dict]:
+    """{"salts": [...]} of an enabled source's secrets in use, newest first; salts None when none."""
+    return Call(queries.CALLBACK_SALTS, {"source": source})
+
+
+def create_callback_source(source: str, salt: bytes, fingerprint: bytes) -> Call[CallbackSecret]:
+    return Call(queries.CREATE_CALLBACK_SOURCE, {"source": source, "salt": salt, "fingerprint": fingerprint},
+                CallbackSecret, Shape.MANY)
+
+
+def rotate_callback_secret(source: str, salt: bytes, fingerprint: bytes) -> Call[CallbackSecret]:
+    """Both secrets verify until the rotation is finished."""
+    return Call(queries.ROTATE_CALLBACK_SECRET, {"source": source, "salt": salt, "fingerprint": fingerprint},
+                CallbackSecret, Shape.MANY)
+
+
+def finish_callback_rotation(source: str) -> Call[CallbackSecret]:
+    return Call(queries.FINISH_CALLBACK_ROTATION, {"source": source}, CallbackSecret, Shape.MANY)
+
+
+def disable_callback_source(source: str) -> Call[CallbackSecret]:
+    return Call(queries.DISABLE_CALLBACK_SOURCE, {"source": source}, CallbackSecret, Shape.MANY)
+
+
+def list_callback_sources() -> Call[CallbackSecret]:
+    return Call(queries.LIST_CALLBACK_SOURCES, {}, CallbackSecret, Shape.MANY)
 
 
 def ping() -> Call[dict]:

@@ -84,6 +84,10 @@ def translated(connections_busy: Callable[[], bool] = lambda: True) -> Iterator[
         raise NotFound(_first_line(exc)) from exc
     except pg_errors.ObjectInUse as exc:
         raise InUse(_first_line(exc)) from exc
+    except pg_errors.ObjectNotInPrerequisiteState as exc:
+        # Such as a second rotation of a callback source's secret before the
+        # first is finished: the call says what to do first.
+        raise Refused(_first_line(exc)) from exc
     except psycopg.DataError as exc:
         # Any other value PostgreSQL cannot take, such as \u0000 inside JSON:
         # refused before the call wrote anything.

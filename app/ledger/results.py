@@ -135,3 +135,21 @@ class ApiKey:
 
     def may(self, scope: str) -> bool:
         return scope in self.scopes or "admin" in self.scopes
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackSecret:
+    """api.callback_secret_info: one secret of a callback source (never the
+    secret, nor the salt it is derived from)."""
+
+    source: str
+    disabled_at: datetime | None
+    secret_id: int
+    fingerprint: bytes
+    created_at: datetime
+    retired_at: datetime | None
+
+    @property
+    def fingerprint_hex(self) -> str:
+        """What a partner compares with the SHA-256 of the secret it holds (its start)."""
+        return self.fingerprint.hex()[:16]
