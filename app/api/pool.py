@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from app.settings import Settings
 
 
 def make_pool(settings: Settings) -> AsyncConnectionPool:
-    async def check(conn: psycopg.AsyncConnection) -> None:
-        """Each connection is tried (an empty query, one round trip) as it is
-        handed out, so one dropped while it sat idle (PgBouncer or PostgreSQL
-        restarted) is replaced rather than failing the request's call. One
-        found broken means its idle neighbours are too: they are all tried at
-        once, because psycopg_pool, meeting a second broken one in a row,
-        would wait a second before the next, past the request's bound."""
-        try:
-            await AsyncConnectionPool.check_connection(conn)
-        except psycopg.Error:
-            await pool.check()
-            raise
-
-    pool = AsyncConnectionPool(
+    # Connections are not tried as they are handed out (that is a round trip
+    # per request): one found dead by its call is replaced and the call run
+    # again once by the ledger client (app.ledger.client.AsyncLedger).
+    return AsyncConnectionPool(
         settings.bouncer_conninfo(),
         min_size=settings.pool_min,
         max_size=settings.pool_max,
@@ -36,8 +25,6 @@ def make_pool(settings: Settings) -> AsyncConnectionPool:
         # A connection attempt to PgBouncer that hangs is given up (libpq's
         # smallest bound), so the pool goes on trying rather than waiting.
         kwargs={"autocommit": True, "prepare_threshold": None, "connect_timeout": 2},
-        check=check,
         open=False,
         name="rewards-api",
     )
-    return pool

@@ -15,7 +15,7 @@ from typing import Any, Generic, TypeVar
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg.rows import RowFactory, class_row, dict_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 from app.ledger.errors import translated
 
@@ -104,7 +104,13 @@ class Ledger:
 
 class AsyncLedger:
     """Runs calls on a pool of autocommitted connections, one call per
-    transaction: committed, and so durable, before the call returns."""
+    transaction: committed, and so durable, before the call returns.
+
+    A call whose connection failed under it is run once more, on a connection
+    known to work: every call the API makes may run twice with the same effect
+    (a write by its idempotency key, a read by nature), so one that did commit
+    before its answer was lost answers the same the second time. Call nothing
+    else through it."""
 
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self.pool = pool
@@ -117,10 +123,17 @@ class AsyncLedger:
         with translated(connections_busy=lambda: self._held > 0):
             try:
                 return await self._once(call)
-            except pg_errors.ConnectionFailure as exc:
-                if not not_delegated(exc):
+            except psycopg.OperationalError as exc:
+                if not_delegated(exc):
+                    await asyncio.sleep(NOT_DELEGATED_PAUSE)
+                elif connection_lost(exc):
+                    # A connection that died idle (PgBouncer or PostgreSQL
+                    # restarted) died with its idle neighbours: the pool tries
+                    # them all now and replaces the dead, so the second run
+                    # does not meet one of them.
+                    await self.pool.check()
+                else:
                     raise
-            await asyncio.sleep(NOT_DELEGATED_PAUSE)
             return await self._once(call)
 
     async def _once(self, call: Call[T]) -> Any:
@@ -144,8 +157,21 @@ class AsyncLedger:
 NOT_DELEGATED_PAUSE = 0.05
 
 
-def not_delegated(exc: pg_errors.ConnectionFailure) -> bool:
+def not_delegated(exc: psycopg.OperationalError) -> bool:
     """The server answered (the session is sound) that it could not reach a
     worker as the caller: not our connection that failed."""
-    return exc.diag.severity == "ERROR" and (exc.diag.message_primary or "").startswith(
-        "connection to the remote node")
+    return isinstance(exc, pg_errors.ConnectionFailure) and exc.diag.severity == "ERROR" and (
+        exc.diag.message_primary or "").startswith("connection to the remote node")
+
+
+def connection_lost(exc: psycopg.OperationalError) -> bool:
+    """The call's own connection failed: the driver's error for a connection
+    gone (PgBouncer or the server went away: it carries no SQLSTATE), or
+    another of class 08 but 08P01. That one is PgBouncer giving up on a server
+    after its bound (query_wait_timeout, a server login failing): a verdict on
+    the database, which a second run would only make the client wait for twice.
+    Not a pool that gave no connection in time either (overload), nor a
+    timeout or cancel from a server that is up."""
+    if isinstance(exc, (PoolTimeout, TooManyRequests)):
+        return False
+    return exc.sqlstate is None or (exc.sqlstate.startswith("08") and exc.sqlstate != "08P01")

@@ -145,29 +145,26 @@ def _serves_again(stack: Api, user: str) -> None:
 OWN_STACK = "runs on a single-node stack of its own, whatever the suite's topology"
 
 
-@pytest.mark.single_node(OWN_STACK)
-def test_postgresql_stopped_behind_pgbouncer_answers_unavailable(own_stack, user):
-    _serves_again(own_stack, f"{user}-warm")
-    cluster.down(own_stack.settings)
-    try:
-        answers = _answers_while_down(own_stack, user)
-    finally:
-        cluster.up(own_stack.settings)
-    for response, took in answers:
-        _refused(response, "unavailable")
-        assert took < 2.0  # PgBouncer's query_wait_timeout (1 s), not its default 120 s
-    _serves_again(own_stack, user)
+# Each outage with the longest a refusal may take in it.
+OUTAGES = {
+    # PgBouncer's query_wait_timeout (1 s), not its default 120 s.
+    "postgresql stopped behind pgbouncer": (cluster.down, cluster.up, 2.0),
+    # The pool's 0.5 s wait at most.
+    "pgbouncer stopped": (processes.bouncer_down, processes.bouncer_up, 1.0),
+}
 
 
 @pytest.mark.single_node(OWN_STACK)
-def test_pgbouncer_stopped_answers_unavailable(own_stack, user):
+@pytest.mark.parametrize("outage", OUTAGES)
+def test_an_outage_answers_unavailable_within_its_bound(own_stack, user, outage):
+    stop, start, bound = OUTAGES[outage]
     _serves_again(own_stack, f"{user}-warm")
-    processes.bouncer_down(own_stack.settings)
+    stop(own_stack.settings)
     try:
         answers = _answers_while_down(own_stack, user)
     finally:
-        processes.bouncer_up(own_stack.settings)
+        start(own_stack.settings)
     for response, took in answers:
         _refused(response, "unavailable")
-        assert took < 1.0  # the pool's 0.5 s wait at most
+        assert took < bound
     _serves_again(own_stack, user)
