@@ -67,3 +67,13 @@ def test_a_stopped_database_is_one_line_not_a_traceback(command, tmp_path):
     # Nothing listens on this port: the database is, as far as the CLI can tell, stopped.
     done = _rewards(*command, REWARDS_PG_PORT=str(free_port()), REWARDS_PG_HOST="127.0.0.1")
     _one_clear_line(done, 1, "the database did not answer")
+
+
+def test_the_command_line_leaves_the_slow_imports_to_the_commands_that_need_them():
+    """supervisord starts the audit consumer and the sender as `rewards audit run`
+    and `rewards notify run`: a restart must not first spend seconds importing
+    Alembic and SQLAlchemy (migrations), nor Redis (the stack's own start)."""
+    done = subprocess.run([sys.executable, "-c", "import sys, app.cli; print(' '.join(sorted(sys.modules)))"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60, check=True)
+    loaded = {name.split(".")[0] for name in done.stdout.split()}
+    assert not loaded & {"alembic", "sqlalchemy", "redis"}

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from typing import TYPE_CHECKING
+
 import psycopg
-from alembic import command
-from alembic.config import Config
-from sqlalchemy.exc import DBAPIError
 
 from app.ledger.errors import translated
 from app.settings import PROJECT_ROOT
@@ -19,8 +18,17 @@ from app.settings import PROJECT_ROOT
 # and its schedule needs the pg_cron extension that ledger.sql creates.
 SCHEMA_FILES = ("sql/roles.sql", "sql/ledger.sql", "sql/api.sql", "sql/audit.sql")
 
+# Alembic and SQLAlchemy are imported by the functions that use them, not here:
+# every `rewards` command imports this module (through app.operations.cluster),
+# and the two take seconds to import on a busy machine, which the audit consumer
+# and the sender, started again by supervisord, would spend before they resume.
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 
 def _config(conninfo: str) -> Config:
+    from alembic.config import Config
+
     config = Config(str(PROJECT_ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
     config.attributes["conninfo"] = conninfo
@@ -28,11 +36,15 @@ def _config(conninfo: str) -> Config:
 
 
 def upgrade(conninfo: str, revision: str = "head") -> None:
+    from alembic import command
+
     with _driver_errors():
         command.upgrade(_config(conninfo), revision)
 
 
 def current(conninfo: str) -> None:
+    from alembic import command
+
     with _driver_errors():
         command.current(_config(conninfo), verbose=True)
 
@@ -41,6 +53,8 @@ def current(conninfo: str) -> None:
 def _driver_errors() -> Iterator[None]:
     """SQLAlchemy wraps the driver's errors; unwrap them so they are translated
     like every other (app.ledger.errors)."""
+    from sqlalchemy.exc import DBAPIError
+
     with translated():
         try:
             yield

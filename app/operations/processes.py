@@ -15,8 +15,6 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-import redis
-
 from app import secrets
 from app.operations import cluster, ha
 from app.operations.supervisor import ALIVE, Program, Status, Supervisor
@@ -143,6 +141,8 @@ def bouncer_down(settings: Settings) -> None:
 # --- Redis ------------------------------------------------------------------
 
 def redis_answers(url: str) -> bool:
+    import redis  # here, not at the top: see app.operations.migrate on imports every command pays for
+
     try:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
     except (redis.RedisError, OSError):
