@@ -610,6 +610,35 @@ BEGIN
 END;
 $$;
 
+-- Runs `CALL p_procedure(NULL, p_batch_size)` on every node of the cluster at
+-- once (run_command_on_all_nodes, over Citus' own connections as the calling
+-- superuser) and adds up the counts the calls return: the way a scheduled job
+-- that walks ledger._local_tables in its own per-node transactions runs under
+-- Citus. p_procedure takes (INOUT bigint, integer). A node that fails is named
+-- in the error; what the others did stays committed, and the error says how much.
+CREATE FUNCTION ledger._call_on_every_node(p_procedure regproc, p_batch_size integer, p_what text)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_done bigint;
+    v_failures text;
+BEGIN
+    IF p_batch_size IS NULL OR p_batch_size < 1 THEN
+        PERFORM ledger._invalid('batch_size', 'must be a positive integer');
+    END IF;
+    SELECT coalesce(sum(r.result::bigint) FILTER (WHERE r.success), 0),
+           string_agg(format('node %s: %s', r.nodeid, r.result), '; ') FILTER (WHERE NOT r.success)
+    INTO v_done, v_failures
+    FROM pg_catalog.run_command_on_all_nodes(format('CALL %s(NULL, %s)', p_procedure, p_batch_size)) AS r;
+    IF v_failures IS NOT NULL THEN
+        RAISE EXCEPTION '% failed on some nodes (% done on the others, committed): %', p_what, v_done, v_failures;
+    END IF;
+    RETURN v_done;
+END;
+$$;
+
 -- The expiry of the reservations held on this node, table by table
 -- (ledger._local_tables), committing after each batch: every account it locks
 -- is on this node, so no transaction ever spans nodes. ledger.expire_reservations
@@ -933,32 +962,18 @@ $$;
 -- batch_size, each its own transaction (ledger._expire_local_shards).
 -- Not SECURITY DEFINER: PostgreSQL refuses COMMIT in such procedures. pg_cron
 -- runs it as the superuser who scheduled it; by hand, a DBA does.
--- Under Citus it runs ledger._expire_local_shards on every node at once, over
--- Citus' own connections as that superuser, and adds up what they expired:
--- each node's transactions hold only its own accounts' locks. A node that
--- fails is named in the error; what the others expired stays committed.
+-- Under Citus it runs ledger._expire_local_shards on every node at once
+-- (ledger._call_on_every_node) and adds up what they expired: each node's
+-- transactions hold only its own accounts' locks.
 CREATE PROCEDURE ledger.expire_reservations(INOUT expired bigint DEFAULT 0, batch_size integer DEFAULT 100)
 LANGUAGE plpgsql
 AS $$
-DECLARE
-    v_failures text;
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
         CALL ledger._expire_local_shards(expired, batch_size);
         RETURN;
     END IF;
-    IF batch_size IS NULL OR batch_size < 1 THEN
-        PERFORM ledger._invalid('batch_size', 'must be a positive integer');
-    END IF;
-    SELECT coalesce(sum(r.result::bigint) FILTER (WHERE r.success), 0),
-           string_agg(format('node %s: %s', r.nodeid, r.result), '; ') FILTER (WHERE NOT r.success)
-    INTO expired, v_failures
-    FROM pg_catalog.run_command_on_all_nodes(
-        format('CALL ledger._expire_local_shards(NULL, %s)', batch_size)) AS r;
-    IF v_failures IS NOT NULL THEN
-        RAISE EXCEPTION 'reservations could not be expired on every node (% expired elsewhere): %',
-            expired, v_failures;
-    END IF;
+    expired := ledger._call_on_every_node('ledger._expire_local_shards', batch_size, 'expiring reservations');
 END;
 $$;
 
@@ -971,25 +986,12 @@ $$;
 CREATE PROCEDURE ledger.expire_idempotency_keys(INOUT deleted bigint DEFAULT 0, batch_size integer DEFAULT 1000)
 LANGUAGE plpgsql
 AS $$
-DECLARE
-    v_failures text;
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
         CALL ledger._expire_local_idempotency_keys(deleted, batch_size);
         RETURN;
     END IF;
-    IF batch_size IS NULL OR batch_size < 1 THEN
-        PERFORM ledger._invalid('batch_size', 'must be a positive integer');
-    END IF;
-    SELECT coalesce(sum(r.result::bigint) FILTER (WHERE r.success), 0),
-           string_agg(format('node %s: %s', r.nodeid, r.result), '; ') FILTER (WHERE NOT r.success)
-    INTO deleted, v_failures
-    FROM pg_catalog.run_command_on_all_nodes(
-        format('CALL ledger._expire_local_idempotency_keys(NULL, %s)', batch_size)) AS r;
-    IF v_failures IS NOT NULL THEN
-        RAISE EXCEPTION 'idempotency keys could not be expired on every node (% deleted elsewhere): %',
-            deleted, v_failures;
-    END IF;
+    deleted := ledger._call_on_every_node('ledger._expire_local_idempotency_keys', batch_size, 'expiring idempotency keys');
 END;
 $$;
 
