@@ -13,6 +13,12 @@ CALL ledger.expire_reservations(NULL, %(batch_size)s);
 SELECT * FROM ledger.credit(%(user_id)s, %(key)s, %(amount)s, %(reason)s,
                             %(action_source)s, %(action_external_id)s, %(metadata)s);
 
+-- name: credit_many
+-- Item i is element i of each array; one row per item, in input order.
+SELECT * FROM ledger.credit_many(%(user_id)s, %(user_ids)s::text[], %(keys)s::text[], %(amounts)s::bigint[],
+                                 %(reasons)s::text[], %(action_sources)s::text[],
+                                 %(action_external_ids)s::text[], %(metadata)s::jsonb[]);
+
 -- name: debit
 SELECT * FROM ledger.debit(%(user_id)s, %(key)s, %(amount)s, %(reason)s, %(metadata)s);
 

@@ -23,6 +23,12 @@ def credit(conn: psycopg.Connection, user: str, key: str, amount: int | None, re
     return asdict(Ledger(conn)(calls.credit(user, key, amount, reason, source, external_id, metadata)))
 
 
+def credit_many(conn: psycopg.Connection, items: list[calls.Credit],
+                shard_user: str | None = None) -> list[dict[str, Any]]:
+    """One call over many credits; `shard_user` defaults to the first item's user."""
+    return [asdict(row) for row in Ledger(conn)(calls.credit_many(shard_user or items[0].user_id, items))]
+
+
 def debit(conn: psycopg.Connection, user: str, key: str, amount: int, reason: str = "gift card") -> dict[str, Any]:
     return asdict(Ledger(conn)(calls.debit(user, key, amount, reason)))
 

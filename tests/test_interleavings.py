@@ -35,10 +35,12 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from app.ledger.calls import Credit
 from tests.ledger import (
     balance,
     commit,
     credit,
+    credit_many,
     debit,
     entries,
     release,
@@ -304,4 +306,25 @@ def test_a_release_waits_for_a_commit_that_rolls_back_and_then_releases(db, sess
 
     assert (released["status"], released["available"], released["reserved"]) == ("ok", 100, 0)
     assert [e["kind"] for e in entries(db, "alice")] == ["credit", "reserve", "release"]
+    assert unreconciled_accounts(db) == []
+
+
+# ---------------------------------------------------------------------------
+# A call over many accounts (ledger.credit_many)
+# ---------------------------------------------------------------------------
+
+def test_a_call_over_many_locks_every_account_in_user_order_before_applying_any(db, sessions):
+    _fund(db, "alice")
+    _fund(db, "bob")
+    with sessions.s1.transaction():
+        credit(sessions.s1, "bob", "c1", 5)
+        # bob's item first, but alice comes first in user order: alice is
+        # locked, then the call waits for bob.
+        waiting = sessions.in_s2(credit_many, [Credit("bob", "c2", 7, "x"), Credit("alice", "c2", 7, "x")])
+        assert sessions.blocked(waiting) == ACCOUNT_ROW
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            sessions.watch.execute("SELECT 1 FROM ledger.accounts WHERE user_id = 'alice' FOR UPDATE NOWAIT")
+    answers = sessions.answer(waiting)
+
+    assert [(a["user_id"], a["status"], a["available"]) for a in answers] == [("bob", "ok", 112), ("alice", "ok", 107)]
     assert unreconciled_accounts(db) == []

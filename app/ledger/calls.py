@@ -8,7 +8,11 @@ argument is passed, so the server never expands a default.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from psycopg.types.json import Jsonb
 
 from app.ledger import queries
 from app.ledger.client import Call, Shape
@@ -20,6 +24,7 @@ from app.ledger.results import (
     ChainCheck,
     Entry,
     Expired,
+    ItemResult,
     Outcome,
     Reservation,
     ShardRange,
@@ -45,6 +50,36 @@ def credit(user_id: str, key: str, amount: int, reason: str, action_source: str 
     return Call(queries.CREDIT, {
         "user_id": _user(user_id), "key": key, "amount": amount, "reason": reason, "action_source": action_source,
         "action_external_id": action_external_id, "metadata": _json(metadata)}, Outcome)
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """One credit as ledger.credit takes it, as an item of `credit_many`."""
+
+    user_id: str
+    key: str
+    amount: int
+    reason: str
+    action_source: str | None = None
+    action_external_id: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+def credit_many(shard_user: str, credits: Sequence[Credit]) -> Call[ItemResult]:
+    """Many credits in one transaction, one answer per credit in order (each what
+    `credit` would answer for it alone). Under Citus every credit's user must be
+    in `shard_user`'s shard, the shard the call is delegated to; one that is not
+    is answered with `OtherShard`."""
+    return Call(queries.CREDIT_MANY, {
+        "user_id": _user(shard_user),
+        "user_ids": [c.user_id for c in credits],
+        "keys": [c.key for c in credits],
+        "amounts": [c.amount for c in credits],
+        "reasons": [c.reason for c in credits],
+        "action_sources": [c.action_source for c in credits],
+        "action_external_ids": [c.action_external_id for c in credits],
+        "metadata": [Jsonb(c.metadata if c.metadata is not None else {}) for c in credits],
+    }, ItemResult, Shape.MANY)
 
 
 def debit(user_id: str, key: str, amount: int, reason: str,

@@ -58,6 +58,16 @@ class InUse(LedgerError):
     as a replication slot being read."""
 
 
+class OtherShard(LedgerError):
+    """An item of a call over many whose user is not in the shard the call was
+    delegated to (under Citus): nothing was written for it; send it on its own."""
+
+
+class Fault(LedgerError):
+    """An item of a call over many raised a genuine error of the database (a
+    constraint, an overflow), as it would have alone: nothing was written for it."""
+
+
 @contextmanager
 def translated(connections_busy: Callable[[], bool] = lambda: True) -> Iterator[None]:
     """Run a database call with its driver errors as the ledger's own.
@@ -69,36 +79,58 @@ def translated(connections_busy: Callable[[], bool] = lambda: True) -> Iterator[
         if not connections_busy():
             raise Unavailable("no connection to the database could be opened") from exc
         raise Overloaded("no database connection came free in time") from exc
-    except pg_errors.LockNotAvailable as exc:
-        raise Overloaded("a lock the call needed was held by another transaction past lock_timeout") from exc
-    except pg_errors.QueryCanceled as exc:
+    except psycopg.Error as exc:
+        error = _ledger_error(type(exc), exc.diag.message_primary or _first_line(exc), exc.diag.column_name)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def item_error(sqlstate: str, message: str, column: str | None) -> LedgerError:
+    """The exception an item of a call over many answered with (ledger.item_result):
+    the one the same error raises from a single call."""
+    if sqlstate == pg_errors.FeatureNotSupported.sqlstate and column == "user_id":
+        return OtherShard(message)
+    try:
+        kind = pg_errors.lookup(sqlstate)
+    except KeyError:
+        kind = psycopg.Error
+    return _ledger_error(kind, message, column) or Fault(f"{message} (SQLSTATE {sqlstate})")
+
+
+def _ledger_error(kind: type[psycopg.Error], message: str, column: str | None) -> LedgerError | None:
+    """The ledger's exception for a database error of this class (psycopg's, by
+    SQLSTATE), or None for one that is not the ledger's to translate."""
+    if issubclass(kind, pg_errors.LockNotAvailable):
+        return Overloaded("a lock the call needed was held by another transaction past lock_timeout")
+    if issubclass(kind, pg_errors.QueryCanceled):
         # statement_timeout; also a cancel by an operator. Either way the
         # statement, and so its transaction, was rolled back.
-        raise Overloaded("the database did not finish the call within statement_timeout") from exc
-    except pg_errors.InvalidParameterValue as exc:
-        message = exc.diag.message_primary or "invalid argument"
-        raise InvalidArgument(message, exc.diag.column_name or _argument_named_in(message)) from exc
-    except pg_errors.DuplicateObject as exc:
-        raise AlreadyExists(_first_line(exc)) from exc
-    except pg_errors.UndefinedObject as exc:
-        raise NotFound(_first_line(exc)) from exc
-    except pg_errors.ObjectInUse as exc:
-        raise InUse(_first_line(exc)) from exc
-    except pg_errors.ObjectNotInPrerequisiteState as exc:
+        return Overloaded("the database did not finish the call within statement_timeout")
+    if issubclass(kind, pg_errors.InvalidParameterValue):
+        return InvalidArgument(message or "invalid argument", column or _argument_named_in(message))
+    if issubclass(kind, pg_errors.DuplicateObject):
+        return AlreadyExists(_line(message))
+    if issubclass(kind, pg_errors.UndefinedObject):
+        return NotFound(_line(message))
+    if issubclass(kind, pg_errors.ObjectInUse):
+        return InUse(_line(message))
+    if issubclass(kind, pg_errors.ObjectNotInPrerequisiteState):
         # Such as a second rotation of a callback source's secret before the
         # first is finished: the call says what to do first.
-        raise Refused(_first_line(exc)) from exc
-    except psycopg.DataError as exc:
+        return Refused(_line(message))
+    if issubclass(kind, psycopg.DataError):
         # Any other value PostgreSQL cannot take, such as \u0000 inside JSON:
         # refused before the call wrote anything.
-        raise InvalidArgument(exc.diag.message_primary or "invalid value") from exc
-    except psycopg.OperationalError as exc:
-        raise Unavailable(f"the database did not answer: {_first_line(exc)}") from exc
-    except pg_errors.ReadOnlySqlTransaction as exc:
+        return InvalidArgument(message or "invalid value")
+    if issubclass(kind, psycopg.OperationalError):
+        return Unavailable(f"the database did not answer: {_line(message)}")
+    if issubclass(kind, pg_errors.ReadOnlySqlTransaction):
         # A standby answered (with REWARDS_HA=on, for the moments of a
         # switchover before PgBouncer points at the new primary): nothing was
         # written, and the same call succeeds again on the primary.
-        raise Unavailable(f"the database is read-only for now: {_first_line(exc)}") from exc
+        return Unavailable(f"the database is read-only for now: {_line(message)}")
+    return None
 
 
 def _argument_named_in(message: str) -> str | None:
@@ -110,5 +142,9 @@ def _argument_named_in(message: str) -> str | None:
 
 
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].strip() if text else type(exc).__name__
+    return _line(str(exc)) or type(exc).__name__
+
+
+def _line(text: str) -> str:
+    text = text.strip()
+    return text.splitlines()[0].strip() if text else ""

@@ -22,6 +22,7 @@ _QUERIES = named(PROJECT_ROOT / "sql" / "queries.sql")
 VERIFY_CHAIN = _QUERIES["verify_chain"]
 EXPIRE_RESERVATIONS = _QUERIES["expire_reservations"]
 CREDIT = _QUERIES["credit"]
+CREDIT_MANY = _QUERIES["credit_many"]
 DEBIT = _QUERIES["debit"]
 RESERVE = _QUERIES["reserve"]
 COMMIT_RESERVATION = _QUERIES["commit_reservation"]

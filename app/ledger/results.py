@@ -9,6 +9,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from app.ledger.errors import item_error
+
 
 class Status(StrEnum):
     """ledger.result.status: 'ok' or a business refusal the caller branches on.
@@ -46,6 +48,35 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.status is Status.OK
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    """ledger.item_result: one item's answer from a call over many, either the
+    single call's answer (status set) or the error that item alone raised."""
+
+    item: int
+    status: str | None
+    user_id: str
+    entry_id: int | None
+    reservation_id: int | None
+    amount: int | None
+    available: int | None
+    reserved: int | None
+    expires_at: datetime | None
+    created_at: datetime | None
+    replayed: bool | None
+    error_sqlstate: str | None
+    error_column: str | None
+    error_message: str | None
+
+    def outcome(self) -> Outcome:
+        """What the single call would have returned, or raised: the same
+        `Outcome`, or the same exception of app.ledger.errors."""
+        if self.error_sqlstate is not None:
+            raise item_error(self.error_sqlstate, self.error_message or "", self.error_column)
+        return Outcome(Status(self.status), self.user_id, self.entry_id, self.reservation_id, self.amount,
+                       self.available, self.reserved, self.expires_at, self.created_at, self.replayed)
 
 
 @dataclass(frozen=True, slots=True)
