@@ -202,8 +202,8 @@ def test_concurrent_calls_over_the_same_users_in_any_order_never_deadlock(db, ds
 def test_an_item_of_another_shard_is_answered_so_and_writes_nothing(db, on_citus):
     here, = _same_shard(db, 1)
     elsewhere = next(u for u in (f"{here}-{i}" for i in range(1000)) if db.execute(
-        "SELECT get_shard_id_for_distribution_column('ledger.accounts', %s) <>"
-        " get_shard_id_for_distribution_column('ledger.accounts', %s) AS other", (u, here)).fetchone()["other"])
+        "SELECT get_shard_id_for_distribution_column('ledger.accounts', %s::text) <>"
+        " get_shard_id_for_distribution_column('ledger.accounts', %s::text) AS other", (u, here)).fetchone()["other"])
     answers = credit_many(db, [Credit(here, "k1", 1, "x"), Credit(elsewhere, "k1", 1, "x")], shard_user=here)
 
     assert answers[0]["status"] == "ok"
