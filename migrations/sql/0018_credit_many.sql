@@ -1,5 +1,5 @@
 -- ===========================================================================
--- Many credits in one call (revision 0016)
+-- Many credits in one call (revision 0018)
 --
 -- ledger.credit_many applies many credits in one transaction, for the API's
 -- group commit and bulk grants: one answer per item, each what ledger.credit
