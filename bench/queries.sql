@@ -1,5 +1,6 @@
--- The queries bench/verify.py runs, by name (loaded like sql/queries.sql):
--- the ledger's and the history's rows of one load run's accounts.
+-- The queries the benchmarks run, by name (loaded like sql/queries.sql).
+
+-- bench/verify.py: the ledger's and the history's rows of one load run's accounts.
 
 -- name: bank_entries
 SELECT user_id, entry_id, idempotency_key, kind, amount, available_delta, reserved_delta, reservation_id
@@ -22,3 +23,10 @@ SELECT citus_rebalance_start() AS job_id;
 
 -- name: rebalance_status
 SELECT state, details -> 'task_state_counts' AS tasks FROM citus_rebalance_status();
+
+-- bench/run.py: how many bench accounts bench/fund.sql funded.
+-- name: funded_accounts
+SELECT count(*) FROM ledger.accounts WHERE user_id LIKE 'bench-%' AND available > 0;
+
+-- name: vacuum_analyze
+VACUUM ANALYZE;

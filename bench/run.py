@@ -4,6 +4,10 @@ tpcb-like on the same cluster with the same clients, in interleaved rounds.
     uv run python bench/run.py [--clients 8] [--seconds 15] [--rounds 3]
 
 Runs in databases of their own (rewards_bench, rewards_tpcb), never the service's.
+rewards_bench is made as the service's database is: under REWARDS_CITUS=on on
+every node and distributed, so the ledger's figures are the cluster's (each call
+delegated to the worker holding its user). rewards_tpcb stays a plain database
+on the coordinator's PostgreSQL: pgbench's yardstick for this server.
 Prints a Markdown table of median TPS, median mean latency, and each TPS as a
 ratio of tpcb-like's; raw pgbench output goes to bench/out/.
 """
@@ -22,10 +26,12 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.operations import migrate  # noqa: E402
+from app.ledger import queries  # noqa: E402
 from app.settings import load  # noqa: E402
+from bench import serve  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
+_QUERIES = queries.named(BENCH / "queries.sql")
 LEDGER_DB = "rewards_bench"
 TPCB_DB = "rewards_tpcb"
 USERS = 100_000
@@ -44,20 +50,17 @@ def _recreate(settings, name: str) -> None:
 
 
 def prepare_ledger(settings) -> None:
-    """A fresh rewards_bench database with USERS funded accounts."""
-    _recreate(settings, LEDGER_DB)
-    migrate.upgrade(settings.superuser_conninfo(LEDGER_DB))
-    # Fund every bench account through the ledger itself, so debits spend.
+    """A fresh rewards_bench database (distributed under Citus) with USERS
+    accounts funded through the ledger itself, so debits spend."""
+    serve.database(settings, LEDGER_DB)
+    clients = 8
+    pgbench(settings, LEDGER_DB, ["-n", "-c", str(clients), "-j", "2", "-t", str(USERS // clients),
+                                  "-D", f"per={USERS // clients}", "-D", "n=0", "-f", str(BENCH / "fund.sql")])
     with psycopg.connect(settings.superuser_conninfo(LEDGER_DB), autocommit=True) as conn:
-        conn.execute(
-            """DO $$ BEGIN
-                 FOR i IN 1..%s LOOP
-                   PERFORM ledger.credit('bench-' || i, 'fund-' || i, 10000000, 'bench funding',
-                                         NULL, NULL, '{}');
-                 END LOOP;
-               END $$""" % USERS
-        )
-        conn.execute("VACUUM ANALYZE")
+        funded = conn.execute(_QUERIES["funded_accounts"]).fetchone()[0]
+        if funded != USERS:
+            raise SystemExit(f"{funded} of {USERS} bench accounts were funded")
+        conn.execute(_QUERIES["vacuum_analyze"])
 
 
 def _prepare(settings) -> None:

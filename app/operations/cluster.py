@@ -121,7 +121,9 @@ def port_taken(port: int) -> bool:
     return False
 
 
-def _machine_conf(settings: Settings, port: bool = True) -> str:
+def machine_conf(settings: Settings, port: bool = True) -> str:
+    """What `rewards db up` writes beside ops/postgresql.conf on every node
+    (docker-compose.yml gives its nodes the same: tests/test_compose.py)."""
     preload = (["citus"] if use_citus(settings) else []) + ["pg_cron"]
     lines = [
         "# Written by `rewards db up` for this machine.",
@@ -192,7 +194,7 @@ def configure(settings: Settings, pg_data: Path, port: bool = True, roles: tuple
     """The project's settings, this machine's, and who may connect."""
     conf_d = pg_data / "conf.d"
     write_owned(settings, conf_d / "10-project.conf", (PROJECT_ROOT / "ops" / "postgresql.conf").read_text())
-    write_owned(settings, conf_d / "20-machine.conf", _machine_conf(settings, port))
+    write_owned(settings, conf_d / "20-machine.conf", machine_conf(settings, port))
     access(settings, pg_data, roles)
 
 
