@@ -102,6 +102,8 @@ class Settings:
     pool_wait_seconds: float = setting("REWARDS_POOL_WAIT_SECONDS", "0.5",
                                        "longest wait for a connection before 503", float)
     max_body_bytes: int = setting("REWARDS_MAX_BODY_BYTES", "16384", "larger bodies get 413", int)
+    max_bulk_body_bytes: int = setting("REWARDS_MAX_BULK_BODY_BYTES", "1048576",
+                                       "larger bodies of `POST /v1/credits/bulk` get 413", int)
     shard_map_seconds: float = setting("REWARDS_SHARD_MAP_SECONDS", "10",
                                        "how often a process reloads the Citus shard map it groups users by "
                                        "(a shard split is picked up within this)", float)

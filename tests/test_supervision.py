@@ -28,7 +28,7 @@ import redis
 from app.ledger import keys
 from app.ledger.client import Ledger
 from app.operations import processes
-from app.operations.supervisor import Program, Supervisor
+from app.operations.supervisor import Supervisor
 from app.settings import Settings
 from tests.conftest import SETTINGS
 
@@ -146,7 +146,7 @@ def _reconnects(port: int, process: str) -> float:
 def test_up_again_changes_nothing(stack):
     before = {s.name: s.detail.split(",")[0] for s in stack.supervisor.status()}
     assert set(before) == {"postgres", "pgbouncer", f"redis-{stack.settings.redis_url.split(':')[-1].split('/')[0]}",
-                           f"api-{stack.settings.api_port}", "audit", "notify", "revive"}
+                           f"api-{stack.settings.api_port}", "audit", "notify"}
     processes.up(stack.settings)
     assert {s.name: s.detail.split(",")[0] for s in stack.supervisor.status()} == before
 
@@ -211,18 +211,3 @@ def test_the_api_lives_through_a_pgbouncer_restart(stack):
                              json={"amount": 1, "reason": "after the restart"},
                              headers={"Idempotency-Key": uuid.uuid4().hex}).status_code for _ in range(12)]
     assert answers == [201] * 12
-
-
-def test_a_program_that_gave_up_is_started_again(tmp_path):
-    """A program dying at once goes FATAL (here after its first try); the
-    listener starts it again after its delay, and again, for as long as it fails."""
-    supervisor = Supervisor(tmp_path / "data", tmp_path / "log", revive_after=0.5)
-    revived = tmp_path / "log" / "revive.log"
-    try:
-        # Each exit within startsecs, however slow the machine is to notice it.
-        supervisor.ensure(Program("crasher", ["sh", "-c", "exit 3"], tmp_path / "crasher.log", startsecs=30,
-                                  startretries=0))
-        _eventually(lambda: revived.exists() and revived.read_text().count("crasher gave up (FATAL)") >= 3,
-                    "the crasher given up on, started again, three times", timeout=40)
-    finally:
-        supervisor.close()

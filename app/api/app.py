@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
 from litestar.openapi import OpenAPIConfig
@@ -15,6 +15,7 @@ from litestar.plugins.problem_details import ProblemDetailsConfig, ProblemDetail
 from app import logs
 from app.api import lifeline
 from app.api.accounts.controllers import AccountsController
+from app.api.bulk.controllers import BulkCreditsController
 from app.api.dependencies import DEPENDENCIES
 from app.api.frontdoor import FrontDoor
 from app.api.health import healthz, prometheus_metrics, readyz
@@ -52,7 +53,10 @@ def create_litestar(settings: Settings) -> Litestar:
             await app.state.rate_limiter.close()
 
     return Litestar(
-        route_handlers=[AccountsController, healthz, readyz, prometheus_metrics],
+        route_handlers=[AccountsController, healthz, readyz, prometheus_metrics,
+                        # Bulk bodies are larger than any single request's.
+                        Router("/", route_handlers=[BulkCreditsController],
+                               request_max_body_size=settings.max_bulk_body_bytes)],
         dependencies=DEPENDENCIES,
         middleware=[DefineMiddleware(ApiKeyMiddleware, exclude=["^/schema"])],
         plugins=[ProblemDetailsPlugin(ProblemDetailsConfig(exception_to_problem_detail_map={

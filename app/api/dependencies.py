@@ -9,10 +9,15 @@ from litestar.di import Provide
 
 from app.api.ratelimit import Decision
 from app.ledger.client import AsyncLedger
+from app.ledger.shards import Shards
 
 
 def _ledger(state: State) -> AsyncLedger:
     return state.ledger
+
+
+def _shards(state: State) -> Shards:
+    return state.shards
 
 
 def _rate_limit(request: Request) -> Decision:
@@ -22,5 +27,6 @@ def _rate_limit(request: Request) -> Decision:
 
 DEPENDENCIES = {
     "ledger": Provide(_ledger, sync_to_thread=False),
+    "shards": Provide(_shards, sync_to_thread=False),
     "rate_limit": Provide(_rate_limit, sync_to_thread=False),
 }

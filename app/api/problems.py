@@ -82,6 +82,16 @@ def from_ledger_error(exc: LedgerError) -> ProblemDetailsException:
     raise TypeError(f"no answer for {type(exc).__name__}") from exc
 
 
+def body_of(exc: ProblemDetailsException) -> dict[str, Any]:
+    """The problem as the body of its own answer would carry it, for an answer
+    holding many (a bulk grant's items); its Retry-After as `retry_after`."""
+    body = {"type": exc.type_, "title": exc.title, "status": exc.status_code, "detail": exc.detail,
+            **(exc.extra or {})}
+    if exc.headers and "Retry-After" in exc.headers:
+        body["retry_after"] = int(exc.headers["Retry-After"])
+    return body
+
+
 class Problem(msgspec.Struct):
     """An RFC 9457 problem, as every refusal is answered (documentation only)."""
 

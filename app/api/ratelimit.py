@@ -25,17 +25,17 @@ from app.settings import Settings, Tier
 
 log = logging.getLogger("rewards.ratelimit")
 
-# KEYS: the buckets. ARGV: cost, then rate and burst of each bucket in turn.
-# Takes `cost` from every bucket, or from none when any is short; answers
-# {allowed, retry_after_ms, remaining, burst, ms_until_full} for the tightest bucket.
+# KEYS: the buckets. ARGV: the cost, rate and burst of each bucket in turn.
+# Takes each bucket's cost from it, or nothing from any when one is short;
+# answers {allowed, retry_after_ms, remaining, burst, ms_until_full} for the
+# tightest bucket.
 _TAKE = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local cost = tonumber(ARGV[1])
 local levels = {}
 local wait, tight = 0, 1
 for i = 1, #KEYS do
-  local rate, burst = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local cost, rate, burst = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
   local state = redis.call('HMGET', KEYS[i], 'level', 'at')
   local level = tonumber(state[1]) or burst
   local at = tonumber(state[2]) or now
@@ -45,19 +45,22 @@ for i = 1, #KEYS do
   if short > wait then wait, tight = short, i end
 end
 if wait > 0 then
-  return {0, math.ceil(wait), math.floor(levels[tight]), tonumber(ARGV[2 * tight + 1]), 0}
+  return {0, math.ceil(wait), math.floor(levels[tight]), tonumber(ARGV[3 * tight]), 0}
 end
 local least = 1
 for i = 1, #KEYS do
-  local rate, burst = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local cost, rate, burst = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1]), tonumber(ARGV[3 * i])
   levels[i] = levels[i] - cost
   redis.call('HSET', KEYS[i], 'level', tostring(levels[i]), 'at', now)
   redis.call('PEXPIRE', KEYS[i], math.ceil(burst * 1000 / rate) + 1000)
-  if levels[i] / burst < levels[least] / tonumber(ARGV[2 * least + 1]) then least = i end
+  if levels[i] / burst < levels[least] / tonumber(ARGV[3 * least]) then least = i end
 end
-local rate, burst = tonumber(ARGV[2 * least]), tonumber(ARGV[2 * least + 1])
+local rate, burst = tonumber(ARGV[3 * least - 1]), tonumber(ARGV[3 * least])
 return {1, 0, math.floor(levels[least]), burst, math.ceil((burst - levels[least]) * 1000 / rate)}
 """
+
+# A bucket to take from: its Redis key, its tier, and how many tokens.
+Bucket = tuple[str, Tier, int]
 
 
 @dataclass(frozen=True)
@@ -85,11 +88,11 @@ class _LocalBuckets:
     def __init__(self) -> None:
         self._buckets: dict[str, tuple[float, float]] = {}
 
-    def take(self, buckets: list[tuple[str, Tier]], cost: int = 1) -> Decision:
+    def take(self, buckets: list[Bucket]) -> Decision:
         now = time.monotonic() * 1000
         levels = []
         wait, tight = 0.0, 0
-        for i, (key, tier) in enumerate(buckets):
+        for i, (key, tier, cost) in enumerate(buckets):
             level, at = self._buckets.get(key, (tier.burst, now))
             level = min(tier.burst, level + max(0.0, now - at) * tier.rate / 1000)
             levels.append(level)
@@ -98,7 +101,7 @@ class _LocalBuckets:
                 wait, tight = short, i
         if wait > 0:
             return Decision(False, math.ceil(wait), math.floor(levels[tight]), buckets[tight][1].burst, 0)
-        for i, (key, _) in enumerate(buckets):
+        for i, (key, _, cost) in enumerate(buckets):
             levels[i] -= cost
             self._buckets[key] = (levels[i], now)
         least = min(range(len(buckets)), key=lambda i: levels[i] / buckets[i][1].burst)
@@ -120,21 +123,23 @@ class RateLimiter:
     async def close(self) -> None:
         await self._redis.aclose()
 
-    def buckets(self, kind: str, user_id: str | None, key_id: int) -> list[tuple[str, Tier]]:
+    def buckets(self, kind: str, items_by_user: dict[str, int], items: int, key_id: int) -> list[Bucket]:
+        """A token an item: `items` from the global and API-key buckets, and from
+        each user's bucket (earning and redeeming only) the count of its items."""
         s, prefix = self.settings, self.settings.redis_prefix
-        chosen = [(f"{prefix}:rl:global", s.rate_global), (f"{prefix}:rl:key:{key_id}", s.rate_api_key)]
-        if user_id is not None and kind in ("earn", "redeem"):
+        chosen = [(f"{prefix}:rl:global", s.rate_global, items), (f"{prefix}:rl:key:{key_id}", s.rate_api_key, items)]
+        if kind in ("earn", "redeem"):
             tier = s.rate_user_earn if kind == "earn" else s.rate_user_redeem
-            chosen.append((f"{prefix}:rl:user:{kind}:{user_id}", tier))
+            chosen += [(f"{prefix}:rl:user:{kind}:{user_id}", tier, count) for user_id, count in items_by_user.items()]
         return chosen
 
-    async def take(self, buckets: list[tuple[str, Tier]]) -> Decision:
+    async def take(self, buckets: list[Bucket]) -> Decision:
         if time.monotonic() >= self._redis_down_until:
-            args: list[float] = [1]
-            for _, tier in buckets:
-                args += [tier.rate, tier.burst]
+            args: list[float] = []
+            for _, tier, cost in buckets:
+                args += [cost, tier.rate, tier.burst]
             try:
-                answer = await self._take(keys=[key for key, _ in buckets], args=args)
+                answer = await self._take(keys=[key for key, _, _ in buckets], args=args)
             except (redis.RedisError, OSError) as exc:
                 if self._redis_down_until == 0.0:
                     log.warning("redis unreachable, rate limiting per process until it answers: %s", exc)
@@ -155,7 +160,7 @@ async def take_lookup_token(connection: ASGIConnection) -> None:
     limiter: RateLimiter = connection.app.state.rate_limiter
     address = connection.client.host if connection.client else "unknown"
     decision = await limiter.take(
-        [(f"{limiter.settings.redis_prefix}:rl:lookup:{address}", limiter.settings.rate_key_lookup)])
+        [(f"{limiter.settings.redis_prefix}:rl:lookup:{address}", limiter.settings.rate_key_lookup, 1)])
     if not decision.allowed:
         metrics.RATE_LIMITED.labels("key_lookup").inc()
         raise problem("rate-limited", "too many lookups of unknown API keys from this address; retry after the "
@@ -166,9 +171,15 @@ async def take_token(connection: ASGIConnection, kind: str) -> None:
     """Take a token from each of the request's buckets, or refuse with 429. `kind`
     is "earn", "redeem" or "read" (reads share only the key and global buckets).
     The decision stays on the connection for the response's RateLimit headers."""
-    limiter: RateLimiter = connection.app.state.rate_limiter
     user_id = connection.path_params.get("user_id")
-    decision = await limiter.take(limiter.buckets(kind, user_id, connection.user.key_id))
+    await take_tokens(connection, kind, {user_id: 1} if user_id is not None else {}, 1)
+
+
+async def take_tokens(connection: ASGIConnection, kind: str, items_by_user: dict[str, int], items: int) -> None:
+    """A token for each of a request's `items`, all or none (take_token's, for a
+    request of many items such as a bulk grant), or 429."""
+    limiter: RateLimiter = connection.app.state.rate_limiter
+    decision = await limiter.take(limiter.buckets(kind, items_by_user, items, connection.user.key_id))
     connection.state.rate_limit = decision
     if not decision.allowed:
         metrics.RATE_LIMITED.labels(kind).inc()

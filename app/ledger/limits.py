@@ -20,6 +20,9 @@ TOKEN_PATTERN = r"^[!-~]{1,255}$"
 # A reason is printable: no control characters.
 REASON_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 
+# ledger.settings.max_batch_items: the most credits one call of ledger.credit_many takes.
+MAX_BULK_ITEMS = 1000
+
 # ledger.entries_page: the largest page.
 MAX_PAGE = 500
 

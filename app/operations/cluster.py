@@ -53,7 +53,7 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, check=True, text=True, capture_output=True)
 
 
-def ensure_os_user(settings: Settings) -> None:
+def _ensure_os_user(settings: Settings) -> None:
     if os.geteuid() != 0:
         return
     try:
@@ -291,7 +291,7 @@ def _create_database(settings: Settings) -> None:
             conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(settings.database)))
 
 
-def let_api_log_in(settings: Settings) -> None:
+def _let_api_log_in(settings: Settings) -> None:
     # ALTER ROLE takes no bind parameters either: the password is quoted by psycopg.sql.
     with psycopg.connect(settings.superuser_conninfo(), autocommit=True) as conn:
         conn.execute(
@@ -305,7 +305,7 @@ def start_node(settings: Settings, home: Settings | None = None) -> None:
     """Create (once), configure and start a cluster, without touching its databases:
     enough for a Citus worker, whose schema the coordinator manages. It runs
     under the supervisord of `home`'s data folder (its own by default)."""
-    ensure_os_user(settings)
+    _ensure_os_user(settings)
     _initdb(settings)
     _configure(settings)
     _start(settings, home or settings)
@@ -325,7 +325,7 @@ def up(settings: Settings) -> None:
     if settings.citus == "on":
         citus.prepare(settings, nodes[1:])
     migrate.upgrade(settings.superuser_conninfo())
-    let_api_log_in(settings)
+    _let_api_log_in(settings)
 
 
 def start_worker(worker: Settings, home: Settings) -> None:

@@ -364,7 +364,7 @@ def up(settings: Settings) -> None:
     migrate the primary; safe to run again (each node's files are written
     again and its keeper started unless it runs)."""
     check(settings)
-    cluster.ensure_os_user(settings)
+    cluster._ensure_os_user(settings)
     cluster.make_folders(settings)
     passwords = _ensure_passfile(settings)
     mon = monitor(settings)
@@ -394,7 +394,7 @@ def up(settings: Settings) -> None:
     for node in (first, second):
         _reload(settings, node)
     migrate.upgrade(settings.superuser_conninfo())
-    cluster.let_api_log_in(settings)
+    cluster._let_api_log_in(settings)
 
 
 def down(settings: Settings) -> None:

@@ -14,12 +14,11 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.settings import PROJECT_ROOT, Settings
+from app.settings import Settings
 
 SUPERVISORD_CONF = """\
 ; Written by `rewards up`: the supervisor of everything under {data_dir}.
@@ -39,26 +38,11 @@ supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 [supervisorctl]
 serverurl = unix://{home}/supervisord.sock
 
-[eventlistener:revive]
-; A program that gave up (FATAL) is started again {revive_after} s later, for as
-; long as it keeps failing (app/operations/revive.py says why).
-command = {python} -m app.operations.revive {conf_file} {revive_after}
-directory = {project}
-events = PROCESS_STATE_FATAL
-autorestart = true
-stdout_logfile = NONE
-stderr_logfile = {log_dir}/revive.log
-
 [include]
 ; Relative to this file: `files` is a list split at spaces, and the data
 ; folder's path may hold some.
 files = programs/*.conf
 """
-
-# Seconds after a program gave up (FATAL) before it is started again: past
-# supervisord's own ~3.5 minutes of quick retries (startretries below), this is
-# the longest a program whose cause of failure has gone stays down.
-REVIVE_AFTER = 30
 
 # States (supervisorctl status) in which the program is, or will be again, up.
 ALIVE = frozenset({"STARTING", "RUNNING", "BACKOFF"})
@@ -83,8 +67,7 @@ class Program:
     # must not outlive them (the API's workers), never PostgreSQL's backends.
     stopasgroup: bool = False
     # It counts as started once up this long; each failure before that waits a
-    # second longer, up to startretries, then it is FATAL and started again
-    # REVIVE_AFTER seconds later (app.operations.revive).
+    # second longer, up to startretries, then it is FATAL until `rewards up`.
     startsecs: int = 1
     startretries: int = 20
 
@@ -142,9 +125,8 @@ class Supervisor:
     def of(cls, settings: Settings) -> Supervisor:
         return cls(settings.data_dir, settings.log_dir)
 
-    def __init__(self, data_dir: Path, log_dir: Path, revive_after: float = REVIVE_AFTER) -> None:
+    def __init__(self, data_dir: Path, log_dir: Path) -> None:
         self.data_dir = data_dir
-        self.revive_after = revive_after
         self.home = data_dir / "supervisor"
         self.log_dir = log_dir
         self.conf_file = self.home / "supervisord.conf"
@@ -168,15 +150,9 @@ class Supervisor:
             folder.mkdir(parents=True, exist_ok=True)
         # Program files hold the services' environment, passwords included.
         self.home.chmod(0o700)
-        before = self.conf_file.read_text() if self.conf_file.exists() else None
         self.conf_file.write_text(SUPERVISORD_CONF.format(
-            data_dir=_escape(str(self.data_dir)), home=_escape(str(self.home)), log_dir=_escape(str(self.log_dir)),
-            python=_escape(shlex.quote(sys.executable)), conf_file=_escape(shlex.quote(str(self.conf_file))),
-            project=_escape(str(PROJECT_ROOT)), revive_after=self.revive_after))
+            data_dir=_escape(str(self.data_dir)), home=_escape(str(self.home)), log_dir=_escape(str(self.log_dir))))
         if self.answers():
-            if self.conf_file.read_text() != before:
-                # A supervisord from before this file changed: it takes the change in.
-                self._ctl("update", "revive")
             return
         subprocess.run(["supervisord", "-c", str(self.conf_file)], check=True, capture_output=True, text=True)
         deadline = time.monotonic() + 15

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 from litestar import Controller, Response, get, post
 from litestar.params import Parameter
@@ -21,6 +21,7 @@ from app.api.accounts.schemas import (
     ReservationCreated,
     ReservationEnded,
     ReservationRequest,
+    action_arguments,
 )
 from app.api.body import StrictJson
 from app.api.problems import documented, from_refusal, problem
@@ -70,11 +71,6 @@ def _before_seq(cursor: str | None) -> int | None:
     raise problem("validation", "cursor is not one this API returned", extra={"field": "cursor"})
 
 
-def _action(data: CreditRequest) -> dict[str, Any]:
-    return ({"action_source": data.action.source, "action_external_id": data.action.external_id}
-            if data.action else {})
-
-
 class AccountsController(Controller):
     path = "/v1/accounts/{user_id:str}"
     tags = ["accounts"]
@@ -86,7 +82,7 @@ class AccountsController(Controller):
     async def credit(self, ledger: AsyncLedger, rate_limit: Decision, user_id: UserId,
                      idempotency_key: IdempotencyKey, data: CreditRequest) -> Response[EntryCreated]:
         outcome = await ledger(calls.credit(user_id, idempotency_key, data.amount, data.reason,
-                                            metadata=data.metadata, **_action(data)))
+                                            metadata=data.metadata, **action_arguments(data.action)))
         return _answer(outcome, rate_limit, 201, EntryCreated.of)
 
     @post("/debits", guards=[scope_and_token("points:redeem", "redeem")], dto=StrictJson[DebitRequest],

@@ -28,6 +28,11 @@ class ActionRef(Struct, forbid_unknown_fields=True, frozen=True):
     external_id: Annotated[str, Meta(pattern=limits.TOKEN_PATTERN)]
 
 
+def action_arguments(action: ActionRef | None) -> dict[str, Any]:
+    """A credit's verified action as app.ledger.calls.credit's arguments."""
+    return {"action_source": action.source, "action_external_id": action.external_id} if action else {}
+
+
 class CreditRequest(Struct, forbid_unknown_fields=True, frozen=True):
     amount: Amount
     reason: Reason

@@ -1,0 +1,1 @@
+"""POST /v1/credits/bulk: many credits in one request."""
