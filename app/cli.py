@@ -168,6 +168,26 @@ def _audit_retention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger_retention(args: argparse.Namespace) -> int:
+    with _ledger() as ledger:
+        if args.keep:
+            ledger(calls.check_idempotency_retention(args.keep))
+            ledger(calls.set_idempotency_retention(args.keep))
+        print(f"idempotency records: kept {ledger(calls.idempotency_retention())['retention']}")
+    return 0
+
+
+def _notify_retention(args: argparse.Namespace) -> int:
+    from app.audit import notify
+
+    with _ledger() as ledger:
+        if args.keep:
+            ledger(notify.check_retention(args.keep))
+            ledger(notify.set_retention(args.keep))
+        print(f"delivered notifications: kept {ledger(notify.retention())['retention']}")
+    return 0
+
+
 def _reconcile(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -545,6 +565,9 @@ def _parser() -> argparse.ArgumentParser:
     resend = notify.add_parser("resend", help="queue dead notifications again")
     resend.add_argument("notification_ids", type=int, nargs="+")
     resend.set_defaults(func=_notify_resend)
+    kept = notify.add_parser("retention", help="show or set how long delivered notifications are kept")
+    kept.add_argument("--keep", help="an interval, e.g. '30 days': older delivered ones are deleted")
+    kept.set_defaults(func=_notify_retention)
 
     retention = audit.add_parser("retention", help="show or set how long history partitions are kept")
     which = retention.add_mutually_exclusive_group()
@@ -623,6 +646,10 @@ def _parser() -> argparse.ArgumentParser:
     expire = ledger.add_parser("expire", help="expire reservations past their deadline now")
     expire.add_argument("--batch-size", type=int, default=100)
     expire.set_defaults(func=_ledger_expire)
+    kept = ledger.add_parser("retention", help="show or set how long idempotency records are kept")
+    kept.add_argument("--keep", help="an interval, e.g. '90 days' (at least a day and longer than the longest "
+                                     "hold): a retry of an older key is a new request")
+    kept.set_defaults(func=_ledger_retention)
     return parser
 
 

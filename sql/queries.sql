@@ -287,6 +287,31 @@ SELECT history_retention::text AS retention, history_horizon AS horizon FROM aud
 -- A bad interval is refused here (SQLSTATE 22007), not at the next drop.
 UPDATE audit.settings SET history_retention = %(retention)s::interval;
 
+-- name: idempotency_retention
+SELECT idempotency_retention::text AS retention FROM ledger.settings;
+
+-- name: check_idempotency_retention
+-- The table's rule (its CHECK holds it all the same), checked first so that a
+-- refusal is 22023 naming the argument. No row when the value is allowed.
+SELECT ledger._invalid('retention', format('must be at least a day and longer than the longest hold (%%s)',
+                                           s.max_reservation_ttl))
+FROM ledger.settings s, (SELECT %(retention)s::interval AS keep) r
+WHERE NOT (r.keep >= interval '1 day' AND r.keep > s.max_reservation_ttl);
+
+-- name: set_idempotency_retention
+UPDATE ledger.settings SET idempotency_retention = %(retention)s::interval;
+
+-- name: notification_retention
+SELECT notification_retention::text AS retention FROM audit.settings;
+
+-- name: check_notification_retention
+-- As check_idempotency_retention, for audit.settings' rule.
+SELECT ledger._invalid('retention', 'must be longer than nothing')
+WHERE NOT %(retention)s::interval > interval '0';
+
+-- name: set_notification_retention
+UPDATE audit.settings SET notification_retention = %(retention)s::interval;
+
 -- name: audit_backfill
 SELECT audit.backfill() AS entries;
 

@@ -77,3 +77,18 @@ def test_the_command_line_leaves_the_slow_imports_to_the_commands_that_need_them
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60, check=True)
     loaded = {name.split(".")[0] for name in done.stdout.split()}
     assert not loaded & {"alembic", "sqlalchemy", "redis"}
+
+
+def test_the_retention_of_keys_and_notifications_is_shown_set_and_refused_in_one_line(db):
+    name = db.info.dbname
+    assert _rewards("ledger", "retention", REWARDS_DATABASE=name).stdout == "idempotency records: kept 30 days\n"
+    done = _rewards("ledger", "retention", "--keep", "90 days", REWARDS_DATABASE=name)
+    assert done.returncode == 0 and done.stdout == "idempotency records: kept 90 days\n", done.stderr
+    # A day, but no longer than the longest hold (7 days): a hold's commit retried later would be a new request.
+    _one_clear_line(_rewards("ledger", "retention", "--keep", "3 days", REWARDS_DATABASE=name), 2, "longest hold")
+    done = _rewards("notify", "retention", "--keep", "12 hours", REWARDS_DATABASE=name)
+    assert done.returncode == 0 and done.stdout == "delivered notifications: kept 12:00:00\n", done.stderr
+    _one_clear_line(_rewards("notify", "retention", "--keep", "0 days", REWARDS_DATABASE=name), 2, "retention")
+    assert db.execute("SELECT (SELECT idempotency_retention::text FROM ledger.settings) AS keys, "
+                      "(SELECT notification_retention::text FROM audit.settings) AS sent").fetchone() == {
+        "keys": "90 days", "sent": "12:00:00"}

@@ -55,6 +55,21 @@ def resend(notification_id: int) -> Call[dict]:
     return Call(queries.NOTIFICATION_RESEND, {"notification_id": notification_id}, shape=Shape.MAYBE)
 
 
+def retention() -> Call[dict]:
+    """How long a delivered notification is kept (audit.settings)."""
+    return Call(queries.NOTIFICATION_RETENTION)
+
+
+def check_retention(keep: str) -> Call[dict]:
+    """Raises InvalidArgument unless `keep` is a positive interval."""
+    return Call(queries.CHECK_NOTIFICATION_RETENTION, {"retention": keep}, shape=Shape.NONE)
+
+
+def set_retention(keep: str) -> Call[dict]:
+    """Keep delivered notifications for `keep` (check_retention first)."""
+    return Call(queries.SET_NOTIFICATION_RETENTION, {"retention": keep}, shape=Shape.NONE)
+
+
 @dataclass
 class Sender:
     conninfo: str

@@ -137,6 +137,21 @@ def expire_reservations(batch_size: int) -> Call[Expired]:
     return Call(queries.EXPIRE_RESERVATIONS, {"batch_size": batch_size}, Expired)
 
 
+def idempotency_retention() -> Call[dict]:
+    """How long an idempotency record is kept (ledger.settings)."""
+    return Call(queries.IDEMPOTENCY_RETENTION)
+
+
+def check_idempotency_retention(keep: str) -> Call[dict]:
+    """Raises InvalidArgument unless `keep` is at least a day and longer than the longest hold."""
+    return Call(queries.CHECK_IDEMPOTENCY_RETENTION, {"retention": keep}, shape=Shape.NONE)
+
+
+def set_idempotency_retention(keep: str) -> Call[dict]:
+    """Keep idempotency records for `keep` (check_idempotency_retention first)."""
+    return Call(queries.SET_IDEMPOTENCY_RETENTION, {"retention": keep}, shape=Shape.NONE)
+
+
 def authenticate(secret_hash: bytes) -> Call[ApiKey]:
     """The active key with this hash, or None."""
     return Call(queries.AUTHENTICATE, {"secret_hash": secret_hash}, ApiKey, Shape.MAYBE)
