@@ -280,6 +280,13 @@ def _ledger_expire(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger_settle(args: argparse.Namespace) -> int:
+    with _ledger() as ledger:
+        result = ledger(calls.settle_lots(args.batch_size))
+    print(json.dumps(asdict(result)))
+    return 0
+
+
 def _size(count: int) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if count < 1024 or unit == "GB":
@@ -650,6 +657,9 @@ def _parser() -> argparse.ArgumentParser:
     kept.add_argument("--keep", help="an interval, e.g. '90 days' (at least a day and longer than the longest "
                                      "hold): a retry of an older key is a new request")
     kept.set_defaults(func=_ledger_retention)
+    settle = ledger.add_parser("settle", help="mature pending points and expire what is left of old lots now")
+    settle.add_argument("--batch-size", type=int, default=100)
+    settle.set_defaults(func=_ledger_settle)
     return parser
 
 

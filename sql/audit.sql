@@ -207,7 +207,8 @@ $$;
 -- holds equal its open reservations, that its hash chain verifies (the rule of
 -- ledger.verify_chain, entry by entry), and that the history holds exactly its
 -- entries: every history row is one of them, and every entry is in the
--- history but those the history cannot hold yet or any more. Not yet: with
+-- history but those the history cannot hold yet or any more; and that its
+-- pending and expiring points are what its lots hold. Not yet: with
 -- p_confirmed_seqs (one per account, NULL for none), an account's entries
 -- after that seq, which the stream has not been shown to have delivered
 -- (app.audit.reconcile reads the seqs before it marks the WAL with
@@ -249,19 +250,24 @@ BEGIN
     -- The ledger side of each account, in one pushed-down query of its rows.
     accounts AS MATERIALIZED (
         SELECT a.user_id, a.available, a.reserved, a.lifetime_earned, a.last_seq, a.last_entry_hash,
+               a.pending, a.expiring,
                s.available AS entries_available, s.reserved AS entries_reserved, s.earned AS entries_earned,
+               s.pending AS entries_pending,
                s.last_seq AS entries_last_seq, s.entries, s.last_hash, s.first_broken_entry_id,
-               s.first_broken_seq, h.held
+               s.first_broken_seq, h.held, l.pending AS lots_pending, l.expiring AS lots_expiring
         FROM ledger.accounts a
         LEFT JOIN (
             SELECT c.user_id, sum(c.available_delta) AS available, sum(c.reserved_delta) AS reserved,
-                   sum(c.earned) AS earned, max(c.seq) AS last_seq, count(*) AS entries,
+                   sum(c.earned) AS earned, sum(c.pending) AS pending, max(c.seq) AS last_seq, count(*) AS entries,
                    (array_agg(c.hash ORDER BY c.seq DESC))[1] AS last_hash,
                    (array_agg(c.entry_id ORDER BY c.seq) FILTER (WHERE c.broken))[1] AS first_broken_entry_id,
                    (array_agg(c.seq ORDER BY c.seq) FILTER (WHERE c.broken))[1] AS first_broken_seq
             FROM (
                 SELECT e.user_id, e.entry_id, e.seq, e.available_delta, e.reserved_delta, e.hash,
                        CASE WHEN e.kind = 'credit' THEN e.amount ELSE 0 END AS earned,
+                       -- a pending credit's points wait until their 'mature' entry
+                       CASE e.kind WHEN 'credit' THEN e.amount - e.available_delta
+                                   WHEN 'mature' THEN -e.amount ELSE 0 END AS pending,
                        -- ledger.verify_chain's rule, entry by entry: its position, its link, its hash
                        (e.seq <> row_number() OVER w
                         OR e.prev_hash <> coalesce(lag(e.hash) OVER w,
@@ -281,6 +287,12 @@ BEGIN
             FROM ledger.reservations r WHERE r.user_id = ANY (p_user_ids) AND r.status = 'open'
             GROUP BY r.user_id
         ) h ON h.user_id = a.user_id
+        LEFT JOIN (
+            SELECT t.user_id, sum(t.remaining) FILTER (WHERE NOT t.matured) AS pending,
+                   sum(t.remaining) FILTER (WHERE t.matured) AS expiring
+            FROM ledger.lots t WHERE t.user_id = ANY (p_user_ids)
+            GROUP BY t.user_id
+        ) l ON l.user_id = a.user_id
         WHERE a.user_id = ANY (p_user_ids)
     ),
     -- The entries to hold against the history (append-only: a later read only adds).
@@ -294,15 +306,17 @@ BEGIN
         SELECT b.position, 1 AS kind, b.user_id, 'balance_differs_from_entries' AS finding,
                jsonb_build_object(
                    'account', jsonb_build_object('available', a.available, 'reserved', a.reserved,
-                                                 'lifetime_earned', a.lifetime_earned, 'last_seq', a.last_seq),
+                                                 'lifetime_earned', a.lifetime_earned, 'last_seq', a.last_seq,
+                                                 'pending', a.pending),
                    'entries', jsonb_build_object('available', coalesce(a.entries_available, 0),
                                                  'reserved', coalesce(a.entries_reserved, 0),
                                                  'lifetime_earned', coalesce(a.entries_earned, 0),
-                                                 'last_seq', coalesce(a.entries_last_seq, 0))) AS detail
+                                                 'last_seq', coalesce(a.entries_last_seq, 0),
+                                                 'pending', coalesce(a.entries_pending, 0))) AS detail
         FROM batch b LEFT JOIN accounts a ON a.user_id = b.user_id
-        WHERE (a.available, a.reserved, a.lifetime_earned, a.last_seq) IS DISTINCT FROM
+        WHERE (a.available, a.reserved, a.lifetime_earned, a.last_seq, a.pending) IS DISTINCT FROM
               (coalesce(a.entries_available, 0), coalesce(a.entries_reserved, 0), coalesce(a.entries_earned, 0),
-               coalesce(a.entries_last_seq, 0))
+               coalesce(a.entries_last_seq, 0), coalesce(a.entries_pending, 0))
         UNION ALL
         SELECT b.position, 2, b.user_id, 'reserved_differs_from_open_reservations',
                jsonb_build_object('reserved', a.reserved, 'open_reservations', coalesce(a.held, 0))
@@ -341,6 +355,14 @@ BEGIN
                 SELECT FROM entries e
                 WHERE e.user_id = h.user_id AND e.entry_id = h.entry_id AND e.hash = h.hash)) x
         WHERE x.entry_ids IS NOT NULL
+        UNION ALL
+        -- the account's pending and expiring points are what its lots hold
+        SELECT b.position, 6, b.user_id, 'lots_differ_from_balance',
+               jsonb_build_object('pending', a.pending, 'expiring', a.expiring,
+                                  'lots_pending', coalesce(a.lots_pending, 0),
+                                  'lots_expiring', coalesce(a.lots_expiring, 0))
+        FROM batch b JOIN accounts a ON a.user_id = b.user_id
+        WHERE (a.pending, a.expiring) IS DISTINCT FROM (coalesce(a.lots_pending, 0), coalesce(a.lots_expiring, 0))
     )
     SELECT f.user_id, f.finding, f.detail FROM findings f ORDER BY f.position, f.kind;
 END;

@@ -93,15 +93,19 @@ AS $$
 BEGIN
     RETURN p_seq > 0
         AND octet_length(p_hash) = 32 AND octet_length(p_prev_hash) = 32
-        -- only expiries, which the database does on its own, come without a key
-        AND (p_idempotency_key IS NULL) = (p_kind = 'expire')
+        -- only what the database does on its own comes without a key: a hold's
+        -- expiry, pending points maturing, a lot's points lapsing
+        AND (p_idempotency_key IS NULL) = (p_kind IN ('expire', 'mature', 'lapse'))
         -- only credits carry a verified action, as a (source, external id) pair
         AND (p_action_source IS NULL) = (p_action_external_id IS NULL)
         AND (p_action_source IS NULL OR p_kind = 'credit')
-        -- every kind but credit and debit belongs to a reservation
-        AND (p_reservation_id IS NULL) = (p_kind IN ('credit', 'debit'))
+        -- the reservations' kinds, and only they, belong to a reservation
+        AND (p_reservation_id IS NULL) = (p_kind IN ('credit', 'debit', 'mature', 'lapse'))
         AND CASE p_kind
-            WHEN 'credit'  THEN p_available_delta = p_amount AND p_reserved_delta = 0
+            -- a pending credit moves nothing into `available` until it matures
+            WHEN 'credit'  THEN p_available_delta IN (p_amount, 0) AND p_reserved_delta = 0
+            WHEN 'mature'  THEN p_available_delta = p_amount AND p_reserved_delta = 0
+            WHEN 'lapse'   THEN p_available_delta = -p_amount AND p_reserved_delta = 0
             WHEN 'debit'   THEN p_available_delta = -p_amount AND p_reserved_delta = 0
             WHEN 'reserve' THEN p_available_delta = -p_amount AND p_reserved_delta = p_amount
             -- commit: the hold leaves `reserved`; what is not spent returns to `available`
@@ -129,12 +133,15 @@ CREATE TABLE ledger.settings (
     idempotency_retention  interval NOT NULL DEFAULT interval '30 days',
     -- the most items one call over many may hold (ledger.credit_many)
     max_batch_items      integer NOT NULL DEFAULT 1000,
+    -- the longest a credit may stay pending, or last before its points expire
+    max_lot_term         interval NOT NULL DEFAULT interval '10 years',
     CONSTRAINT settings_singleton CHECK (singleton),
     CONSTRAINT settings_max_amount_positive CHECK (max_amount > 0),
     CONSTRAINT settings_ttl_positive CHECK (max_reservation_ttl >= interval '1 second'),
     CONSTRAINT settings_metadata_positive CHECK (max_metadata_bytes > 1),
     CONSTRAINT settings_reason_positive CHECK (max_reason_length > 0),
     CONSTRAINT settings_batch_items_positive CHECK (max_batch_items > 0),
+    CONSTRAINT settings_lot_term_positive CHECK (max_lot_term >= interval '1 day'),
     -- A key must outlive every retry of its call, and a hold's retries last as
     -- long as the hold: at least a day, and longer than the longest hold.
     CONSTRAINT settings_idempotency_retention_outlives_retries CHECK (
@@ -152,6 +159,10 @@ CREATE TABLE ledger.accounts (
     last_entry_hash  bytea NOT NULL DEFAULT '\x0000000000000000000000000000000000000000000000000000000000000000',
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
+    -- credited but not yet available (ledger.lots not matured); not spendable
+    pending          bigint NOT NULL DEFAULT 0,
+    -- the part of `available` that expires: what the matured lots still hold
+    expiring         bigint NOT NULL DEFAULT 0,
     CONSTRAINT accounts_pkey PRIMARY KEY (user_id),
     CONSTRAINT accounts_user_id_format CHECK (length(user_id) BETWEEN 1 AND 64 AND user_id !~ '[^A-Za-z0-9._:-]'),
     CONSTRAINT accounts_available_nonnegative CHECK (available >= 0),
@@ -159,6 +170,7 @@ CREATE TABLE ledger.accounts (
     -- One constraint for the rest: each CHECK is rebuilt for every UPDATE statement.
     CONSTRAINT accounts_counters_valid CHECK (
         lifetime_earned >= 0 AND last_seq >= 0 AND octet_length(last_entry_hash) = 32
+        AND pending >= 0 AND expiring BETWEEN 0 AND available
     )
 ) WITH (fillfactor = 80);  -- room for HOT updates: only the row changes, never its key
 
@@ -169,7 +181,7 @@ CREATE TABLE ledger.entries (
     -- position in the account's chain: 1, 2, 3, ... with no gaps
     seq                 bigint NOT NULL,
     kind                text NOT NULL,
-    -- credit/debit/reserve/release/expire: the points moved; commit: the points spent
+    -- credit/debit/reserve/release/expire/mature/lapse: the points moved; commit: the points spent
     amount              bigint NOT NULL,
     available_delta     bigint NOT NULL,
     reserved_delta      bigint NOT NULL,
@@ -209,6 +221,9 @@ CREATE TABLE ledger.reservations (
     created_at        timestamptz NOT NULL DEFAULT now(),
     expires_at        timestamptz NOT NULL,
     ended_at          timestamptz,
+    -- the points it took from expiring lots, [[lot_id, points], ...] in the
+    -- order taken; NULL when the account had none (ledger._draw_lots)
+    lot_draws         jsonb,
     CONSTRAINT reservations_pkey PRIMARY KEY (user_id, reservation_id),
     CONSTRAINT reservations_amount_positive CHECK (amount > 0),
     CONSTRAINT reservations_status CHECK (status IN ('open', 'committed', 'released', 'expired')),
@@ -218,6 +233,33 @@ CREATE TABLE ledger.reservations (
     ),
     CONSTRAINT reservations_ended CHECK ((status = 'open') = (ended_at IS NULL)),
     CONSTRAINT reservations_deadline CHECK (expires_at > created_at)
+);
+
+-- A credit that is pending or expires, for as long as it has points to move:
+-- pending ones until they mature, expiring ones until spent or lapsed. A plain
+-- credit has no lot: its points are simply `available` and never expire.
+CREATE TABLE ledger.lots (
+    user_id       text NOT NULL,
+    lot_id        bigserial NOT NULL,
+    -- the credit entry that made it
+    entry_id      bigint NOT NULL,
+    amount        bigint NOT NULL,
+    -- pending: all of it; matured: what is left to spend or to lapse
+    remaining     bigint NOT NULL,
+    created_at    timestamptz NOT NULL,
+    -- pending until then (the credit's time when it was never pending)
+    available_at  timestamptz NOT NULL,
+    matured       boolean NOT NULL,
+    expires_at    timestamptz,
+    CONSTRAINT lots_pkey PRIMARY KEY (user_id, lot_id),
+    CONSTRAINT lots_amount_positive CHECK (amount > 0),
+    CONSTRAINT lots_remaining CHECK (remaining BETWEEN 0 AND amount),
+    CONSTRAINT lots_pending_whole CHECK (matured OR remaining = amount),
+    CONSTRAINT lots_terms CHECK (
+        available_at >= created_at AND (expires_at IS NULL OR expires_at > available_at)
+        AND (expires_at IS NOT NULL OR available_at > created_at)),
+    -- points that matured without an expiry are plain available points
+    CONSTRAINT lots_matured_without_expiry_empty CHECK (NOT matured OR expires_at IS NOT NULL OR remaining = 0)
 );
 
 -- One row per idempotency key: the request's fingerprint and the result it got,
@@ -258,13 +300,38 @@ CREATE INDEX reservations_open_deadline
     ON ledger.reservations (expires_at)
     WHERE status = 'open';
 
+-- An account's lots in the order redemptions spend them (soonest expiry
+-- first), which is also its next expiry.
+CREATE INDEX lots_spend_order
+    ON ledger.lots (user_id, expires_at, lot_id)
+    WHERE remaining > 0 AND expires_at IS NOT NULL;
+
+-- What the settlement job scans: lots to mature, and lots to lapse.
+CREATE INDEX lots_pending_until
+    ON ledger.lots (available_at)
+    WHERE NOT matured;
+CREATE INDEX lots_expiring_at
+    ON ledger.lots (expires_at)
+    WHERE matured AND remaining > 0;
+
 -- ===========================================================================
 -- Views: what the read functions return
 -- ===========================================================================
 
+-- next_expiry_*: the soonest expiry of points the account still holds
+-- (reserved ones are out of their lots until the hold returns them).
 CREATE VIEW ledger.balances AS
-    SELECT user_id, available, reserved, lifetime_earned, last_seq, updated_at
-    FROM ledger.accounts;
+    SELECT a.user_id, a.available, a.reserved, a.lifetime_earned, a.last_seq, a.updated_at,
+           a.pending, n.expires_at AS next_expiry_at, n.points AS next_expiry_amount
+    FROM ledger.accounts a
+    LEFT JOIN LATERAL (
+        SELECT l.expires_at, sum(l.remaining)::bigint AS points
+        FROM ledger.lots l
+        WHERE l.user_id = a.user_id AND l.remaining > 0 AND l.expires_at IS NOT NULL
+        GROUP BY l.expires_at
+        ORDER BY l.expires_at
+        LIMIT 1
+    ) n ON true;
 
 CREATE VIEW ledger.account_entries AS
     SELECT user_id, entry_id, seq, kind, amount, available_delta, reserved_delta,
@@ -365,6 +432,26 @@ AS $$
 BEGIN
     IF p_amount IS NULL OR p_amount < 1 OR p_amount > p_settings.max_amount THEN
         PERFORM ledger._invalid(p_argument, format('must be an integer from 1 to %s', p_settings.max_amount));
+    END IF;
+END;
+$$;
+
+-- A lot's terms, in seconds from the credit: pending for up to
+-- settings.max_lot_term; an expiry after the pending period, within the same.
+CREATE FUNCTION ledger._check_lot_terms(p_settings ledger.settings, p_pending_seconds integer,
+                                        p_expiry_seconds integer)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_max bigint := extract(epoch FROM p_settings.max_lot_term)::bigint;
+BEGIN
+    IF p_pending_seconds < 1 OR p_pending_seconds > v_max THEN
+        PERFORM ledger._invalid('pending_seconds', format('must be from 1 to %s seconds', v_max));
+    END IF;
+    IF p_expiry_seconds <= coalesce(p_pending_seconds, 0) OR p_expiry_seconds > v_max THEN
+        PERFORM ledger._invalid('expiry_seconds', format(
+            'must be more than pending_seconds and at most %s seconds', v_max));
     END IF;
 END;
 $$;
@@ -561,7 +648,9 @@ CREATE FUNCTION ledger._check_credit(
     p_reason text,
     p_action_source text,
     p_action_external_id text,
-    p_metadata jsonb
+    p_metadata jsonb,
+    p_pending_seconds integer,
+    p_expiry_seconds integer
 )
 RETURNS void
 LANGUAGE plpgsql
@@ -578,6 +667,9 @@ BEGIN
     IF p_action_external_id IS NOT NULL AND NOT ledger._is_token(p_action_external_id) THEN
         PERFORM ledger._invalid('action_external_id', 'must be 1-255 visible ASCII characters');
     END IF;
+    IF p_pending_seconds IS NOT NULL OR p_expiry_seconds IS NOT NULL THEN
+        PERFORM ledger._check_lot_terms(p_settings, p_pending_seconds, p_expiry_seconds);
+    END IF;
 END;
 $$;
 
@@ -591,7 +683,9 @@ CREATE FUNCTION ledger._apply_credit(
     p_reason text,
     p_action_source text,
     p_action_external_id text,
-    p_metadata jsonb
+    p_metadata jsonb,
+    p_pending_seconds integer,
+    p_expiry_seconds integer
 )
 RETURNS ledger.result
 LANGUAGE plpgsql
@@ -599,9 +693,14 @@ AS $$
 DECLARE
     v_request bytea;
     v_result ledger.result;
+    v_entry ledger.entries;
+    v_lot boolean := p_pending_seconds IS NOT NULL OR p_expiry_seconds IS NOT NULL;
 BEGIN
-    v_request := ledger._fingerprint(jsonb_build_array(
-        p_amount, p_reason, p_action_source, p_action_external_id, p_metadata));
+    -- A credit without a lot keeps the fingerprint it always had.
+    v_request := ledger._fingerprint(CASE WHEN v_lot
+        THEN jsonb_build_array(p_amount, p_reason, p_action_source, p_action_external_id, p_metadata,
+                               p_pending_seconds, p_expiry_seconds)
+        ELSE jsonb_build_array(p_amount, p_reason, p_action_source, p_action_external_id, p_metadata) END);
     v_result := ledger._replay(p_account, p_idempotency_key, 'credit', v_request);
     IF v_result.status IS NOT NULL THEN
         RETURN v_result;
@@ -615,9 +714,13 @@ BEGIN
     ) THEN
         v_result := ledger._refusal('action_already_credited', p_account);
     ELSE
-        v_result := ledger._entry_result(ledger._append_entry(
-            p_account, 'credit', p_amount, p_amount, 0, NULL, p_reason, p_metadata,
-            p_idempotency_key, p_action_source, p_action_external_id));
+        v_entry := ledger._append_entry(
+            p_account, 'credit', p_amount, CASE WHEN p_pending_seconds IS NULL THEN p_amount ELSE 0 END, 0,
+            NULL, p_reason, p_metadata, p_idempotency_key, p_action_source, p_action_external_id);
+        IF v_lot THEN
+            PERFORM ledger._open_lot(v_entry, p_pending_seconds, p_expiry_seconds);
+        END IF;
+        v_result := ledger._entry_result(v_entry);
     END IF;
     RETURN ledger._remember(p_idempotency_key, 'credit', v_request, v_result);
 END;
@@ -633,6 +736,176 @@ AS $$
 BEGIN
     RETURN ROW(p_item, NULL, p_user_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
                p_sqlstate, nullif(p_column, ''), p_message)::ledger.item_result;
+END;
+$$;
+
+-- Lots: the points of credits that are pending or expire (ledger.lots). The
+-- account keeps their sums (pending; expiring, the part of available that
+-- expires), so an account without lots never reads the table. Each helper is
+-- called with the account locked, and orders its statements so that the
+-- account's `expiring <= available` holds after each of them.
+
+-- Make the lot of a credit just appended (p_entry) that is pending for
+-- p_pending_seconds or expires after p_expiry_seconds (from the credit's time).
+CREATE FUNCTION ledger._open_lot(p_entry ledger.entries, p_pending_seconds integer, p_expiry_seconds integer)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_pending boolean := p_pending_seconds IS NOT NULL;
+BEGIN
+    INSERT INTO ledger.lots (user_id, entry_id, amount, remaining, created_at, available_at, matured, expires_at)
+    VALUES (p_entry.user_id, p_entry.entry_id, p_entry.amount, p_entry.amount, p_entry.created_at,
+            p_entry.created_at + make_interval(secs => coalesce(p_pending_seconds, 0)), NOT v_pending,
+            p_entry.created_at + make_interval(secs => p_expiry_seconds));
+    UPDATE ledger.accounts SET
+        pending = pending + CASE WHEN v_pending THEN p_entry.amount ELSE 0 END,
+        expiring = expiring + CASE WHEN v_pending THEN 0 ELSE p_entry.amount END
+    WHERE user_id = p_entry.user_id;
+END;
+$$;
+
+-- Mature a lot whose pending period is over (a 'mature' entry: its points
+-- become available), then lapse what it holds if its expiry has passed (a
+-- 'lapse' entry). Does what is due and nothing else; returns the account after.
+CREATE FUNCTION ledger._settle_lot(p_account ledger.accounts, p_lot ledger.lots)
+RETURNS ledger.accounts
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_account ledger.accounts := p_account;
+    v_lot ledger.lots := p_lot;
+BEGIN
+    IF NOT v_lot.matured AND v_lot.available_at <= now() THEN
+        PERFORM ledger._append_entry(v_account, 'mature', v_lot.amount, v_lot.amount, 0, NULL,
+                                     'pending points available', jsonb_build_object('lot_id', v_lot.lot_id), NULL);
+        UPDATE ledger.lots SET
+            matured = true,
+            remaining = CASE WHEN v_lot.expires_at IS NULL THEN 0 ELSE remaining END
+        WHERE user_id = v_lot.user_id AND lot_id = v_lot.lot_id
+        RETURNING * INTO v_lot;
+        UPDATE ledger.accounts SET
+            pending = pending - v_lot.amount,
+            expiring = expiring + v_lot.remaining
+        WHERE user_id = v_account.user_id
+        RETURNING * INTO v_account;
+    END IF;
+    IF v_lot.matured AND v_lot.remaining > 0 AND v_lot.expires_at <= now() THEN
+        UPDATE ledger.lots SET remaining = 0 WHERE user_id = v_lot.user_id AND lot_id = v_lot.lot_id;
+        UPDATE ledger.accounts SET expiring = expiring - v_lot.remaining
+        WHERE user_id = v_account.user_id
+        RETURNING * INTO v_account;
+        PERFORM ledger._append_entry(v_account, 'lapse', v_lot.remaining, -v_lot.remaining, 0, NULL,
+                                     'points expired', jsonb_build_object('lot_id', v_lot.lot_id), NULL);
+        SELECT * INTO v_account FROM ledger.accounts WHERE user_id = v_account.user_id;
+    END IF;
+    RETURN v_account;
+END;
+$$;
+
+-- Settle every lot of the account that is due, as the scheduled job would,
+-- before a redemption reads `available`: points that matured can be spent at
+-- once, and points past their expiry never are. Returns the account after.
+CREATE FUNCTION ledger._settle_due(p_account ledger.accounts)
+RETURNS ledger.accounts
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_account ledger.accounts := p_account;
+    v_lot ledger.lots;
+BEGIN
+    FOR v_lot IN
+        SELECT * FROM ledger.lots l
+        WHERE l.user_id = p_account.user_id
+          AND ((NOT l.matured AND l.available_at <= now())
+               OR (l.matured AND l.remaining > 0 AND l.expires_at <= now()))
+        ORDER BY l.lot_id
+    LOOP
+        v_account := ledger._settle_lot(v_account, v_lot);
+    END LOOP;
+    RETURN v_account;
+END;
+$$;
+
+-- Take up to p_amount points out of the account's matured lots, soonest expiry
+-- first (the older lot first among equal expiries): points that expire are
+-- spent before points that do not, so that as few as possible are lost. What
+-- the lots do not cover comes from points without an expiry. Returns the draws,
+-- [[lot_id, points], ...] in the order taken, NULL when the account has no
+-- expiring points. Call before the entry that takes the points from available.
+CREATE FUNCTION ledger._draw_lots(p_account ledger.accounts, p_amount bigint)
+RETURNS jsonb
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_lot record;
+    v_left bigint := p_amount;
+    v_take bigint;
+    v_draws jsonb := '[]';
+BEGIN
+    IF p_account.expiring = 0 THEN
+        RETURN NULL;
+    END IF;
+    FOR v_lot IN
+        SELECT l.lot_id, l.remaining FROM ledger.lots l
+        WHERE l.user_id = p_account.user_id AND l.remaining > 0 AND l.expires_at IS NOT NULL AND l.matured
+        ORDER BY l.expires_at, l.lot_id
+    LOOP
+        v_take := least(v_left, v_lot.remaining);
+        UPDATE ledger.lots SET remaining = remaining - v_take
+        WHERE user_id = p_account.user_id AND lot_id = v_lot.lot_id;
+        v_draws := v_draws || jsonb_build_array(jsonb_build_array(v_lot.lot_id, v_take));
+        v_left := v_left - v_take;
+        EXIT WHEN v_left = 0;
+    END LOOP;
+    UPDATE ledger.accounts SET expiring = expiring - (p_amount - v_left) WHERE user_id = p_account.user_id;
+    RETURN v_draws;
+END;
+$$;
+
+-- Give a reservation's unspent points back to the lots it drew from: the
+-- spent part is counted from the first draw (the soonest expiry), so the last
+-- draws return first. A lot whose expiry passed meanwhile lapses at the next
+-- settlement. Call after the entry that returns the points to available.
+CREATE FUNCTION ledger._return_to_lots(p_user_id text, p_draws jsonb, p_spent bigint)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_draw jsonb;
+    v_left bigint;
+    v_back bigint;
+BEGIN
+    SELECT greatest(sum((d ->> 1)::bigint) - p_spent, 0) INTO v_left FROM jsonb_array_elements(p_draws) AS d;
+    FOR v_draw IN SELECT d FROM jsonb_array_elements(p_draws) WITH ORDINALITY AS t(d, n) ORDER BY n DESC LOOP
+        EXIT WHEN v_left = 0;
+        v_back := least(v_left, (v_draw ->> 1)::bigint);
+        UPDATE ledger.lots SET remaining = remaining + v_back
+        WHERE user_id = p_user_id AND lot_id = (v_draw ->> 0)::bigint;
+        UPDATE ledger.accounts SET expiring = expiring + v_back WHERE user_id = p_user_id;
+        v_left := v_left - v_back;
+    END LOOP;
+END;
+$$;
+
+-- Settle one lot if it is due (ledger._settle_lot); the settlement job's step.
+-- Locks the account first; true when something was due.
+CREATE FUNCTION ledger._settle_one(p_user_id text, p_lot_id bigint)
+RETURNS boolean
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_account ledger.accounts;
+    v_lot ledger.lots;
+BEGIN
+    SELECT * INTO v_account FROM ledger.accounts WHERE user_id = p_user_id FOR UPDATE;
+    SELECT * INTO v_lot FROM ledger.lots WHERE user_id = p_user_id AND lot_id = p_lot_id;
+    IF NOT FOUND OR NOT ((NOT v_lot.matured AND v_lot.available_at <= now())
+                         OR (v_lot.matured AND v_lot.remaining > 0 AND v_lot.expires_at <= now())) THEN
+        RETURN false;
+    END IF;
+    PERFORM ledger._settle_lot(v_account, v_lot);
+    RETURN true;
 END;
 $$;
 
@@ -663,6 +936,9 @@ BEGIN
         p_reason,
         p_metadata,
         p_idempotency_key);
+    IF p_reservation.lot_draws IS NOT NULL THEN
+        PERFORM ledger._return_to_lots(p_account.user_id, p_reservation.lot_draws, coalesce(p_spent, 0));
+    END IF;
     UPDATE ledger.reservations SET
         status = p_status,
         committed_amount = p_spent,
@@ -818,6 +1094,44 @@ BEGIN
 END;
 $$;
 
+-- The settlement of the lots held on this node, table by table
+-- (ledger._local_tables), batch by batch, each batch its own transaction of
+-- this node alone, as ledger._expire_local_shards does for reservations;
+-- ledger.settle_lots runs it here, or under Citus on every node at once. Lots
+-- due by the start are settled; later ones wait for the next run.
+CREATE PROCEDURE ledger._settle_local_lots(INOUT settled bigint DEFAULT 0, batch_size integer DEFAULT 100)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_cutoff timestamptz := now();
+    v_table text;
+    v_due record;
+    v_in_batch integer;
+BEGIN
+    settled := 0;
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        PERFORM ledger._invalid('batch_size', 'must be a positive integer');
+    END IF;
+    FOR v_table IN SELECT ledger._local_tables('ledger.lots') LOOP
+        LOOP
+            v_in_batch := 0;
+            FOR v_due IN EXECUTE format(
+                'SELECT user_id, lot_id FROM %1$s WHERE NOT matured AND available_at <= $1'
+                ' UNION ALL SELECT user_id, lot_id FROM %1$s WHERE matured AND remaining > 0 AND expires_at <= $1'
+                ' LIMIT $2', v_table) USING v_cutoff, batch_size
+            LOOP
+                v_in_batch := v_in_batch + 1;
+                IF ledger._settle_one(v_due.user_id, v_due.lot_id) THEN
+                    settled := settled + 1;
+                END IF;
+            END LOOP;
+            COMMIT;
+            EXIT WHEN v_in_batch < batch_size;
+        END LOOP;
+    END LOOP;
+END;
+$$;
+
 -- Commit and release share everything but the final step.
 CREATE FUNCTION ledger._finish_reservation(
     p_operation text,
@@ -892,7 +1206,9 @@ CREATE FUNCTION ledger.credit(
     p_reason text,
     p_action_source text DEFAULT NULL,
     p_action_external_id text DEFAULT NULL,
-    p_metadata jsonb DEFAULT '{}'
+    p_metadata jsonb DEFAULT '{}',
+    p_pending_seconds integer DEFAULT NULL,
+    p_expiry_seconds integer DEFAULT NULL
 )
 RETURNS ledger.result
 LANGUAGE plpgsql
@@ -901,9 +1217,11 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM ledger._check_credit(ledger._settings(), p_user_id, p_idempotency_key, p_amount, p_reason,
-                                 p_action_source, p_action_external_id, p_metadata);
+                                 p_action_source, p_action_external_id, p_metadata,
+                                 p_pending_seconds, p_expiry_seconds);
     RETURN ledger._apply_credit(ledger._lock_account(p_user_id), p_idempotency_key, p_amount, p_reason,
-                                p_action_source, p_action_external_id, p_metadata);
+                                p_action_source, p_action_external_id, p_metadata,
+                                p_pending_seconds, p_expiry_seconds);
 END;
 $$;
 
@@ -983,7 +1301,7 @@ BEGIN
         BEGIN
             PERFORM ledger._check_credit(v_settings, p_user_ids[v_item], p_idempotency_keys[v_item],
                                          p_amounts[v_item], p_reasons[v_item], p_action_sources[v_item],
-                                         p_action_external_ids[v_item], p_metadata[v_item]);
+                                         p_action_external_ids[v_item], p_metadata[v_item], NULL, NULL);
             -- (Nested: the Citus function must not be named where Citus is absent.)
             IF v_shard IS NOT NULL THEN
                 IF v_shard <> pg_catalog.get_shard_id_for_distribution_column('ledger.accounts',
@@ -1019,7 +1337,7 @@ BEGIN
                 SELECT * INTO STRICT v_account FROM ledger.accounts WHERE user_id = p_user_ids[v_item];
                 v_result := ledger._apply_credit(v_account, p_idempotency_keys[v_item], p_amounts[v_item],
                                                  p_reasons[v_item], p_action_sources[v_item],
-                                                 p_action_external_ids[v_item], p_metadata[v_item]);
+                                                 p_action_external_ids[v_item], p_metadata[v_item], NULL, NULL);
                 v_answers[v_item] := ROW(v_item, (v_result).*, NULL, NULL, NULL)::ledger.item_result;
             END LOOP;
             EXIT;
@@ -1065,9 +1383,13 @@ BEGIN
         RETURN v_result;
     END IF;
 
+    IF v_account.pending > 0 OR v_account.expiring > 0 THEN
+        v_account := ledger._settle_due(v_account);
+    END IF;
     IF v_account.available < p_amount THEN
         v_result := ledger._refusal('insufficient_points', v_account);
     ELSE
+        PERFORM ledger._draw_lots(v_account, p_amount);
         v_result := ledger._entry_result(ledger._append_entry(
             v_account, 'debit', p_amount, -p_amount, 0, NULL, p_reason, p_metadata, p_idempotency_key));
     END IF;
@@ -1094,6 +1416,7 @@ DECLARE
     v_request bytea;
     v_result ledger.result;
     v_reservation ledger.reservations;
+    v_draws jsonb;
 BEGIN
     PERFORM ledger._check_request(v_settings, p_user_id, p_idempotency_key, p_reason, p_metadata);
     PERFORM ledger._check_amount(v_settings, 'amount', p_amount);
@@ -1110,11 +1433,15 @@ BEGIN
         RETURN v_result;
     END IF;
 
+    IF v_account.pending > 0 OR v_account.expiring > 0 THEN
+        v_account := ledger._settle_due(v_account);
+    END IF;
     IF v_account.available < p_amount THEN
         v_result := ledger._refusal('insufficient_points', v_account);
     ELSE
-        INSERT INTO ledger.reservations (user_id, amount, reason, metadata, expires_at)
-        VALUES (p_user_id, p_amount, p_reason, p_metadata, now() + make_interval(secs => p_ttl_seconds))
+        v_draws := ledger._draw_lots(v_account, p_amount);
+        INSERT INTO ledger.reservations (user_id, amount, reason, metadata, expires_at, lot_draws)
+        VALUES (p_user_id, p_amount, p_reason, p_metadata, now() + make_interval(secs => p_ttl_seconds), v_draws)
         RETURNING * INTO v_reservation;
         v_result := ledger._entry_result(
             ledger._append_entry(v_account, 'reserve', p_amount, -p_amount, p_amount,
@@ -1199,6 +1526,24 @@ BEGIN
 END;
 $$;
 
+-- Matures the pending lots whose period is over and lapses what remains of
+-- lots past their expiry, each as a ledger entry, in batches of batch_size,
+-- each its own transaction (ledger._settle_local_lots). pg_cron runs it every
+-- minute; a redemption settles its own account's due lots first anyway
+-- (ledger._settle_due). Under Citus it runs on every node at once, as
+-- expire_reservations does, and adds up what they settled.
+CREATE PROCEDURE ledger.settle_lots(INOUT settled bigint DEFAULT 0, batch_size integer DEFAULT 100)
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        CALL ledger._settle_local_lots(settled, batch_size);
+        RETURN;
+    END IF;
+    settled := ledger._call_on_every_node('ledger._settle_local_lots', batch_size, 'settling lots');
+END;
+$$;
+
 CREATE FUNCTION ledger.balance(p_user_id text)
 RETURNS ledger.balances
 LANGUAGE plpgsql
@@ -1212,10 +1557,25 @@ BEGIN
     IF NOT ledger._is_name(p_user_id) THEN
         PERFORM ledger._invalid('user_id', 'must be 1-64 characters of A-Z a-z 0-9 . _ : -');
     END IF;
-    SELECT * INTO v_balance FROM ledger.balances WHERE user_id = p_user_id;
+    -- ledger.balances' query with the user named on each table: Citus prunes a
+    -- table by its own filter, and through the view the lots would be read
+    -- from every shard.
+    SELECT a.user_id, a.available, a.reserved, a.lifetime_earned, a.last_seq, a.updated_at,
+           a.pending, n.expires_at, n.points
+    INTO v_balance
+    FROM ledger.accounts a
+    LEFT JOIN LATERAL (
+        SELECT l.expires_at, sum(l.remaining)::bigint AS points
+        FROM ledger.lots l
+        WHERE l.user_id = p_user_id AND l.remaining > 0 AND l.expires_at IS NOT NULL
+        GROUP BY l.expires_at
+        ORDER BY l.expires_at
+        LIMIT 1
+    ) n ON true
+    WHERE a.user_id = p_user_id;
     IF NOT FOUND THEN
         -- A user who never had points reads as zeros; reads create nothing.
-        v_balance := ROW(p_user_id, 0, 0, 0, 0, NULL)::ledger.balances;
+        v_balance := ROW(p_user_id, 0, 0, 0, 0, NULL, 0, NULL, NULL)::ledger.balances;
     END IF;
     RETURN v_balance;
 END;
@@ -1410,14 +1770,15 @@ REVOKE ALL ON ALL PROCEDURES IN SCHEMA ledger FROM PUBLIC;
 -- do not bind: the append-only triggers refuse it all the same).
 REVOKE UPDATE, DELETE, TRUNCATE ON ledger.entries FROM CURRENT_USER;
 -- What the SECURITY DEFINER functions do to the tables, and no more.
-GRANT SELECT, INSERT, UPDATE ON ledger.accounts, ledger.reservations TO rewards_owner;
+GRANT SELECT, INSERT, UPDATE ON ledger.accounts, ledger.reservations, ledger.lots TO rewards_owner;
 GRANT SELECT, INSERT ON ledger.entries, ledger.idempotency_keys TO rewards_owner;
 GRANT SELECT ON ledger.settings TO rewards_owner;
-GRANT USAGE ON SEQUENCE ledger.entries_entry_id_seq, ledger.reservations_reservation_id_seq TO rewards_owner;
+GRANT USAGE ON SEQUENCE ledger.entries_entry_id_seq, ledger.reservations_reservation_id_seq,
+                         ledger.lots_lot_id_seq TO rewards_owner;
 
 GRANT USAGE ON SCHEMA ledger TO rewards_api;
 GRANT EXECUTE ON FUNCTION
-    ledger.credit(text, text, bigint, text, text, text, jsonb),
+    ledger.credit(text, text, bigint, text, text, text, jsonb, integer, integer),
     ledger.credit_many(text, text[], text[], bigint[], text[], text[], text[], jsonb[]),
     ledger.debit(text, text, bigint, text, jsonb),
     ledger.reserve(text, text, bigint, integer, text, jsonb),
@@ -1433,8 +1794,8 @@ TO rewards_api;
 -- Comments (the SQL API; sql/README.md says the same at more length)
 -- ===========================================================================
 
-COMMENT ON FUNCTION ledger.credit(text, text, bigint, text, text, text, jsonb) IS
-'Add points. Args: user_id, idempotency_key, amount (1..settings.max_amount), reason, action_source and action_external_id (both or neither: a verified action earns once per user, ever), metadata (JSON object). Status: ok | idempotency_key_reused | action_already_credited. Invalid arguments raise 22023 naming the argument in COLUMN.';
+COMMENT ON FUNCTION ledger.credit(text, text, bigint, text, text, text, jsonb, integer, integer) IS
+'Add points. Args: user_id, idempotency_key, amount (1..settings.max_amount), reason, action_source and action_external_id (both or neither: a verified action earns once per user, ever), metadata (JSON object), pending_seconds (NULL: available at once; else pending that long), expiry_seconds (NULL: never expire; else the points expire that long after the credit, after any pending period). Status: ok | idempotency_key_reused | action_already_credited. Invalid arguments raise 22023 naming the argument in COLUMN.';
 COMMENT ON FUNCTION ledger.credit_many(text, text[], text[], bigint[], text[], text[], text[], jsonb[]) IS
 'Many credits in one transaction. Args: user_id (under Citus the user whose shard every item''s user must share), then one array per ledger.credit argument, item i taking element i of each (1..settings.max_batch_items items). One row per item, in input order: what ledger.credit would have answered for it alone after the items before it, or its error (error_sqlstate, error_column, error_message) when that item alone raised; 0A000 for an item of another shard. Accounts are locked in user_id order before any item is applied. Invalid call arguments raise 22023 (COLUMN user_id or items).';
 COMMENT ON FUNCTION ledger.debit(text, text, bigint, text, jsonb) IS
@@ -1456,7 +1817,11 @@ COMMENT ON PROCEDURE ledger.expire_idempotency_keys(bigint, integer) IS
 COMMENT ON PROCEDURE ledger._expire_local_idempotency_keys(bigint, integer) IS
 'Forget the expired idempotency records held on this node (its shards under Citus), in transactions of this node alone; ledger.expire_idempotency_keys runs it, under Citus on every node.';
 COMMENT ON FUNCTION ledger.balance(text) IS
-'The account''s available, reserved and lifetime earned points; zeros for a user who never had any.';
+'The account''s available, reserved, lifetime earned and pending points and its next expiry (date and points); zeros for a user who never had any.';
+COMMENT ON PROCEDURE ledger.settle_lots(bigint, integer) IS
+'Make available the pending points whose period is over and expire what remains of lots past their expiry, as ledger entries, committing every batch_size; returns how many lots it settled. Under Citus each node its own shards'' (ledger._settle_local_lots), all at once. Each minute by pg_cron; CALL it by hand at any time.';
+COMMENT ON PROCEDURE ledger._settle_local_lots(bigint, integer) IS
+'Settle the due lots held on this node (its shards under Citus), in transactions of this node alone; ledger.settle_lots runs it, under Citus on every node.';
 COMMENT ON FUNCTION ledger.entries_page(text, bigint, integer) IS
 'Up to p_limit (1..500) entries of an account, newest first, with seq < p_before_seq when given (keyset pagination).';
 COMMENT ON FUNCTION ledger.reservation(text, bigint) IS
@@ -1483,6 +1848,7 @@ BEGIN
     PERFORM create_distributed_table('ledger.entries', 'user_id', colocate_with => 'ledger.accounts');
     PERFORM create_distributed_table('ledger.reservations', 'user_id', colocate_with => 'ledger.accounts');
     PERFORM create_distributed_table('ledger.idempotency_keys', 'user_id', colocate_with => 'ledger.accounts');
+    PERFORM create_distributed_table('ledger.lots', 'user_id', colocate_with => 'ledger.accounts');
 
     -- Each public call runs wholly on the worker that holds its user, even
     -- inside a transaction block (force_delegation). The helpers it calls are
@@ -1493,12 +1859,13 @@ BEGIN
         ORDER BY p.proname LIKE '\_%' DESC  -- helpers first
     LOOP
         IF v_function = ANY (ARRAY[
-            'ledger.credit(text, text, bigint, text, text, text, jsonb)',
+            'ledger.credit(text, text, bigint, text, text, text, jsonb, integer, integer)',
             'ledger.debit(text, text, bigint, text, jsonb)',
             'ledger.reserve(text, text, bigint, integer, text, jsonb)',
             'ledger.commit_reservation(text, text, bigint, bigint, text, jsonb)',
             'ledger.release_reservation(text, text, bigint, text, jsonb)',
             'ledger._expire_one(text, bigint)',
+            'ledger._settle_one(text, bigint)',
             'ledger.balance(text)',
             'ledger.entries_page(text, bigint, integer)',
             'ledger.reservation(text, bigint)',
@@ -1521,6 +1888,8 @@ BEGIN
     PERFORM create_distributed_function('ledger._expire_local_shards(bigint, integer)');
     -- The same for the idempotency records (ledger.expire_idempotency_keys).
     PERFORM create_distributed_function('ledger._expire_local_idempotency_keys(bigint, integer)');
+    -- And for the lots (ledger.settle_lots).
+    PERFORM create_distributed_function('ledger._settle_local_lots(bigint, integer)');
 END
 $citus$;
 
@@ -1538,5 +1907,6 @@ BEGIN
                           'CALL ledger.expire_reservations()');
     PERFORM cron.schedule('rewards-expire-idempotency-keys', '41 * * * *',
                           'CALL ledger.expire_idempotency_keys()');
+    PERFORM cron.schedule('rewards-settle-lots', '* * * * *', 'CALL ledger.settle_lots()');
 END
 $cron$;

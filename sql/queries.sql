@@ -9,9 +9,13 @@ FROM ledger.verify_chain(%(user_id)s);
 -- name: expire_reservations
 CALL ledger.expire_reservations(NULL, %(batch_size)s);
 
+-- name: settle_lots
+CALL ledger.settle_lots(NULL, %(batch_size)s);
+
 -- name: credit
 SELECT * FROM ledger.credit(%(user_id)s, %(key)s, %(amount)s, %(reason)s,
-                            %(action_source)s, %(action_external_id)s, %(metadata)s);
+                            %(action_source)s, %(action_external_id)s, %(metadata)s,
+                            %(pending_seconds)s, %(expiry_seconds)s);
 
 -- name: credit_many
 -- Item i is element i of each array; one row per item, in input order.
@@ -97,7 +101,7 @@ SELECT lsn, data FROM pg_logical_slot_peek_changes(
     %(slot)s, NULL, %(max_changes)s,
     'format-version', '2', 'include-timestamp', '1',
     'add-tables', 'ledger.*',
-    'filter-tables', 'ledger.accounts,ledger.idempotency_keys,ledger.settings',
+    'filter-tables', 'ledger.accounts,ledger.idempotency_keys,ledger.settings,ledger.lots',
     'actions', 'insert,update');
 
 -- name: confirm_changes

@@ -8,6 +8,7 @@ so a test can compare a whole answer with another in one assertion.
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from dataclasses import asdict
 from typing import Any
 
@@ -19,8 +20,10 @@ from app.ledger.client import Ledger
 
 def credit(conn: psycopg.Connection, user: str, key: str, amount: int | None, reason: str = "ad view",
            source: str | None = None, external_id: str | None = None,
-           metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-    return asdict(Ledger(conn)(calls.credit(user, key, amount, reason, source, external_id, metadata)))
+           metadata: dict[str, Any] | None = None, pending: int | None = None,
+           expiry: int | None = None) -> dict[str, Any]:
+    return asdict(Ledger(conn)(calls.credit(user, key, amount, reason, source, external_id, metadata,
+                                            pending, expiry)))
 
 
 def credit_many(conn: psycopg.Connection, items: list[calls.Credit],
@@ -55,6 +58,19 @@ def entries(conn: psycopg.Connection, user: str) -> list[dict[str, Any]]:
     return conn.execute("SELECT * FROM ledger.entries WHERE user_id = %s ORDER BY seq", (user,)).fetchall()
 
 
+def age_lots(conn: psycopg.Connection, user: str, seconds: int) -> None:
+    """Move a user's lots `seconds` into the past, as if that much time went by.
+    The new times are computed here and sent as values: Citus refuses a
+    distributed UPDATE computing timestamps from columns (a STABLE operator)."""
+    shift = timedelta(seconds=seconds)
+    for lot in conn.execute("SELECT lot_id, created_at, available_at, expires_at FROM ledger.lots"
+                            " WHERE user_id = %s", (user,)).fetchall():
+        conn.execute("UPDATE ledger.lots SET created_at = %s, available_at = %s, expires_at = %s"
+                     " WHERE user_id = %s AND lot_id = %s",
+                     (lot["created_at"] - shift, lot["available_at"] - shift,
+                      lot["expires_at"] and lot["expires_at"] - shift, user, lot["lot_id"]))
+
+
 def row_counts(conn: psycopg.Connection) -> dict[str, int]:
     """How many rows each ledger table holds: a refusal must change none of them."""
     return conn.execute(
@@ -75,13 +91,15 @@ def unreconciled_accounts(conn: psycopg.Connection) -> list[dict[str, Any]]:
                SELECT coalesce(sum(available_delta), 0) AS available,
                       coalesce(sum(reserved_delta), 0) AS reserved,
                       coalesce(sum(amount) FILTER (WHERE kind = 'credit'), 0) AS earned,
+                      coalesce(sum(amount - available_delta) FILTER (WHERE kind = 'credit'), 0)
+                      - coalesce(sum(amount) FILTER (WHERE kind = 'mature'), 0) AS pending,
                       coalesce(max(seq), 0) AS last_seq
                FROM ledger.entries e WHERE e.user_id = a.user_id) s ON true
            LEFT JOIN LATERAL (
                SELECT coalesce(sum(amount), 0) AS held
                FROM ledger.reservations r WHERE r.user_id = a.user_id AND r.status = 'open') h ON true
-           WHERE (a.available, a.reserved, a.lifetime_earned, a.last_seq)
-                 IS DISTINCT FROM (s.available, s.reserved, s.earned, s.last_seq)
+           WHERE (a.available, a.reserved, a.lifetime_earned, a.last_seq, a.pending)
+                 IS DISTINCT FROM (s.available, s.reserved, s.earned, s.last_seq, s.pending)
               OR a.reserved <> h.held"""
     ).fetchall()
 

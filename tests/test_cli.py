@@ -56,6 +56,7 @@ def test_a_bad_retention_interval_is_refused_in_one_line(db):
     ["sources", "list"],
     ["ledger", "verify", "alice"],
     ["ledger", "expire"],
+    ["ledger", "settle"],
     ["reconcile"],
     ["audit", "status"],
     ["audit", "retention"],

@@ -16,7 +16,8 @@ from tests.ledger import credit, reserve, row_counts, violated_constraint
 # calls would never build (NULL metadata, JSON that is not an object).
 def _ok_credit(**changes):
     params = {"user_id": "alice", "key": "k1", "amount": 10, "reason": "ad view",
-              "action_source": None, "action_external_id": None, "metadata": "{}"}
+              "action_source": None, "action_external_id": None, "metadata": "{}",
+              "pending_seconds": None, "expiry_seconds": None}
     return Call(queries.CREDIT, params | changes, Outcome)
 
 
@@ -30,6 +31,10 @@ CASES = {
     "zero amount": (_ok_credit(amount=0), "amount"),
     "over max amount": (_ok_credit(amount=MAX_AMOUNT + 1), "amount"),
     "null amount": (_ok_credit(amount=None), "amount"),
+    "pending zero seconds": (_ok_credit(pending_seconds=0), "pending_seconds"),
+    "pending past the longest term": (_ok_credit(pending_seconds=10 * 366 * 86400), "pending_seconds"),
+    "expiry before the points mature": (_ok_credit(pending_seconds=60, expiry_seconds=60), "expiry_seconds"),
+    "negative expiry": (_ok_credit(expiry_seconds=-1), "expiry_seconds"),
     "empty user": (_ok_credit(user_id=""), "user_id"),
     "overlong user": (_ok_credit(user_id="u" * 65), "user_id"),
     "user with a space": (_ok_credit(user_id="al ice"), "user_id"),

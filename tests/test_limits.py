@@ -17,10 +17,11 @@ SAMPLES = ["alice", "a", "u" * 64, "u" * 65, "", "al ice", "alicé", "a.b_c:d-e"
 
 def test_the_settings_row_holds_the_same_maximums(db):
     row = db.execute("SELECT max_amount, extract(epoch FROM max_reservation_ttl)::int AS ttl, max_metadata_bytes,"
-                     " max_reason_length, max_batch_items FROM ledger.settings").fetchone()
+                     " max_reason_length, max_batch_items, extract(epoch FROM max_lot_term)::int AS lot_term"
+                     " FROM ledger.settings").fetchone()
     assert row == {"max_amount": limits.MAX_AMOUNT, "ttl": limits.MAX_RESERVATION_TTL_SECONDS,
                    "max_metadata_bytes": limits.MAX_METADATA_BYTES, "max_reason_length": limits.MAX_REASON_LENGTH,
-                   "max_batch_items": limits.MAX_BULK_ITEMS}
+                   "max_batch_items": limits.MAX_BULK_ITEMS, "lot_term": limits.MAX_LOT_TERM_SECONDS}
 
 
 @pytest.mark.parametrize("pattern, query", [(limits.NAME_PATTERN, "SELECT ledger._is_name(%s) AS ok"),

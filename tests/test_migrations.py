@@ -197,7 +197,7 @@ def test_the_partman_configuration_is_equal(builds):
 def test_the_cron_jobs_are_equal(builds):
     assert [job["jobname"] for job in builds["fresh"]["cron"]] == [
         "rewards-audit-partitions", "rewards-audit-retention", "rewards-expire-idempotency-keys",
-        "rewards-expire-notifications", "rewards-expire-reservations"]
+        "rewards-expire-notifications", "rewards-expire-reservations", "rewards-settle-lots"]
     assert builds["migrated"]["cron"] == builds["fresh"]["cron"]
 
 

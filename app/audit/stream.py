@@ -38,7 +38,7 @@ from app.ledger.errors import AlreadyExists, LedgerError, NotFound, Overloaded, 
 log = logging.getLogger("rewards.audit")
 
 # Entry kinds the app's notification service hears about.
-NOTIFIED_KINDS = frozenset({"credit", "debit", "commit", "expire"})
+NOTIFIED_KINDS = frozenset({"credit", "debit", "commit", "expire", "mature", "lapse"})
 
 # The tables whose changes become history. The slot is peeked for the whole
 # ledger schema but these (sql/queries.sql, peek_changes): every other table

@@ -27,6 +27,7 @@ from app.ledger.results import (
     ItemResult,
     Outcome,
     Reservation,
+    Settled,
     ShardRange,
 )
 
@@ -45,11 +46,15 @@ def _json(metadata: dict[str, Any] | None) -> str:
 
 
 def credit(user_id: str, key: str, amount: int, reason: str, action_source: str | None = None,
-           action_external_id: str | None = None, metadata: dict[str, Any] | None = None) -> Call[Outcome]:
-    """Add points; an action (source and external id) earns once per user, ever."""
+           action_external_id: str | None = None, metadata: dict[str, Any] | None = None,
+           pending_seconds: int | None = None, expiry_seconds: int | None = None) -> Call[Outcome]:
+    """Add points; an action (source and external id) earns once per user, ever.
+    The points may be pending for `pending_seconds` and expire `expiry_seconds`
+    after the credit (a lot); without either they are available at once, for good."""
     return Call(queries.CREDIT, {
         "user_id": _user(user_id), "key": key, "amount": amount, "reason": reason, "action_source": action_source,
-        "action_external_id": action_external_id, "metadata": _json(metadata)}, Outcome)
+        "action_external_id": action_external_id, "metadata": _json(metadata),
+        "pending_seconds": pending_seconds, "expiry_seconds": expiry_seconds}, Outcome)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +155,11 @@ def check_idempotency_retention(keep: str) -> Call[dict]:
 def set_idempotency_retention(keep: str) -> Call[dict]:
     """Keep idempotency records for `keep` (check_idempotency_retention first)."""
     return Call(queries.SET_IDEMPOTENCY_RETENTION, {"retention": keep}, shape=Shape.NONE)
+
+
+def settle_lots(batch_size: int) -> Call[Settled]:
+    """Mature due pending lots and lapse expired ones now, committing every `batch_size`."""
+    return Call(queries.SETTLE_LOTS, {"batch_size": batch_size}, Settled)
 
 
 def authenticate(secret_hash: bytes) -> Call[ApiKey]:

@@ -12,6 +12,9 @@ MAX_AMOUNT = 100_000_000
 MAX_RESERVATION_TTL_SECONDS = 7 * 24 * 3600
 MAX_REASON_LENGTH = 200
 MAX_METADATA_BYTES = 4096
+# ledger.settings.max_lot_term: the longest a credit stays pending or lasts
+# before it expires (10 years, of 365.25 days as PostgreSQL counts them).
+MAX_LOT_TERM_SECONDS = 315_576_000
 
 # accounts_user_id_format and ledger._is_name: user ids and action sources.
 NAME_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"

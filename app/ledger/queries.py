@@ -21,6 +21,7 @@ _QUERIES = named(PROJECT_ROOT / "sql" / "queries.sql")
 
 VERIFY_CHAIN = _QUERIES["verify_chain"]
 EXPIRE_RESERVATIONS = _QUERIES["expire_reservations"]
+SETTLE_LOTS = _QUERIES["settle_lots"]
 CREDIT = _QUERIES["credit"]
 CREDIT_MANY = _QUERIES["credit_many"]
 DEBIT = _QUERIES["debit"]

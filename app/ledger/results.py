@@ -89,6 +89,10 @@ class Balance:
     lifetime_earned: int
     last_seq: int
     updated_at: datetime | None
+    # credited but not yet available; the soonest expiry of points held, and how many
+    pending: int
+    next_expiry_at: datetime | None
+    next_expiry_amount: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +156,13 @@ class ShardRange:
     shard_id: int
     min_hash: int
     max_hash: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """ledger.settle_lots: how many lots it matured or lapsed."""
+
+    settled: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,7 @@
 """Every endpoint's success path, over real HTTP."""
 
 from tests.api.conftest import post
+from tests.ledger import age_lots
 
 
 def test_credit_then_read_balance_and_entries(api, user):
@@ -18,13 +19,41 @@ def test_credit_then_read_balance_and_entries(api, user):
         balance = http.get(f"/v1/accounts/{user}/balance")
         assert balance.status_code == 200
         assert balance.json() | {"updated_at": None} == {
-            "user_id": user, "available": 120, "reserved": 0, "lifetime_earned": 120, "updated_at": None}
+            "user_id": user, "available": 120, "pending": 0, "reserved": 0, "lifetime_earned": 120,
+            "next_expiry": None, "updated_at": None}
 
         entries = http.get(f"/v1/accounts/{user}/entries").json()
         assert [e["kind"] for e in entries["items"]] == ["credit"]
         assert entries["items"][0]["action"] == {"source": "adnet", "external_id": "imp-1"}
         assert entries["items"][0]["metadata"] == {"campaign": "spring"}
         assert entries["next_cursor"] is None
+
+
+def test_pending_and_expiring_points_in_the_balance_and_the_entries(api, user):
+    with api.client() as http:
+        post(http, f"/v1/accounts/{user}/credits", {"amount": 10, "reason": "task"})
+        pending = post(http, f"/v1/accounts/{user}/credits",
+                       {"amount": 70, "reason": "purchase", "pending_seconds": 3600, "expiry_seconds": 7200})
+        assert (pending.status_code, pending.json()["balance"]) == (201, {"available": 10, "reserved": 0})
+        expiring = post(http, f"/v1/accounts/{user}/credits", {"amount": 20, "reason": "promo", "expiry_seconds": 600})
+        assert expiring.status_code == 201
+        refused = post(http, f"/v1/accounts/{user}/reservations", {"amount": 31, "ttl_seconds": 60, "reason": "gift"})
+        assert refused.status_code == 409, refused.text
+
+        balance = http.get(f"/v1/accounts/{user}/balance").json()
+        assert (balance["available"], balance["pending"], balance["reserved"]) == (30, 70, 0)
+        assert balance["next_expiry"]["amount"] == 20
+        with api.db() as db:
+            age_lots(db, user, 3600)
+            db.execute("CALL ledger.settle_lots()")
+        balance = http.get(f"/v1/accounts/{user}/balance").json()
+        assert (balance["available"], balance["pending"], balance["next_expiry"]["amount"]) == (80, 0, 70)
+        kinds = [e["kind"] for e in http.get(f"/v1/accounts/{user}/entries").json()["items"]]
+        assert kinds == ["lapse", "mature", "credit", "credit", "credit"]
+
+        for terms in ({"pending_seconds": 0}, {"pending_seconds": 60, "expiry_seconds": 60}):
+            refused = post(http, f"/v1/accounts/{user}/credits", {"amount": 1, "reason": "x"} | terms)
+            assert refused.status_code == 400, refused.text
 
 
 def test_unknown_account_reads_as_zeros(api, user):

@@ -17,6 +17,7 @@ from app.api.accounts.schemas import (
     EntriesPage,
     Entry,
     EntryCreated,
+    NextExpiry,
     ReleaseRequest,
     ReservationCreated,
     ReservationEnded,
@@ -82,7 +83,8 @@ class AccountsController(Controller):
     async def credit(self, ledger: AsyncLedger, rate_limit: Decision, user_id: UserId,
                      idempotency_key: IdempotencyKey, data: CreditRequest) -> Response[EntryCreated]:
         outcome = await ledger(calls.credit(user_id, idempotency_key, data.amount, data.reason,
-                                            metadata=data.metadata, **action_arguments(data.action)))
+                                            metadata=data.metadata, pending_seconds=data.pending_seconds,
+                                            expiry_seconds=data.expiry_seconds, **action_arguments(data.action)))
         return _answer(outcome, rate_limit, 201, EntryCreated.of)
 
     @post("/debits", guards=[scope_and_token("points:redeem", "redeem")], dto=StrictJson[DebitRequest],
@@ -134,13 +136,15 @@ class AccountsController(Controller):
         # The ledger's own record is the answer: the HTTP view adds nothing to it.
         return Response(found, headers=rate_limit.headers())
 
-    @get("/balance", guards=[scope_and_token("points:read", "read")], summary="Available and reserved points",
-         responses=documented("forbidden"))
+    @get("/balance", guards=[scope_and_token("points:read", "read")],
+         summary="Available, pending and reserved points, and the next expiry", responses=documented("forbidden"))
     async def balance(self, ledger: AsyncLedger, rate_limit: Decision, user_id: UserId) -> Response[AccountBalance]:
         found = await ledger(calls.balance(user_id))
+        next_expiry = (NextExpiry(at=found.next_expiry_at, amount=found.next_expiry_amount)
+                       if found.next_expiry_at else None)
         return Response(AccountBalance(
-            user_id=user_id, available=found.available, reserved=found.reserved,
-            lifetime_earned=found.lifetime_earned, updated_at=found.updated_at,
+            user_id=user_id, available=found.available, pending=found.pending, reserved=found.reserved,
+            lifetime_earned=found.lifetime_earned, next_expiry=next_expiry, updated_at=found.updated_at,
         ), headers=rate_limit.headers())
 
     @get("/entries", guards=[scope_and_token("points:read", "read")], summary="Ledger entries, newest first",

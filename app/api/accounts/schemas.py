@@ -19,6 +19,7 @@ Reason = Annotated[str, Meta(min_length=1, max_length=limits.MAX_REASON_LENGTH, 
 Metadata = Annotated[dict[str, Any], Meta(
     description=f"a JSON object of at most {limits.MAX_METADATA_BYTES} bytes, stored with the entry")]
 TtlSeconds = Annotated[int, Meta(ge=1, le=limits.MAX_RESERVATION_TTL_SECONDS)]
+LotSeconds = Annotated[int, Meta(ge=1, le=limits.MAX_LOT_TERM_SECONDS)]
 
 
 class ActionRef(Struct, forbid_unknown_fields=True, frozen=True):
@@ -38,6 +39,10 @@ class CreditRequest(Struct, forbid_unknown_fields=True, frozen=True):
     reason: Reason
     action: ActionRef | None = None
     metadata: Metadata = msgspec.field(default_factory=dict)
+    # pending that long before the points can be spent; they expire that long
+    # after the credit (more than pending_seconds): both counted from the credit
+    pending_seconds: LotSeconds | None = None
+    expiry_seconds: LotSeconds | None = None
 
 
 class DebitRequest(Struct, forbid_unknown_fields=True, frozen=True):
@@ -118,11 +123,20 @@ class ReservationEnded(Struct):
                    entry_id=outcome.entry_id, balance=Balance.of(outcome), created_at=outcome.created_at)
 
 
+class NextExpiry(Struct):
+    """The soonest expiry of points the account holds (not reserved ones)."""
+
+    at: datetime
+    amount: int
+
+
 class AccountBalance(Struct):
     user_id: str
     available: int
+    pending: int
     reserved: int
     lifetime_earned: int
+    next_expiry: NextExpiry | None
     updated_at: datetime | None
 
 
