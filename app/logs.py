@@ -18,6 +18,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure() -> None:
+    # The lines name no source file, thread or process: so they are not looked
+    # up for every record (the logging HOWTO's "Optimization"), the access log
+    # line of every request included.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
