@@ -104,6 +104,21 @@ class Settings:
     max_body_bytes: int = setting("REWARDS_MAX_BODY_BYTES", "16384", "larger bodies get 413", int)
     max_bulk_body_bytes: int = setting("REWARDS_MAX_BULK_BODY_BYTES", "1048576",
                                        "larger bodies of `POST /v1/credits/bulk` get 413", int)
+    group_commit: bool = setting(
+        "REWARDS_GROUP_COMMIT", "on", "`on`: credits that arrive while this process's calls are at the database "
+        "go together as one call, one commit (README \"Group commit\"); `off`: one call per credit",
+        lambda text: text == "on")
+    group_commit_calls: int = setting(
+        "REWARDS_GROUP_COMMIT_CALLS", "4", "group commit: calls in flight at once per process and Citus shard; a "
+        "credit arriving while fewer are is sent at once, alone", int)
+    group_commit_max_items: int = setting("REWARDS_GROUP_COMMIT_MAX_ITEMS", "64",
+                                          "group commit: most credits in one call", int)
+    group_commit_max_queued: int = setting(
+        "REWARDS_GROUP_COMMIT_MAX_QUEUED", "256", "group commit: most credits waiting to be sent per process; "
+        "more get 503", int)
+    group_commit_wait_seconds: float = setting(
+        "REWARDS_GROUP_COMMIT_WAIT_SECONDS", "0.5", "group commit: longest wait of a credit to be sent before 503",
+        float)
     shard_map_seconds: float = setting("REWARDS_SHARD_MAP_SECONDS", "10",
                                        "how often a process reloads the Citus shard map it groups users by "
                                        "(a shard split is picked up within this)", float)

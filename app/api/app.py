@@ -18,6 +18,7 @@ from app.api.accounts.controllers import AccountsController
 from app.api.bulk.controllers import BulkCreditsController
 from app.api.dependencies import DEPENDENCIES
 from app.api.frontdoor import FrontDoor
+from app.api.group_commit import GroupCommit
 from app.api.health import healthz, prometheus_metrics, readyz
 from app.api.pool import make_pool
 from app.api.problems import from_http_exception, from_ledger_error, problem
@@ -42,6 +43,10 @@ def create_litestar(settings: Settings) -> Litestar:
         pool = make_pool(settings)
         app.state.ledger = AsyncLedger(pool)
         app.state.shards = Shards(app.state.ledger, settings.shard_map_seconds)
+        app.state.credits = GroupCommit(
+            app.state.ledger, app.state.shards, enabled=settings.group_commit,
+            calls_per_group=settings.group_commit_calls, max_items=settings.group_commit_max_items,
+            max_queued=settings.group_commit_max_queued, max_wait=settings.group_commit_wait_seconds)
         app.state.key_cache = KeyCache(settings.auth_cache_seconds)
         app.state.rate_limiter = RateLimiter(settings)
         # Start even while the database is away: /readyz says so, requests get 503.

@@ -7,6 +7,7 @@ from litestar import Request
 from litestar.datastructures import State
 from litestar.di import Provide
 
+from app.api.group_commit import GroupCommit
 from app.api.ratelimit import Decision
 from app.ledger.client import AsyncLedger
 from app.ledger.shards import Shards
@@ -18,6 +19,8 @@ def _ledger(state: State) -> AsyncLedger:
 
 def _shards(state: State) -> Shards:
     return state.shards
+def _credits(state: State) -> GroupCommit:
+    return state.credits
 
 
 def _rate_limit(request: Request) -> Decision:
@@ -28,5 +31,6 @@ def _rate_limit(request: Request) -> Decision:
 DEPENDENCIES = {
     "ledger": Provide(_ledger, sync_to_thread=False),
     "shards": Provide(_shards, sync_to_thread=False),
+    "credits": Provide(_credits, sync_to_thread=False),
     "rate_limit": Provide(_rate_limit, sync_to_thread=False),
 }

@@ -23,6 +23,10 @@ LATENCY = Histogram(
 )
 RATE_LIMITED = Counter("rewards_rate_limited_total", "Requests refused by a token bucket", ["kind"])
 OVERLOADED = Counter("rewards_overload_refusals_total", "Requests refused to shed load", ["reason"])
+GROUP_COMMIT_ITEMS = Histogram(
+    "rewards_group_commit_items", "Credits sent to the database in one call by group commit",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000),
+)
 RATELIMIT_FALLBACK = Gauge(
     "rewards_ratelimit_local_fallback", "1 while a process limits rates on its own because Redis is away",
     multiprocess_mode="max",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import msgspec
@@ -9,8 +10,10 @@ from litestar.exceptions import HTTPException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.plugins.problem_details import ProblemDetailsException
 
-from app.ledger.errors import InvalidArgument, LedgerError, Overloaded, Unavailable
+from app.ledger.errors import Fault, InvalidArgument, LedgerError, Overloaded, Unavailable
 from app.ledger.results import Outcome, Status
+
+log = logging.getLogger("rewards.api")
 
 TYPE_PREFIX = "urn:rewards-ledger:problem:"
 
@@ -79,6 +82,11 @@ def from_ledger_error(exc: LedgerError) -> ProblemDetailsException:
         return problem("overloaded", str(exc), headers={"Retry-After": "1"})
     if isinstance(exc, Unavailable):
         return problem("unavailable", "the database did not answer", headers={"Retry-After": "2"})
+    if isinstance(exc, Fault):
+        # A credit of a group commit that raised in the database, as it would
+        # have alone (where it reaches the API's handler of unknown errors).
+        log.error("the ledger raised: %s", exc)
+        return problem("internal", "the request failed; it wrote nothing")
     raise TypeError(f"no answer for {type(exc).__name__}") from exc
 
 

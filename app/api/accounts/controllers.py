@@ -25,6 +25,7 @@ from app.api.accounts.schemas import (
     action_arguments,
 )
 from app.api.body import StrictJson
+from app.api.group_commit import GroupCommit
 from app.api.problems import documented, from_refusal, problem
 from app.api.ratelimit import Decision
 from app.api.security import scope_and_token
@@ -80,11 +81,11 @@ class AccountsController(Controller):
           return_dto=None, status_code=201, summary="Add points",
           responses=documented("forbidden", "action-already-credited", "idempotency-key-reused",
                                "payload-too-large"))
-    async def credit(self, ledger: AsyncLedger, rate_limit: Decision, user_id: UserId,
+    async def credit(self, credits: GroupCommit, rate_limit: Decision, user_id: UserId,
                      idempotency_key: IdempotencyKey, data: CreditRequest) -> Response[EntryCreated]:
-        outcome = await ledger(calls.credit(user_id, idempotency_key, data.amount, data.reason,
-                                            metadata=data.metadata, pending_seconds=data.pending_seconds,
-                                            expiry_seconds=data.expiry_seconds, **action_arguments(data.action)))
+        outcome = await credits.credit(calls.Credit(user_id, idempotency_key, data.amount, data.reason,
+                                                    metadata=data.metadata, **action_arguments(data.action)),
+                                       pending_seconds=data.pending_seconds, expiry_seconds=data.expiry_seconds)
         return _answer(outcome, rate_limit, 201, EntryCreated.of)
 
     @post("/debits", guards=[scope_and_token("points:redeem", "redeem")], dto=StrictJson[DebitRequest],
