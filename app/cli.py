@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 
+from app import earning_cli
 from app.audit import stream
 from app.ledger import calls, keys, sources
 from app.ledger.client import Ledger
@@ -120,6 +121,15 @@ def _sources_disable(args: argparse.Namespace) -> int:
 def _sources_list(args: argparse.Namespace) -> int:
     with _ledger() as ledger:
         _print_secrets(ledger(calls.list_callback_sources()))
+def _keys_limit(args: argparse.Namespace) -> int:
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()] if args.sources is not None else None
+    with _ledger() as ledger:
+        key = ledger(calls.limit_key(args.key_id, sources, args.tier))
+    if key is None:
+        print(f"no key {args.key_id}", file=sys.stderr)
+        return 1
+    print(f"key {key.key_id} ({key.name}): sources {','.join(key.sources) if key.sources else 'any'}, "
+          f"rate tier {key.rate_tier or 'default'}")
     return 0
 
 
@@ -542,6 +552,13 @@ def _parser() -> argparse.ArgumentParser:
     revoke = key_commands.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id", type=int)
     revoke.set_defaults(func=_keys_revoke)
+    limit = key_commands.add_parser("limit", help="limit the action sources a key may report, set its rate tier")
+    limit.add_argument("key_id", type=int)
+    limit.add_argument("--sources", help="comma-separated sources it may report (default: any)")
+    limit.add_argument("--tier", help="a rate tier REWARDS_RATE_TIERS names (default: REWARDS_RATE_API_KEY)")
+    limit.set_defaults(func=_keys_limit)
+
+    earning_cli.register(groups, _ledger)
 
     source_commands = groups.add_parser(
         "sources", help="partners that send signed callbacks, and their secrets").add_subparsers(

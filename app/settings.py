@@ -36,6 +36,23 @@ class Tier:
         return f"{self.rate:g}/{self.burst}"
 
 
+class NamedTiers(dict[str, Tier]):
+    """Rate tiers by name, written 'NAME=RATE/BURST,...' (and shown back so)."""
+
+    @classmethod
+    def parse(cls, text: str) -> NamedTiers:
+        tiers = cls()
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, equals, tier = item.partition("=")
+            if not equals or not name.strip():
+                raise ValueError(f"a named rate tier is NAME=RATE/BURST, not {item!r}")
+            tiers[name.strip()] = Tier.parse(tier.strip())
+        return tiers
+
+    def __str__(self) -> str:
+        return ",".join(f"{name}={tier}" for name, tier in self.items())
+
+
 class MissingSecret(RuntimeError):
     """A secret neither set in the environment nor made by `rewards up` yet."""
 
@@ -130,6 +147,10 @@ class Settings:
                                      "per-user debits, reservations, commits, releases", Tier.parse)
     rate_api_key: Tier = setting("REWARDS_RATE_API_KEY", "5000/10000", "per API key, all requests", Tier.parse)
     rate_global: Tier = setting("REWARDS_RATE_GLOBAL", "20000/40000", "all requests together", Tier.parse)
+    rate_tiers: NamedTiers = setting(
+        "REWARDS_RATE_TIERS", "", "named per-key buckets, 'NAME=RATE/BURST,...': a key given a tier "
+        "(`rewards keys limit --tier NAME`) takes its own bucket from it in place of REWARDS_RATE_API_KEY",
+        NamedTiers.parse, shown="none")
     rate_key_lookup: Tier = setting(
         "REWARDS_RATE_KEY_LOOKUP", "20/40", "per client address: database lookups of API keys never seen valid "
         "(made-up keys past it get 429 before the database)", Tier.parse)

@@ -25,6 +25,10 @@ CREATE TABLE api.keys (
     scopes       text[] NOT NULL,
     created_at   timestamptz NOT NULL DEFAULT now(),
     revoked_at   timestamptz,
+    -- the action sources the key may report (NULL: any), and its rate tier
+    -- (NULL: the default bucket of REWARDS_RATE_API_KEY)
+    sources      text[],
+    rate_tier    text,
     CONSTRAINT keys_pkey PRIMARY KEY (key_id),
     CONSTRAINT keys_secret_hash_key UNIQUE (secret_hash),
     CONSTRAINT keys_name_length CHECK (length(name) BETWEEN 1 AND 100),
@@ -32,7 +36,13 @@ CREATE TABLE api.keys (
     CONSTRAINT keys_scopes_known CHECK (
         cardinality(scopes) > 0
         AND scopes <@ ARRAY['points:earn', 'points:redeem', 'points:read', 'admin']
-    )
+    ),
+    -- each source a name: joined by spaces, the text is name ( name)* and
+    -- splits back into as many as there are (none blank or holding a space)
+    CONSTRAINT keys_sources CHECK (sources IS NULL OR (cardinality(sources) BETWEEN 1 AND 100
+        AND array_to_string(sources, ' ', '') ~ '^[A-Za-z0-9._:-]{1,64}( [A-Za-z0-9._:-]{1,64})*$'
+            AND cardinality(string_to_array(array_to_string(sources, ' ', ''), ' ')) = cardinality(sources))),
+    CONSTRAINT keys_rate_tier_format CHECK (rate_tier ~ '^[a-z0-9_-]{1,32}$')
 );
 
 -- Partners that call back (ad networks, stores), each signing its callbacks
@@ -84,6 +94,10 @@ CREATE VIEW api.callback_secret_info AS
     FROM api.callback_sources AS s
     JOIN api.callback_secrets AS k ON k.source = s.source;
 
+-- A key with what limits it: the sources it may report and its rate tier.
+CREATE VIEW api.key_access AS
+    SELECT key_id, name, scopes, created_at, revoked_at, sources, rate_tier FROM api.keys;
+
 -- ===========================================================================
 -- Public functions
 -- ===========================================================================
@@ -100,6 +114,24 @@ DECLARE
     v_key api.key_info;
 BEGIN
     SELECT key_id, name, scopes, created_at, revoked_at INTO v_key
+    FROM api.keys
+    WHERE secret_hash = p_secret_hash AND revoked_at IS NULL;
+    RETURN v_key;
+END;
+$$;
+
+-- The same with the key's limits (the API reads this one).
+CREATE FUNCTION api.authenticate_v2(p_secret_hash bytea)
+RETURNS api.key_access
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_key api.key_access;
+BEGIN
+    SELECT key_id, name, scopes, created_at, revoked_at, sources, rate_tier INTO v_key
     FROM api.keys
     WHERE secret_hash = p_secret_hash AND revoked_at IS NULL;
     RETURN v_key;
@@ -153,6 +185,35 @@ BEGIN
     UPDATE api.keys SET revoked_at = coalesce(revoked_at, v_now)
     WHERE key_id = p_key_id
     RETURNING key_id, name, scopes, created_at, revoked_at INTO v_key;
+    RETURN v_key;
+END;
+$$;
+
+-- Limit a key to the action sources it may report (NULL: any) and give it a
+-- rate tier (NULL: the default); a row of NULLs for an unknown key.
+CREATE FUNCTION api.limit_key(p_key_id bigint, p_sources text[], p_rate_tier text)
+RETURNS api.key_access
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sources text[];
+    v_key api.key_access;
+BEGIN
+    IF p_sources IS NOT NULL AND (cardinality(p_sources) NOT BETWEEN 1 AND 100 OR EXISTS (
+            SELECT FROM unnest(p_sources) AS s WHERE s IS NULL OR s !~ '^[A-Za-z0-9._:-]{1,64}$')) THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', COLUMN = 'sources',
+            MESSAGE = 'invalid sources: 1-100 names of 1-64 characters of A-Z a-z 0-9 . _ : -, or none for any';
+    END IF;
+    IF p_rate_tier !~ '^[a-z0-9_-]{1,32}$' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', COLUMN = 'rate_tier',
+            MESSAGE = 'invalid rate_tier: 1-32 characters of a-z 0-9 _ -';
+    END IF;
+    -- Computed first: Citus refuses a subquery inside a modification of a reference table.
+    SELECT array_agg(DISTINCT s ORDER BY s) INTO v_sources FROM unnest(p_sources) AS s;
+    UPDATE api.keys SET sources = v_sources, rate_tier = p_rate_tier
+    WHERE key_id = p_key_id
+    RETURNING key_id, name, scopes, created_at, revoked_at, sources, rate_tier INTO v_key;
     RETURN v_key;
 END;
 $$;
@@ -292,7 +353,10 @@ $$;
 -- ===========================================================================
 
 ALTER VIEW api.key_info OWNER TO rewards_owner;
+ALTER VIEW api.key_access OWNER TO rewards_owner;
 ALTER FUNCTION api.authenticate(bytea) OWNER TO rewards_owner;
+ALTER FUNCTION api.authenticate_v2(bytea) OWNER TO rewards_owner;
+ALTER FUNCTION api.limit_key(bigint, text[], text) OWNER TO rewards_owner;
 ALTER FUNCTION api.create_key(text, bytea, text[]) OWNER TO rewards_owner;
 ALTER FUNCTION api.revoke_key(bigint) OWNER TO rewards_owner;
 ALTER FUNCTION api.list_keys() OWNER TO rewards_owner;
@@ -314,7 +378,7 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA api FROM PUBLIC;
 GRANT SELECT ON api.keys TO rewards_owner;  -- api.authenticate and the view
 GRANT SELECT ON api.callback_sources, api.callback_secrets TO rewards_owner;  -- api.callback_salts and the view
 GRANT USAGE ON SCHEMA api TO rewards_api;
-GRANT EXECUTE ON FUNCTION api.authenticate(bytea) TO rewards_api;
+GRANT EXECUTE ON FUNCTION api.authenticate(bytea), api.authenticate_v2(bytea) TO rewards_api;
 GRANT EXECUTE ON FUNCTION api.callback_salts(text) TO rewards_api;
 
 -- ===========================================================================
@@ -323,6 +387,10 @@ GRANT EXECUTE ON FUNCTION api.callback_salts(text) TO rewards_api;
 
 COMMENT ON FUNCTION api.authenticate(bytea) IS
 'The active API key whose SHA-256 is p_secret_hash (key_id, name, scopes); a row of NULLs when none.';
+COMMENT ON FUNCTION api.authenticate_v2(bytea) IS
+'The active API key whose SHA-256 is p_secret_hash with its limits (sources it may report, rate tier); a row of NULLs when none.';
+COMMENT ON FUNCTION api.limit_key(bigint, text[], text) IS
+'Limit a key to the action sources it may report (NULL: any) and set its rate tier (NULL: default). `rewards keys limit` calls this.';
 COMMENT ON FUNCTION api.create_key(text, bytea, text[]) IS
 'Register a key by its SHA-256 with scopes from points:earn, points:redeem, points:read, admin. `rewards keys create` makes the secret and calls this.';
 COMMENT ON FUNCTION api.revoke_key(bigint) IS

@@ -279,7 +279,7 @@ CREATE TABLE ledger.idempotency_keys (
     created_at       timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT idempotency_keys_pkey PRIMARY KEY (user_id, idempotency_key),
     CONSTRAINT idempotency_keys_operation CHECK (
-        operation IN ('credit', 'debit', 'reserve', 'commit', 'release')
+        operation IN ('credit', 'debit', 'reserve', 'commit', 'release', 'action')
     )
 );
 
@@ -673,6 +673,57 @@ BEGIN
 END;
 $$;
 
+-- Whether this (source, external id) already earned this user points: the
+-- question every credit of a verified action asks (ledger._apply_credit,
+-- rules.act) under the account lock, before it credits (entries_action_once
+-- backs it up). PL/pgSQL: Citus cannot plan a parameterized SQL function's
+-- query on a distributed table.
+CREATE FUNCTION ledger._action_credited(p_user_id text, p_action_source text, p_action_external_id text)
+RETURNS boolean
+LANGUAGE plpgsql
+STABLE
+AS $$
+BEGIN
+    RETURN EXISTS (
+        SELECT FROM ledger.entries
+        WHERE user_id = p_user_id
+          AND action_source = p_action_source
+          AND action_external_id = p_action_external_id);
+END;
+$$;
+
+-- The credit's entry, and its lot when it is pending for p_pending_seconds
+-- or expires after p_expiry_seconds: what ledger._apply_credit (for
+-- ledger.credit and ledger.credit_many) and rules.act (points computed from
+-- the rules) both write. Call only with the account locked, its arguments
+-- checked and the action found new.
+CREATE FUNCTION ledger._credit_entry(
+    p_account ledger.accounts,
+    p_idempotency_key text,
+    p_amount bigint,
+    p_reason text,
+    p_action_source text,
+    p_action_external_id text,
+    p_metadata jsonb,
+    p_pending_seconds integer,
+    p_expiry_seconds integer
+)
+RETURNS ledger.result
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_entry ledger.entries;
+BEGIN
+    v_entry := ledger._append_entry(
+        p_account, 'credit', p_amount, CASE WHEN p_pending_seconds IS NULL THEN p_amount ELSE 0 END, 0,
+        NULL, p_reason, p_metadata, p_idempotency_key, p_action_source, p_action_external_id);
+    IF p_pending_seconds IS NOT NULL OR p_expiry_seconds IS NOT NULL THEN
+        PERFORM ledger._open_lot(v_entry, p_pending_seconds, p_expiry_seconds);
+    END IF;
+    RETURN ledger._entry_result(v_entry);
+END;
+$$;
+
 -- A checked credit, applied to its account: the one credit that ledger.credit
 -- and ledger.credit_many both make. Call only with the account locked;
 -- p_account is its row as it stands.
@@ -693,7 +744,6 @@ AS $$
 DECLARE
     v_request bytea;
     v_result ledger.result;
-    v_entry ledger.entries;
     v_lot boolean := p_pending_seconds IS NOT NULL OR p_expiry_seconds IS NOT NULL;
 BEGIN
     -- A credit without a lot keeps the fingerprint it always had.
@@ -706,21 +756,12 @@ BEGIN
         RETURN v_result;
     END IF;
 
-    IF p_action_source IS NOT NULL AND EXISTS (
-        SELECT FROM ledger.entries
-        WHERE user_id = p_account.user_id
-          AND action_source = p_action_source
-          AND action_external_id = p_action_external_id
-    ) THEN
+    IF p_action_source IS NOT NULL
+       AND ledger._action_credited(p_account.user_id, p_action_source, p_action_external_id) THEN
         v_result := ledger._refusal('action_already_credited', p_account);
     ELSE
-        v_entry := ledger._append_entry(
-            p_account, 'credit', p_amount, CASE WHEN p_pending_seconds IS NULL THEN p_amount ELSE 0 END, 0,
-            NULL, p_reason, p_metadata, p_idempotency_key, p_action_source, p_action_external_id);
-        IF v_lot THEN
-            PERFORM ledger._open_lot(v_entry, p_pending_seconds, p_expiry_seconds);
-        END IF;
-        v_result := ledger._entry_result(v_entry);
+        v_result := ledger._credit_entry(p_account, p_idempotency_key, p_amount, p_reason, p_action_source,
+                                         p_action_external_id, p_metadata, p_pending_seconds, p_expiry_seconds);
     END IF;
     RETURN ledger._remember(p_idempotency_key, 'credit', v_request, v_result);
 END;

@@ -48,7 +48,41 @@ SELECT * FROM ledger.entries_page(%(user_id)s, %(before_seq)s, %(limit)s);
 SELECT * FROM ledger.reservation(%(user_id)s, %(reservation_id)s);
 
 -- name: authenticate
-SELECT * FROM api.authenticate(%(secret_hash)s);
+SELECT * FROM api.authenticate_v2(%(secret_hash)s);
+
+-- name: limit_key
+SELECT * FROM api.limit_key(%(key_id)s, %(sources)s, %(rate_tier)s);
+
+-- name: claim_action
+SELECT rules.claim_action(%(action_key)s, %(user_id)s) AS owner;
+
+-- name: act
+SELECT * FROM rules.act(%(user_id)s, %(key)s, %(source)s, %(external_id)s, %(type)s, %(value)s,
+                        %(occurred_at)s, %(metadata)s);
+
+-- name: put_rule
+SELECT * FROM rules.put_rule(%(actor)s, %(action_type)s, %(fixed_points)s, %(points_per_unit)s,
+                             %(unit_value)s, %(daily_cap)s, %(lifetime_cap)s, %(enabled)s);
+
+-- name: enable_rule
+SELECT * FROM rules.enable_rule(%(actor)s, %(action_type)s, %(enabled)s);
+
+-- name: list_rules
+SELECT * FROM rules.list_rules();
+
+-- name: put_campaign
+SELECT * FROM rules.put_campaign(%(actor)s, %(campaign_id)s, %(name)s, %(starts_at)s, %(ends_at)s,
+                                 %(multiplier_percent)s, %(bonus_points)s, %(action_types)s, %(sources)s,
+                                 %(budget)s, %(enabled)s);
+
+-- name: enable_campaign
+SELECT * FROM rules.enable_campaign(%(actor)s, %(campaign_id)s, %(enabled)s);
+
+-- name: list_campaigns
+SELECT * FROM rules.list_campaigns();
+
+-- name: list_changes
+SELECT * FROM rules.list_changes(%(before_id)s, %(limit)s);
 
 -- name: create_key
 SELECT * FROM api.create_key(%(name)s, %(secret_hash)s, %(scopes)s);

@@ -16,6 +16,8 @@ from app import logs
 from app.api import lifeline
 from app.api.accounts.controllers import AccountsController
 from app.api.bulk.controllers import BulkCreditsController
+from app.api.actions.controllers import report_action
+from app.api.admin.controllers import AdminController
 from app.api.dependencies import DEPENDENCIES
 from app.api.frontdoor import FrontDoor
 from app.api.group_commit import GroupCommit
@@ -58,7 +60,7 @@ def create_litestar(settings: Settings) -> Litestar:
             await app.state.rate_limiter.close()
 
     return Litestar(
-        route_handlers=[AccountsController, healthz, readyz, prometheus_metrics,
+        route_handlers=[AccountsController, report_action, AdminController, healthz, readyz, prometheus_metrics,
                         # Bulk bodies are larger than any single request's.
                         Router("/", route_handlers=[BulkCreditsController],
                                request_max_body_size=settings.max_bulk_body_bytes)],

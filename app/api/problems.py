@@ -11,7 +11,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.plugins.problem_details import ProblemDetailsException
 
 from app.ledger.errors import Fault, InvalidArgument, LedgerError, Overloaded, Unavailable
-from app.ledger.results import Outcome, Status
+from app.ledger.results import ActionOutcome, ActionStatus, Outcome, Status
 
 log = logging.getLogger("rewards.api")
 
@@ -22,12 +22,16 @@ CAUSES: dict[str, tuple[int, str]] = {
     "validation": (400, "The request is not valid"),
     "unauthorized": (401, "A valid API key is required"),
     "forbidden": (403, "The API key lacks the scope this needs"),
+    "source-not-allowed": (403, "The API key may not report actions of this source"),
     "not-found": (404, "No such resource"),
     "method-not-allowed": (405, "Method not allowed"),
     "payload-too-large": (413, "The request body is too large"),
     "unsupported-media-type": (415, "The request body must be JSON"),
     "insufficient-points": (409, "Not enough available points"),
     "action-already-credited": (409, "This action has already earned points"),
+    "action-claimed": (409, "This action was reported for another user"),
+    "cap-reached": (409, "The user has earned the most this action type allows"),
+    "not-eligible": (422, "No enabled rule earns points for this action"),
     "reservation-not-open": (409, "The reservation has already ended"),
     "amount-exceeds-reservation": (409, "The amount is more than the reservation holds"),
     "idempotency-key-reused": (422, "The idempotency key was used for a different request"),
@@ -53,6 +57,16 @@ REFUSALS: dict[Status, str] = {
 }
 
 
+# What a verified action can be refused with (rules.act, rules.claim_action).
+ACTION_REFUSALS: dict[ActionStatus, str] = {
+    ActionStatus.IDEMPOTENCY_KEY_REUSED: "idempotency-key-reused",
+    ActionStatus.ACTION_ALREADY_CREDITED: "action-already-credited",
+    ActionStatus.ACTION_CLAIMED_BY_ANOTHER_USER: "action-claimed",
+    ActionStatus.NOT_ELIGIBLE: "not-eligible",
+    ActionStatus.CAP_REACHED: "cap-reached",
+}
+
+
 def problem(cause: str, detail: str = "", *, headers: dict[str, str] | None = None,
             extra: dict[str, Any] | None = None) -> ProblemDetailsException:
     status, title = CAUSES[cause]
@@ -72,6 +86,11 @@ def from_http_exception(exc: HTTPException) -> ProblemDetailsException:
 def from_refusal(outcome: Outcome, headers: dict[str, str]) -> ProblemDetailsException:
     return problem(REFUSALS[outcome.status], outcome.status.replace("_", " "), headers=headers,
                    extra={"balance": {"available": outcome.available, "reserved": outcome.reserved}})
+
+
+def from_action_refusal(outcome: ActionOutcome, headers: dict[str, str],
+                        extra: dict[str, Any]) -> ProblemDetailsException:
+    return problem(ACTION_REFUSALS[outcome.status], outcome.status.replace("_", " "), headers=headers, extra=extra)
 
 
 def from_ledger_error(exc: LedgerError) -> ProblemDetailsException:

@@ -21,6 +21,7 @@ from litestar.connection import ASGIConnection
 
 from app.api import metrics
 from app.api.problems import problem
+from app.ledger.results import ApiKey
 from app.settings import Settings, Tier
 
 log = logging.getLogger("rewards.ratelimit")
@@ -123,11 +124,13 @@ class RateLimiter:
     async def close(self) -> None:
         await self._redis.aclose()
 
-    def buckets(self, kind: str, items_by_user: dict[str, int], items: int, key_id: int) -> list[Bucket]:
-        """A token an item: `items` from the global and API-key buckets, and from
-        each user's bucket (earning and redeeming only) the count of its items."""
+    def buckets(self, kind: str, items_by_user: dict[str, int], items: int, key: ApiKey) -> list[Bucket]:
+        """A token an item: `items` from the global and API-key buckets (the
+        key's rate tier's size when REWARDS_RATE_TIERS names it), and from each
+        user's bucket (earning and redeeming only) the count of its items."""
         s, prefix = self.settings, self.settings.redis_prefix
-        chosen = [(f"{prefix}:rl:global", s.rate_global, items), (f"{prefix}:rl:key:{key_id}", s.rate_api_key, items)]
+        key_tier = s.rate_tiers.get(key.rate_tier, s.rate_api_key) if key.rate_tier else s.rate_api_key
+        chosen = [(f"{prefix}:rl:global", s.rate_global, items), (f"{prefix}:rl:key:{key.key_id}", key_tier, items)]
         if kind in ("earn", "redeem"):
             tier = s.rate_user_earn if kind == "earn" else s.rate_user_redeem
             chosen += [(f"{prefix}:rl:user:{kind}:{user_id}", tier, count) for user_id, count in items_by_user.items()]
@@ -167,21 +170,23 @@ async def take_lookup_token(connection: ASGIConnection) -> None:
                       "given delay", headers=decision.headers())
 
 
-async def take_token(connection: ASGIConnection, kind: str) -> None:
+async def take_token(connection: ASGIConnection, kind: str, user_id: str | None = None) -> Decision:
     """Take a token from each of the request's buckets, or refuse with 429. `kind`
-    is "earn", "redeem" or "read" (reads share only the key and global buckets).
+    is "earn", "redeem" or "read" (reads share only the key and global buckets);
+    the user is the path's unless given (an action names it in its body).
     The decision stays on the connection for the response's RateLimit headers."""
-    user_id = connection.path_params.get("user_id")
-    await take_tokens(connection, kind, {user_id: 1} if user_id is not None else {}, 1)
+    user_id = user_id or connection.path_params.get("user_id")
+    return await take_tokens(connection, kind, {user_id: 1} if user_id is not None else {}, 1)
 
 
-async def take_tokens(connection: ASGIConnection, kind: str, items_by_user: dict[str, int], items: int) -> None:
+async def take_tokens(connection: ASGIConnection, kind: str, items_by_user: dict[str, int], items: int) -> Decision:
     """A token for each of a request's `items`, all or none (take_token's, for a
     request of many items such as a bulk grant), or 429."""
     limiter: RateLimiter = connection.app.state.rate_limiter
-    decision = await limiter.take(limiter.buckets(kind, items_by_user, items, connection.user.key_id))
+    decision = await limiter.take(limiter.buckets(kind, items_by_user, items, connection.user))
     connection.state.rate_limit = decision
     if not decision.allowed:
         metrics.RATE_LIMITED.labels(kind).inc()
         raise problem("rate-limited", "a rate limit is exhausted; retry after the given delay",
                       headers=decision.headers())
+    return decision

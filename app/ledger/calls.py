@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -18,9 +19,12 @@ from app.ledger import queries
 from app.ledger.client import Call, Shape
 from app.ledger.errors import InvalidArgument
 from app.ledger.results import (
+    ActionOutcome,
     ApiKey,
     Balance,
     CallbackSecret,
+    Campaign,
+    Change,
     ChainCheck,
     Entry,
     Expired,
@@ -29,6 +33,7 @@ from app.ledger.results import (
     Reservation,
     Settled,
     ShardRange,
+    Rule,
 )
 
 
@@ -117,6 +122,71 @@ def release_reservation(user_id: str, key: str, reservation_id: int, reason: str
         "metadata": _json(metadata)}, Outcome)
 
 
+def action_key(source: str, external_id: str) -> str:
+    """What rules.action_claims is keyed (and, under Citus, distributed) by:
+    neither part may hold a space, so the pair reads back unambiguously."""
+    return f"{source} {external_id}"
+
+
+def claim_action(user_id: str, source: str, external_id: str) -> Call[dict]:
+    """Bind the action to this user the first time; answers {"owner": user}."""
+    return Call(queries.CLAIM_ACTION, {"action_key": action_key(source, external_id), "user_id": _user(user_id)})
+
+
+def act(user_id: str, key: str, source: str, external_id: str, action_type: str, value: int | None = None,
+        occurred_at: datetime | None = None, metadata: dict[str, Any] | None = None) -> Call[ActionOutcome]:
+    """Earn what the rules give a verified action (after claim_action bound it to this user)."""
+    return Call(queries.ACT, {
+        "user_id": _user(user_id), "key": key, "source": source, "external_id": external_id, "type": action_type,
+        "value": value, "occurred_at": occurred_at, "metadata": _json(metadata)}, ActionOutcome)
+
+
+def put_rule(actor: str, action_type: str, *, fixed_points: int | None = None, points_per_unit: int | None = None,
+             unit_value: int | None = None, daily_cap: int | None = None, lifetime_cap: int | None = None,
+             enabled: bool = True) -> Call[Rule]:
+    """Create or change the rule of an action type (recorded in the history)."""
+    return Call(queries.PUT_RULE, {
+        "actor": actor, "action_type": action_type, "fixed_points": fixed_points,
+        "points_per_unit": points_per_unit, "unit_value": unit_value, "daily_cap": daily_cap,
+        "lifetime_cap": lifetime_cap, "enabled": enabled}, Rule)
+
+
+def enable_rule(actor: str, action_type: str, enabled: bool) -> Call[Rule]:
+    """Disable or enable a rule; None for an unknown one."""
+    return Call(queries.ENABLE_RULE, {"actor": actor, "action_type": action_type, "enabled": enabled},
+                Rule, Shape.MAYBE)
+
+
+def list_rules() -> Call[Rule]:
+    return Call(queries.LIST_RULES, {}, Rule, Shape.MANY)
+
+
+def put_campaign(actor: str, campaign_id: int | None, name: str, starts_at: datetime, ends_at: datetime, *,
+                 multiplier_percent: int | None = None, bonus_points: int | None = None,
+                 action_types: list[str] | None = None, sources: list[str] | None = None,
+                 budget: int | None = None, enabled: bool = True) -> Call[Campaign]:
+    """Create a campaign (campaign_id None) or change one (None back for an unknown id)."""
+    return Call(queries.PUT_CAMPAIGN, {
+        "actor": actor, "campaign_id": campaign_id, "name": name, "starts_at": starts_at, "ends_at": ends_at,
+        "multiplier_percent": multiplier_percent, "bonus_points": bonus_points, "action_types": action_types,
+        "sources": sources, "budget": budget, "enabled": enabled}, Campaign, Shape.MAYBE)
+
+
+def enable_campaign(actor: str, campaign_id: int, enabled: bool) -> Call[Campaign]:
+    """Disable or enable a campaign; None for an unknown one."""
+    return Call(queries.ENABLE_CAMPAIGN, {"actor": actor, "campaign_id": campaign_id, "enabled": enabled},
+                Campaign, Shape.MAYBE)
+
+
+def list_campaigns() -> Call[Campaign]:
+    return Call(queries.LIST_CAMPAIGNS, {}, Campaign, Shape.MANY)
+
+
+def list_changes(before_id: int | None, limit: int) -> Call[Change]:
+    """The history of rule and campaign changes, newest first."""
+    return Call(queries.LIST_CHANGES, {"before_id": before_id, "limit": limit}, Change, Shape.MANY)
+
+
 def balance(user_id: str) -> Call[Balance]:
     return Call(queries.BALANCE, {"user_id": _user(user_id)}, Balance)
 
@@ -169,6 +239,12 @@ def authenticate(secret_hash: bytes) -> Call[ApiKey]:
 
 def create_key(name: str, secret_hash: bytes, scopes: list[str]) -> Call[ApiKey]:
     return Call(queries.CREATE_KEY, {"name": name, "secret_hash": secret_hash, "scopes": scopes}, ApiKey)
+
+
+def limit_key(key_id: int, sources: list[str] | None, rate_tier: str | None) -> Call[ApiKey]:
+    """Limit a key to the sources it may report and give it a rate tier; None for an unknown key."""
+    return Call(queries.LIMIT_KEY, {"key_id": key_id, "sources": sources, "rate_tier": rate_tier},
+                ApiKey, Shape.MAYBE)
 
 
 def list_keys() -> Call[ApiKey]:

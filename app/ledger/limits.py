@@ -25,6 +25,8 @@ REASON_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 
 # ledger.settings.max_batch_items: the most credits one call of ledger.credit_many takes.
 MAX_BULK_ITEMS = 1000
+# rules.act: the largest action value (minor currency units).
+MAX_ACTION_VALUE = 1_000_000_000_000
 
 # ledger.entries_page: the largest page.
 MAX_PAGE = 500

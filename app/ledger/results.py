@@ -174,9 +174,15 @@ class ApiKey:
     scopes: list[str]
     created_at: datetime
     revoked_at: datetime | None
+    # api.key_access: the action sources it may report (None: any), its rate tier
+    sources: list[str] | None = None
+    rate_tier: str | None = None
 
     def may(self, scope: str) -> bool:
         return scope in self.scopes or "admin" in self.scopes
+
+    def may_report(self, source: str) -> bool:
+        return self.sources is None or source in self.sources
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,3 +201,90 @@ class CallbackSecret:
     def fingerprint_hex(self) -> str:
         """What a partner compares with the SHA-256 of the secret it holds (its start)."""
         return self.fingerprint.hex()[:16]
+
+
+class ActionStatus(StrEnum):
+    """rules.action_result.status, and the claim's own refusal."""
+
+    OK = "ok"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    ACTION_ALREADY_CREDITED = "action_already_credited"
+    NOT_ELIGIBLE = "not_eligible"
+    CAP_REACHED = "cap_reached"
+    # rules.claim_action: the action belongs to another user
+    ACTION_CLAIMED_BY_ANOTHER_USER = "action_claimed_by_another_user"
+
+
+@dataclass(frozen=True, slots=True)
+class ActionOutcome:
+    """rules.action_result: what a verified action earned, and why."""
+
+    status: ActionStatus
+    user_id: str
+    entry_id: int | None
+    points: int | None
+    rule: str | None
+    base_points: int | None
+    campaign_id: int | None
+    campaign_points: int | None
+    capped: bool | None
+    budget_exhausted: bool | None
+    available: int | None
+    reserved: int | None
+    created_at: datetime | None
+    replayed: bool
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", ActionStatus(self.status))
+
+    @property
+    def ok(self) -> bool:
+        return self.status is ActionStatus.OK
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """rules.rules: what an action of a type earns."""
+
+    action_type: str
+    fixed_points: int | None
+    points_per_unit: int | None
+    unit_value: int | None
+    daily_cap: int | None
+    lifetime_cap: int | None
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Campaign:
+    """rules.list_campaigns (spent is None without a budget)."""
+
+    campaign_id: int
+    name: str
+    starts_at: datetime
+    ends_at: datetime
+    multiplier_percent: int | None
+    bonus_points: int | None
+    action_types: list[str] | None
+    sources: list[str] | None
+    budget: int | None
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime
+    spent: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """rules.change_history: one change of a rule or campaign."""
+
+    change_id: int
+    changed_at: datetime
+    actor: str
+    subject: str
+    subject_id: str
+    operation: str
+    before: dict[str, Any] | None
+    after: dict[str, Any]

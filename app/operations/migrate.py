@@ -16,7 +16,7 @@ from app.settings import PROJECT_ROOT
 # it is applied: the roles first, since every schema grants to them; then one
 # file per SQL schema, audit last because it reads ledger's types and functions
 # and its schedule needs the pg_cron extension that ledger.sql creates.
-SCHEMA_FILES = ("sql/roles.sql", "sql/ledger.sql", "sql/api.sql", "sql/audit.sql")
+SCHEMA_FILES = ("sql/roles.sql", "sql/ledger.sql", "sql/api.sql", "sql/audit.sql", "sql/rules.sql")
 
 # Alembic and SQLAlchemy are imported by the functions that use them, not here:
 # every `rewards` command imports this module (through app.operations.cluster),

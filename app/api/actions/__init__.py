@@ -1,0 +1,1 @@
+"""Verified actions: POST /v1/actions earns what the rules give."""

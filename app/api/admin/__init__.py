@@ -1,0 +1,1 @@
+"""The administration of earning: rules, campaigns and their change history (scope admin)."""

@@ -1,0 +1,229 @@
+"""Verified actions earn what the rules say (rules.claim_action, then rules.act),
+on the real database as the API's role: fixed and per-unit points, campaigns
+inside their window only, caps and budgets under concurrent claims, once ever
+per (source, external id), and refusals that write only their key."""
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from app.ledger import calls
+from app.ledger.client import Ledger
+from app.ledger.errors import InvalidArgument
+from tests.conftest import SETTINGS
+from tests.ledger import balance, entries, row_counts, unreconciled_accounts
+
+NOW = datetime.now(timezone.utc)
+
+
+def act(conn, user, external_id, action_type="ad_view", source="adnet", value=None, key=None, occurred_at=None):
+    """The two steps the API takes (app.ledger.actions.earn), on one connection."""
+    ledger = Ledger(conn)
+    owner = ledger(calls.claim_action(user, source, external_id))["owner"]
+    if owner != user:
+        return {"status": "action_claimed_by_another_user"}
+    return asdict(ledger(calls.act(user, key or f"k-{external_id}", source, external_id, action_type, value,
+                                   occurred_at, {})))
+
+
+def rule(conn, action_type, **fields):
+    return Ledger(conn)(calls.put_rule("test", action_type, **fields))
+
+
+def campaign(conn, name, starts=NOW - timedelta(hours=1), ends=NOW + timedelta(hours=1), **fields):
+    return Ledger(conn)(calls.put_campaign("test", None, name, starts, ends, **fields))
+
+
+def _together(database, work, count=20):
+    """work(conn, i) on `count` connections at once, as the superuser: the API
+    role's lock and statement bounds (sql/roles.sql) would refuse the queue a
+    storm on one row makes on a loaded test machine."""
+    conns = [psycopg.connect(SETTINGS.superuser_conninfo(database), autocommit=True, row_factory=dict_row)
+             for _ in range(count)]
+    try:
+        with ThreadPoolExecutor(max_workers=count) as pool:
+            return list(pool.map(lambda i: work(conns[i], i), range(count)))
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_a_fixed_rule_earns_its_points_and_says_why(api_db, db):
+    rule(api_db, "ad_view", fixed_points=10)
+    earned = act(api_db, "alice", "imp-1")
+    assert earned["status"] == "ok" and earned["points"] == 10 and earned["rule"] == "ad_view"
+    assert earned["base_points"] == 10 and earned["campaign_id"] is None and earned["capped"] is False
+    entry = entries(db, "alice")[0]
+    assert entry["amount"] == 10 and (entry["action_source"], entry["action_external_id"]) == ("adnet", "imp-1")
+    assert entry["metadata"]["earning"]["rule"] == "ad_view"
+
+
+def test_per_unit_points_round_down(api_db):
+    rule(api_db, "purchase", points_per_unit=3, unit_value=100)  # 3 points per currency unit, in cents
+    assert act(api_db, "alice", "o-1", "purchase", "store", value=1999)["points"] == 59  # 59.97
+    assert act(api_db, "alice", "o-2", "purchase", "store", value=33)["status"] == "not_eligible"  # 0.99
+    with pytest.raises(InvalidArgument) as refused:
+        act(api_db, "alice", "o-3", "purchase", "store")
+    assert refused.value.field == "value"
+
+
+def test_no_rule_or_a_disabled_one_is_not_eligible_and_writes_only_the_key(api_db, db):
+    rule(api_db, "ad_view", fixed_points=10)
+    Ledger(api_db)(calls.enable_rule("test", "ad_view", False))
+    before = row_counts(db)
+    assert act(api_db, "alice", "imp-1")["status"] == "not_eligible"
+    assert act(api_db, "alice", "imp-2", "unknown_type")["status"] == "not_eligible"
+    after = row_counts(db)
+    assert after["entries"] == before["entries"]
+    assert after["idempotency_keys"] == before["idempotency_keys"] + 2
+    assert db.execute("SELECT count(*) AS n FROM rules.earnings").fetchone()["n"] == 0
+    # the change takes effect on the next request
+    Ledger(api_db)(calls.enable_rule("test", "ad_view", True))
+    assert act(api_db, "alice", "imp-3")["points"] == 10
+
+
+def test_a_retry_replays_the_answer_and_another_key_earns_nothing_more(api_db, db):
+    rule(api_db, "ad_view", fixed_points=10)
+    campaign(api_db, "double", multiplier_percent=200)
+    first = act(api_db, "alice", "imp-1", key="a")
+    again = act(api_db, "alice", "imp-1", key="a")
+    assert again == {**first, "replayed": True}
+    assert act(api_db, "alice", "imp-1", key="b")["status"] == "action_already_credited"
+    assert balance(db, "alice")["available"] == 20
+
+
+def test_an_action_earns_once_ever_whoever_it_is_reported_for(api_db, db):
+    rule(api_db, "ad_view", fixed_points=10)
+    assert act(api_db, "alice", "imp-1")["status"] == "ok"
+    assert act(api_db, "bob", "imp-1")["status"] == "action_claimed_by_another_user"
+    assert balance(db, "bob")["available"] == 0
+    assert db.execute("SELECT count(*) AS n FROM ledger.idempotency_keys WHERE user_id = 'bob'").fetchone()["n"] == 0
+
+
+def test_a_storm_of_users_claiming_one_action_pays_one(api_db, db, database):
+    rule(api_db, "ad_view", fixed_points=10)
+    results = _together(database, lambda conn, i: act(conn, f"user-{i}", "imp-1"))
+    assert [r["status"] for r in results].count("ok") == 1
+    assert {r["status"] for r in results} == {"ok", "action_claimed_by_another_user"}
+    assert db.execute("SELECT sum(available) AS s FROM ledger.accounts").fetchone()["s"] == 10
+
+
+def test_a_multiplier_applies_only_inside_its_window(api_db):
+    rule(api_db, "ad_view", fixed_points=10)
+    campaign(api_db, "triple", starts=NOW - timedelta(days=2), ends=NOW - timedelta(days=1), multiplier_percent=300)
+    outside = act(api_db, "alice", "imp-1")
+    inside = act(api_db, "alice", "imp-2", occurred_at=NOW - timedelta(days=1, hours=12))
+    assert (outside["points"], outside["campaign_id"]) == (10, None)
+    assert (inside["points"], inside["campaign_points"]) == (30, 20)
+
+
+def test_the_best_eligible_campaign_applies_by_type_and_source(api_db):
+    rule(api_db, "ad_view", fixed_points=10)
+    rule(api_db, "task", fixed_points=100)
+    bonus = campaign(api_db, "bonus", bonus_points=5, action_types=["ad_view"])
+    campaign(api_db, "other network", multiplier_percent=500, sources=["othernet"])
+    half = campaign(api_db, "tasks", multiplier_percent=150, action_types=["task"])
+    assert act(api_db, "alice", "imp-1")["campaign_id"] == bonus.campaign_id
+    assert act(api_db, "alice", "t-1", "task")["points"] == 150
+    assert act(api_db, "alice", "t-1", "task", key="other")["status"] == "action_already_credited"
+    Ledger(api_db)(calls.enable_campaign("test", half.campaign_id, False))
+    assert act(api_db, "alice", "t-2", "task")["points"] == 100
+
+
+def test_caps_hold_under_concurrent_claims(api_db, db, database):
+    rule(api_db, "ad_view", fixed_points=10, daily_cap=95, lifetime_cap=1000)
+    results = _together(database, lambda conn, i: act(conn, "alice", f"imp-{i}"))
+    paid = sorted(r["points"] for r in results if r["status"] == "ok")
+    assert paid == [5] + [10] * 9  # the tenth is cut to what the day has left
+    assert [r["status"] for r in results].count("cap_reached") == 10
+    assert balance(db, "alice")["available"] == 95
+    counters = db.execute("SELECT day_points, lifetime_points FROM rules.earnings WHERE user_id = 'alice'").fetchone()
+    assert counters == {"day_points": 95, "lifetime_points": 95}
+    assert unreconciled_accounts(db) == []
+
+
+def test_a_new_day_starts_the_daily_cap_again_but_not_the_lifetime_one(api_db, db):
+    rule(api_db, "ad_view", fixed_points=10, daily_cap=10, lifetime_cap=15)
+    assert act(api_db, "alice", "imp-1")["points"] == 10
+    assert act(api_db, "alice", "imp-2")["status"] == "cap_reached"
+    db.execute("UPDATE rules.earnings SET day = day - 1 WHERE user_id = 'alice'")
+    assert act(api_db, "alice", "imp-3")["points"] == 5
+    assert act(api_db, "alice", "imp-4")["status"] == "cap_reached"
+
+
+@pytest.mark.single_node("a campaign budget is refused under Citus until the sliced counters")
+def test_a_budget_is_never_overspent_and_is_exhausted_exactly(api_db, db, database):
+    rule(api_db, "ad_view", fixed_points=10)
+    promo = campaign(api_db, "budgeted", bonus_points=7, budget=50)
+    results = _together(database, lambda conn, i: act(conn, f"user-{i}", f"imp-{i}"))
+    assert all(r["status"] == "ok" and r["base_points"] == 10 for r in results)
+    extra = sorted((r["campaign_points"] or 0) for r in results)
+    assert sum(extra) == 50 and extra[-8:] == [1] + [7] * 7  # 7 * 7 = 49, then the last point
+    assert sum(1 for r in results if r["budget_exhausted"]) == len(results) - 7
+    spent = Ledger(api_db)(calls.list_campaigns())
+    assert [(c.campaign_id, c.spent) for c in spent] == [(promo.campaign_id, 50)]
+    assert unreconciled_accounts(db) == []
+
+
+@pytest.mark.citus
+def test_a_budget_is_refused_under_citus_until_the_sliced_counters(api_db, db):
+    if not db.execute("SELECT FROM pg_extension WHERE extname = 'citus'").fetchone():
+        pytest.skip("single node: budgets are held by one exact row")
+    with pytest.raises(InvalidArgument) as refused:
+        campaign(api_db, "budgeted", bonus_points=7, budget=50)
+    assert refused.value.field == "budget"
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"fixed_points": 0}, "fixed_points"),
+    ({"fixed_points": 5, "points_per_unit": 1, "unit_value": 100}, "fixed_points"),
+    ({"points_per_unit": 1}, "unit_value"),
+    ({"fixed_points": 5, "daily_cap": 0}, "daily_cap"),
+])
+def test_a_bad_rule_is_refused_by_the_function(api_db, fields, field):
+    with pytest.raises(InvalidArgument) as refused:
+        rule(api_db, "ad_view", **fields)
+    assert refused.value.field == field
+
+
+@pytest.mark.parametrize("statement", [
+    "INSERT INTO rules.rules (action_type, fixed_points, points_per_unit, unit_value) VALUES ('x', 5, 1, 1)",
+    "INSERT INTO rules.rules (action_type) VALUES ('x')",
+    "INSERT INTO rules.campaigns (name, starts_at, ends_at, multiplier_percent) VALUES ('c', now(), now(), 200)",
+    "INSERT INTO rules.campaigns (name, starts_at, ends_at, multiplier_percent, bonus_points)"
+    " VALUES ('c', now(), now() + interval '1 day', 200, 5)",
+    "INSERT INTO rules.campaigns (name, starts_at, ends_at, bonus_points, sources)"
+    " VALUES ('c', now(), now() + interval '1 day', 5, ARRAY['bad source'])",
+])
+def test_the_tables_hold_the_same_rules_whatever_the_code_does(db, statement):
+    with pytest.raises(psycopg.errors.CheckViolation):
+        db.execute(statement)
+
+
+def test_every_change_is_in_the_history_auditors_read(api_db, db):
+    rule(api_db, "ad_view", fixed_points=10)
+    rule(api_db, "ad_view", fixed_points=12)
+    Ledger(api_db)(calls.enable_rule("test", "ad_view", False))
+    Ledger(api_db)(calls.enable_rule("test", "ad_view", False))  # already so: nothing recorded
+    db.execute("SET ROLE rewards_auditor")
+    history = db.execute("SELECT * FROM rules.change_history ORDER BY change_id").fetchall()
+    assert [(h["operation"], h["actor"]) for h in history] == [("create", "test"), ("change", "test"),
+                                                               ("disable", "test")]
+    assert history[0]["before"] is None and history[0]["after"]["fixed_points"] == 10
+    assert (history[1]["before"]["fixed_points"], history[1]["after"]["fixed_points"]) == (10, 12)
+    assert (history[2]["before"]["enabled"], history[2]["after"]["enabled"]) == (True, False)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        db.execute("SELECT * FROM rules.changes")
+
+
+def test_the_api_role_cannot_rewrite_history_or_touch_the_earning_tables(api_db):
+    rule(api_db, "ad_view", fixed_points=10)
+    for statement in ("UPDATE rules.changes SET actor = 'nobody'", "DELETE FROM rules.changes",
+                      "SELECT * FROM rules.earnings", "SELECT * FROM rules.action_claims",
+                      "SELECT rules._claim_budget(1, 10)"):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            api_db.execute(statement)
