@@ -1,6 +1,7 @@
 """Citus clusters of a test's own: a coordinator and local workers in a
 temporary folder on free ports, brought up by the code `make run` runs
-(cluster.up), and the `rewards` command pointed at them."""
+(cluster.up) and stopped by the code `make stop` runs (processes.down), and the
+`rewards` command pointed at them."""
 
 from __future__ import annotations
 
@@ -15,10 +16,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+from psycopg.rows import dict_row
 
-from app.operations import cluster
+from app.operations import cluster, migrate, processes
 from app.operations.processes import free_port
 from app.settings import PROJECT_ROOT, Settings
 from tests.conftest import SETTINGS
@@ -53,24 +58,53 @@ def env(settings: Settings, **extra: str) -> dict[str, str]:
             "REWARDS_PG_HOST": "", "REWARDS_API_DB_PASSWORD": settings.api_password, **extra}
 
 
-def rewards(settings: Settings, *args: str, timeout: float = 60, **extra: str) -> subprocess.CompletedProcess[str]:
+def rewards(settings: Settings, *args: str, timeout: float = 180, **extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=PROJECT_ROOT, capture_output=True,
                           text=True, timeout=timeout, env=env(settings, **extra))
 
 
 @contextmanager
-def local_cluster(workers: int, spare_ports: int = 0, **settings_: object) -> Iterator[Settings]:
+def _shards_per_table(count: int | None) -> Iterator[None]:
+    """citus.shard_count for the migration that `cluster.up` runs meanwhile (its
+    session alone: the services started then must not get the option), which
+    distributes the tables: fewer shards, fewer moves for a rebalance to make."""
+    if count is None:
+        yield
+        return
+    upgrade = migrate.upgrade
+
+    def with_shard_count(conninfo: str, revision: str = "head") -> None:
+        upgrade(make_conninfo(conninfo, options=f"-c citus.shard_count={count}"), revision)
+
+    with mock.patch.object(migrate, "upgrade", with_shard_count):
+        yield
+
+
+@contextmanager
+def local_cluster(workers: int, spare_ports: int = 0, shards_per_table: int | None = None,
+                  **settings_: object) -> Iterator[Settings]:
     """The coordinator's settings (the suite's, but for `settings_`), its workers
     up and registered, migrated; with `spare_ports` free ports after the
-    workers' for workers added later."""
+    workers' for workers added later. Skips the test, saying why, without the
+    citus extension. Whatever the test started in the cluster's data folder
+    (PgBouncer, the audit consumer, an API) stops with it."""
+    reason = citus_missing_reason()
+    if reason:
+        pytest.skip(reason)
     folder = Path(tempfile.mkdtemp(prefix="rewards-cluster-"))
     settings = dataclasses.replace(SETTINGS, data_dir=folder / "data", pg_port=free_ports(1 + workers + spare_ports),
                                    pg_host=None, citus="on", citus_workers=workers, **settings_)
     try:
         started = time.monotonic()
-        cluster.up(settings)
+        with _shards_per_table(shards_per_table):
+            cluster.up(settings)
         print(f"\ncoordinator and {workers} workers up and migrated in {time.monotonic() - started:.1f} s")
         yield settings
     finally:
-        cluster.down(settings)
+        processes.down(settings)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def connect(settings: Settings) -> psycopg.Connection:
+    """The coordinator as its superuser, rows as dicts."""
+    return psycopg.connect(settings.superuser_conninfo(), autocommit=True, row_factory=dict_row)

@@ -25,6 +25,18 @@ from app.settings import Settings
 
 TEMPLATE = "rewards_test_template"
 
+# Citus tracks the database itself as a distributed object: a row of
+# pg_dist_object naming it by OID. CREATE DATABASE ... TEMPLATE copies that row
+# as it is, so in a clone it still names the template, and citus_add_node, which
+# sends every distributed object to the new node by name, sends the template's
+# ("database rewards_test_template does not exist" there). Pointed at the clone,
+# the clone takes a new node as a database made from nothing does.
+_OWN_DATABASE_OBJECT = """
+UPDATE pg_catalog.pg_dist_object
+SET objid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+WHERE classid = 'pg_catalog.pg_database'::regclass
+  AND objid = (SELECT oid FROM pg_catalog.pg_database WHERE datname = %s)"""
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -66,11 +78,16 @@ class Topology:
         migrate.upgrade(self.settings.superuser_conninfo(TEMPLATE))
 
     def clone(self, name: str) -> None:
-        """A copy of the template under `name` on every node. (The janitor first
+        """A copy of the template under `name` on every node, its own database
+        object in Citus' metadata (see _OWN_DATABASE_OBJECT). (The janitor first
         ends every session in the template, Citus' maintenance daemon among them,
         which starts again only when someone uses Citus there.)"""
         for janitor in self._janitors(name, template=TEMPLATE):
             _retried_while_in_use(janitor.init)
+        if self.citus:
+            for node in self.nodes:
+                with psycopg.connect(node.superuser_conninfo(name), autocommit=True) as conn:
+                    conn.execute(_OWN_DATABASE_OBJECT, (TEMPLATE,))
 
     def drop(self, name: str) -> None:
         # Citus' maintenance daemon reconnects to its database (over libpq, to

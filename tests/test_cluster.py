@@ -14,7 +14,6 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.rows import dict_row
 
 from app.ledger import calls
 from app.ledger.client import Ledger
@@ -22,7 +21,7 @@ from app.ledger.results import Status
 from app.operations import citus, cluster
 from app.operations.processes import free_port
 from app.settings import Settings
-from tests.clusters import citus_missing_reason, local_cluster, rewards
+from tests.clusters import connect, local_cluster, rewards
 from tests.conftest import SETTINGS
 from tests.test_secrets import AWKWARD
 
@@ -34,16 +33,13 @@ WORKERS = 2
 @pytest.fixture(scope="module")
 def coordinator() -> Iterator[Settings]:
     """The coordinator's settings, its two workers up and registered, migrated."""
-    reason = citus_missing_reason()
-    if reason:
-        pytest.skip(reason)
     with local_cluster(WORKERS, api_password=AWKWARD) as settings:
         yield settings
 
 
 @pytest.fixture
 def conn(coordinator: Settings) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(coordinator.superuser_conninfo(), autocommit=True, row_factory=dict_row) as conn:
+    with connect(coordinator) as conn:
         yield conn
 
 

@@ -10,9 +10,11 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -256,3 +258,27 @@ def test_drain_moves_every_shard_off_and_removes_the_node(coordinator, conn):
 def test_drain_of_a_node_not_in_the_cluster_is_refused(coordinator):
     message = _refused(rewards(coordinator, "cluster", "drain", "127.0.0.1:1"))
     assert message.startswith("rewards: no node 127.0.0.1:1 in the cluster (pg_dist_node); the workers are: ")
+
+
+# --- A test's own database takes a node -----------------------------------------
+
+def test_a_clone_of_the_tests_template_takes_a_new_node(topology, database):
+    """tests/databases.py points a clone's own database object in Citus'
+    metadata at the clone (CREATE DATABASE ... TEMPLATE copies it naming the
+    template); without that, citus_add_node fails on the new node with
+    "database rewards_test_template does not exist"."""
+    if not topology.citus:
+        pytest.skip("a clone of the template is a Citus database only in the Citus pass of `make test`")
+    server = dataclasses.replace(SETTINGS, data_dir=Path(tempfile.mkdtemp(prefix="test-clone-node-",
+                                                                           dir=SETTINGS.data_dir)),
+                                 pg_port=free_port(), pg_host=None, database=database, citus_workers=0)
+    cluster.start_worker(server, server)
+    try:
+        with psycopg.connect(SETTINGS.superuser_conninfo(database), autocommit=True) as on_clone:
+            address = (str(server.socket_dir), server.pg_port)
+            on_clone.execute("SELECT citus_add_node(%s, %s)", address)
+            assert on_clone.execute("SELECT isactive FROM pg_dist_node WHERE nodename = %s AND nodeport = %s",
+                                    address).fetchone() == (True,)
+            on_clone.execute("SELECT citus_remove_node(%s, %s)", address)
+    finally:
+        cluster.delete_worker(server, server)
