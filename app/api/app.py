@@ -17,6 +17,8 @@ from app.api import lifeline
 from app.api.accounts.controllers import AccountsController
 from app.api.bulk.controllers import BulkCreditsController
 from app.api.actions.controllers import report_action
+from app.api.callbacks.controllers import callback
+from app.api.callbacks.verification import SourceCache
 from app.api.admin.controllers import AdminController
 from app.api.dependencies import DEPENDENCIES
 from app.api.frontdoor import FrontDoor
@@ -49,7 +51,9 @@ def create_litestar(settings: Settings) -> Litestar:
             app.state.ledger, app.state.shards, enabled=settings.group_commit,
             calls_per_group=settings.group_commit_calls, max_items=settings.group_commit_max_items,
             max_queued=settings.group_commit_max_queued, max_wait=settings.group_commit_wait_seconds)
+        app.state.settings = settings
         app.state.key_cache = KeyCache(settings.auth_cache_seconds)
+        app.state.source_cache = SourceCache(settings.auth_cache_seconds)
         app.state.rate_limiter = RateLimiter(settings)
         # Start even while the database is away: /readyz says so, requests get 503.
         await pool.open(wait=False)
@@ -60,7 +64,8 @@ def create_litestar(settings: Settings) -> Litestar:
             await app.state.rate_limiter.close()
 
     return Litestar(
-        route_handlers=[AccountsController, report_action, AdminController, healthz, readyz, prometheus_metrics,
+        route_handlers=[AccountsController, report_action, callback, AdminController, healthz, readyz,
+                        prometheus_metrics,
                         # Bulk bodies are larger than any single request's.
                         Router("/", route_handlers=[BulkCreditsController],
                                request_max_body_size=settings.max_bulk_body_bytes)],

@@ -27,10 +27,15 @@ class StrictJson(MsgspecDTO[S], Generic[S]):
         return schema_creator.for_field_definition(FieldDefinition.from_annotation(cls.model_type))
 
     def decode_bytes(self, value: bytes) -> Any:
-        try:
-            # An empty body is an empty object: commit and release need no fields.
-            return msgspec.json.decode(value or b"{}", type=self.model_type, strict=True)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise problem("validation", str(exc)) from exc
-        except RecursionError as exc:
-            raise problem("validation", "the JSON body is nested too deeply") from exc
+        # An empty body is an empty object: commit and release need no fields.
+        return strict(value or b"{}", self.model_type)
+
+
+def strict(body: bytes, model: type[S]) -> S:
+    """`body` decoded into `model` strictly, or a validation problem."""
+    try:
+        return msgspec.json.decode(body, type=model, strict=True)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise problem("validation", str(exc)) from exc
+    except RecursionError as exc:
+        raise problem("validation", "the JSON body is nested too deeply") from exc

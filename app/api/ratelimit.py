@@ -136,6 +136,13 @@ class RateLimiter:
             chosen += [(f"{prefix}:rl:user:{kind}:{user_id}", tier, count) for user_id, count in items_by_user.items()]
         return chosen
 
+    def callback_buckets(self, source: str, user_id: str) -> list[Bucket]:
+        """A signed callback's: the global bucket, its source's (the size of an
+        API key's) and the user's earning bucket, a token from each."""
+        s, prefix = self.settings, self.settings.redis_prefix
+        return [(f"{prefix}:rl:global", s.rate_global, 1), (f"{prefix}:rl:source:{source}", s.rate_api_key, 1),
+                (f"{prefix}:rl:user:earn:{user_id}", s.rate_user_earn, 1)]
+
     async def take(self, buckets: list[Bucket]) -> Decision:
         if time.monotonic() >= self._redis_down_until:
             args: list[float] = []
@@ -187,6 +194,17 @@ async def take_tokens(connection: ASGIConnection, kind: str, items_by_user: dict
     connection.state.rate_limit = decision
     if not decision.allowed:
         metrics.RATE_LIMITED.labels(kind).inc()
+        raise problem("rate-limited", "a rate limit is exhausted; retry after the given delay",
+                      headers=decision.headers())
+    return decision
+
+
+async def take_callback_token(connection: ASGIConnection, source: str, user_id: str) -> Decision:
+    """take_token for a signed callback, which has a source and no API key."""
+    limiter: RateLimiter = connection.app.state.rate_limiter
+    decision = await limiter.take(limiter.callback_buckets(source, user_id))
+    if not decision.allowed:
+        metrics.RATE_LIMITED.labels("earn").inc()
         raise problem("rate-limited", "a rate limit is exhausted; retry after the given delay",
                       headers=decision.headers())
     return decision

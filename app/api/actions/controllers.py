@@ -9,10 +9,11 @@ from app.api.actions.schemas import ActionEarned, ActionRequest, Earning
 from app.api.accounts.controllers import IdempotencyKey
 from app.api.body import StrictJson
 from app.api.problems import documented, from_action_refusal, problem
-from app.api.ratelimit import take_token
+from app.api.ratelimit import Decision, take_token
 from app.api.security import scope_required
 from app.ledger import actions
 from app.ledger.client import AsyncLedger
+from app.ledger.results import ActionOutcome
 
 
 @post("/v1/actions", guards=[scope_required("points:earn")], dto=StrictJson[ActionRequest], return_dto=None,
@@ -29,6 +30,12 @@ async def report_action(request: Request, ledger: AsyncLedger, idempotency_key: 
     rate_limit = await take_token(request, "earn", data.user_id)
     outcome = await actions.earn(ledger, data.user_id, idempotency_key, data.source, data.external_id, data.type,
                                  data.value, data.occurred_at, data.metadata)
+    return answer(outcome, rate_limit)
+
+
+def answer(outcome: ActionOutcome, rate_limit: Decision) -> Response[ActionEarned]:
+    """What an action earned, or the problem it was refused with (POST
+    /v1/actions and the partners' callbacks answer alike)."""
     headers = rate_limit.headers()
     if outcome.replayed:
         headers["Idempotent-Replayed"] = "true"

@@ -15,18 +15,24 @@ from app.ledger.results import ActionOutcome
 Name = Annotated[str, Meta(pattern=limits.NAME_PATTERN)]
 
 
+# The fields of an action, shared with the partners' callbacks (app.api.callbacks).
+ExternalId = Annotated[str, Meta(pattern=limits.TOKEN_PATTERN, description="the source's id for it: earns once, ever")]
+ActionType = Annotated[str, Meta(pattern=limits.NAME_PATTERN, description="the action type a rule is set for")]
+ActionValue = Annotated[int, Meta(ge=0, le=limits.MAX_ACTION_VALUE,
+                                  description="minor currency units, for rules that earn per unit")]
+OccurredAt = Annotated[datetime, Meta(tz=True, description="when it happened (default: now); "
+                                      "campaign windows are judged by it")]
+
+
 class ActionRequest(Struct, forbid_unknown_fields=True, frozen=True):
     """An action that happened. The points come from the rules, never from here."""
 
     user_id: Name
     source: Annotated[str, Meta(pattern=limits.NAME_PATTERN, description="who reports it (an ad network, a store)")]
-    external_id: Annotated[str, Meta(pattern=limits.TOKEN_PATTERN,
-                                     description="the source's id for it: earns once, ever")]
-    type: Annotated[str, Meta(pattern=limits.NAME_PATTERN, description="the action type a rule is set for")]
-    value: Annotated[int, Meta(ge=0, le=limits.MAX_ACTION_VALUE,
-                               description="minor currency units, for rules that earn per unit")] | None = None
-    occurred_at: Annotated[datetime, Meta(tz=True, description="when it happened (default: now); "
-                                          "campaign windows are judged by it")] | None = None
+    external_id: ExternalId
+    type: ActionType
+    value: ActionValue | None = None
+    occurred_at: OccurredAt | None = None
     metadata: Metadata = msgspec.field(default_factory=dict)
 
 

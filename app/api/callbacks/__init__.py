@@ -1,0 +1,1 @@
+"""Signed callbacks: partners confirming actions, authenticated by a signature."""
