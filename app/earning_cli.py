@@ -110,6 +110,15 @@ def register(groups: argparse._SubParsersAction, connect: Connect) -> None:
         _print_campaign(campaign)
         return 0
 
+    def campaigns_budget(args: argparse.Namespace, ledger: Ledger) -> int:
+        report = ledger(calls.budget_report(args.campaign_id))
+        if report is None:
+            raise InvalidArgument(f"no campaign {args.campaign_id} with a budget", "campaign_id")
+        print(f"{report.campaign_id}\t{report.name}\t{'ended' if report.ended else 'running'} (ends "
+              f"{report.ends_at:%Y-%m-%dT%H:%M%z})\tbudget {report.budget}\tawarded {report.awarded}\t"
+              f"left {report.left_points} ({report.in_slices} in slices, {report.unallocated} unallocated)")
+        return 0
+
     def campaigns_switch(args: argparse.Namespace, ledger: Ledger) -> int:
         campaign = ledger(calls.enable_campaign(_actor(), args.campaign_id, args.enabled))
         if campaign is None:
@@ -143,6 +152,9 @@ def register(groups: argparse._SubParsersAction, connect: Connect) -> None:
         dest="command", required=True)
     campaigns.add_parser("list", help="every campaign, with what its budget paid").set_defaults(
         func=run(campaigns_list))
+    budget = campaigns.add_parser("budget", help="a budgeted campaign's budget, what it awarded and what is left")
+    budget.add_argument("campaign_id", type=int)
+    budget.set_defaults(func=run(campaigns_budget))
     for name, text in (("create", "create a campaign"), ("change", "change a campaign (every field anew)")):
         command = campaigns.add_parser(name, help=text)
         if name == "change":

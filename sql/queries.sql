@@ -60,6 +60,12 @@ SELECT rules.claim_action(%(action_key)s, %(user_id)s) AS owner;
 SELECT * FROM rules.act(%(user_id)s, %(key)s, %(source)s, %(external_id)s, %(type)s, %(value)s,
                         %(occurred_at)s, %(metadata)s);
 
+-- name: refill_budget_slice
+SELECT rules.refill_budget_slice(%(campaign_id)s, %(user_id)s, %(points)s);
+
+-- name: budget_report
+SELECT * FROM rules.budget_report(%(campaign_id)s);
+
 -- name: put_rule
 SELECT * FROM rules.put_rule(%(actor)s, %(action_type)s, %(fixed_points)s, %(points_per_unit)s,
                              %(unit_value)s, %(daily_cap)s, %(lifetime_cap)s, %(enabled)s);

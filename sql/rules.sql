@@ -114,15 +114,46 @@ CREATE TABLE rules.campaigns (
             AND cardinality(string_to_array(array_to_string(sources, ' ', ''), ' ')) = cardinality(sources))))
 );
 
--- What a budgeted campaign has paid out. A row of its own, written by each
--- claim, apart from the campaign that is read on every call. The simple exact
--- claim (rules._claim_budget) draws from this one row.
+-- A budgeted campaign's budget, and the part of it no slice holds yet
+-- (unallocated). Claims never touch this row: they draw from their slice
+-- (rules.budget_slices); a refill moves points from here to a slice. So at
+-- every commit: budget = awarded + unallocated + what the slices hold.
 CREATE TABLE rules.campaign_budgets (
     campaign_id  bigint NOT NULL,
     budget       bigint NOT NULL,
-    spent        bigint NOT NULL DEFAULT 0,
+    unallocated  bigint NOT NULL,
+    -- nothing is left beyond what the slices hold: a claim takes what its
+    -- slice has, down to the last point, instead of asking for a refill
+    exhausted    boolean NOT NULL DEFAULT false,
     CONSTRAINT campaign_budgets_pkey PRIMARY KEY (campaign_id),
-    CONSTRAINT campaign_budgets_never_overspent CHECK (budget >= 1 AND spent BETWEEN 0 AND budget)
+    CONSTRAINT campaign_budgets_never_overspent CHECK (budget >= 1 AND unallocated BETWEEN 0 AND budget)
+);
+
+-- Where a user's claims on a budget draw from: the slice whose anchor is the
+-- row of this table covering the hashtext of the user id. Under Citus one row
+-- per shard of ledger.accounts, its range the shard's and its anchor a text
+-- that hashes into it (Citus places a text value by hashtext), so a slice keyed
+-- by the anchor lives on the shard of every user it serves
+-- (rules._place_budget_anchors); on a single node, equal ranges.
+CREATE TABLE rules.budget_anchors (
+    slice_no  integer NOT NULL,
+    hash_min  integer NOT NULL,
+    hash_max  integer NOT NULL,
+    anchor    text NOT NULL,
+    CONSTRAINT budget_anchors_pkey PRIMARY KEY (slice_no),
+    CONSTRAINT budget_anchors_anchor_inside CHECK (hash_min <= hash_max AND hashtext(anchor) BETWEEN hash_min AND hash_max)
+);
+
+-- A slice of a campaign's budget (a sharded counter): what the claims of its
+-- anchor's users may still take without a refill. reclaimed: what the last
+-- gathering took back (rules._gather_budget reads it).
+CREATE TABLE rules.budget_slices (
+    anchor       text NOT NULL,
+    campaign_id  bigint NOT NULL,
+    remaining    bigint NOT NULL DEFAULT 0,
+    reclaimed    bigint NOT NULL DEFAULT 0,
+    CONSTRAINT budget_slices_pkey PRIMARY KEY (anchor, campaign_id),
+    CONSTRAINT budget_slices_never_negative CHECK (remaining >= 0 AND reclaimed >= 0)
 );
 
 -- Every change of a rule or a campaign: who (the API key's name, or the OS
@@ -199,26 +230,174 @@ BEGIN
 END;
 $$;
 
--- The exact budget claim: up to p_points from the campaign's one budget row,
--- never more than is left; answers the points granted (0 when spent). The row
--- lock queues concurrent claims, which is what keeps it exact; issue 11 part 4
--- replaces this function with sliced counters. Call with the account locked
--- (lock order: account, then budget).
-CREATE FUNCTION rules._claim_budget(p_campaign_id bigint, p_points bigint)
+-- The anchor of the slice a user's claims draw from (rules.budget_anchors).
+-- PL/pgSQL: Citus plans no parameter of an SQL function's query.
+CREATE FUNCTION rules._budget_anchor(p_user_id text)
+RETURNS text
+LANGUAGE plpgsql
+STABLE
+AS $$
+DECLARE
+    v_hash constant integer := hashtext(p_user_id);
+    v_anchor text;
+BEGIN
+    SELECT anchor INTO v_anchor FROM rules.budget_anchors WHERE v_hash BETWEEN hash_min AND hash_max;
+    RETURN v_anchor;
+END;
+$$;
+
+-- The anchors: under Citus one per shard of ledger.accounts, found by trying
+-- 'budget-slice-<n>' until one hashes into each shard's range (a few hundred
+-- tries for 32 shards); on a single node 8 equal ranges, which is as many rows
+-- as concurrent claims of one campaign need to spread over. Run again after
+-- the shards of ledger.accounts are split (moves keep the ranges).
+CREATE FUNCTION rules._place_budget_anchors()
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_range record;
+    v_slice integer := 0;
+    v_n integer;
+BEGIN
+    DELETE FROM rules.budget_anchors;
+    FOR v_range IN EXECUTE CASE
+        WHEN EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+            -- text, so read through EXECUTE: pg_dist_shard exists only with Citus
+            'SELECT shardminvalue::integer AS lo, shardmaxvalue::integer AS hi FROM pg_catalog.pg_dist_shard
+             WHERE logicalrelid = ''ledger.accounts''::regclass ORDER BY 1'
+        ELSE
+            'SELECT (-2147483648 + g * 536870912::bigint)::integer AS lo,
+                    (-2147483648 + (g + 1) * 536870912::bigint - 1)::integer AS hi
+             FROM generate_series(0, 7) AS g ORDER BY 1'
+        END
+    LOOP
+        v_n := 0;
+        LOOP
+            v_n := v_n + 1;
+            EXIT WHEN hashtext('budget-slice-' || v_n) BETWEEN v_range.lo AND v_range.hi;
+        END LOOP;
+        INSERT INTO rules.budget_anchors (slice_no, hash_min, hash_max, anchor)
+        VALUES (v_slice, v_range.lo, v_range.hi, 'budget-slice-' || v_n);
+        v_slice := v_slice + 1;
+    END LOOP;
+END;
+$$;
+
+-- The table that holds the user's slices by its own name: under Citus the
+-- shard of rules.budget_slices on the user's node (a call delegated there with
+-- force_delegation may only name the distributed table with the user's own
+-- key, and a slice is keyed by its anchor), without Citus the table itself.
+CREATE FUNCTION rules._slice_table(p_user_id text)
+RETURNS text
+LANGUAGE plpgsql
+STABLE
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        RETURN 'rules.budget_slices';
+    END IF;
+    RETURN pg_catalog.shard_name('rules.budget_slices',
+                                 pg_catalog.get_shard_id_for_distribution_column('rules.budget_slices', p_user_id));
+END;
+$$;
+
+-- The budget claim, a sharded counter: up to p_points from the user's slice
+-- of the campaign's budget, locked on the user's shard with the account (lock
+-- order: account, then slice), so concurrent claims queue per slice, not on
+-- one row. A slice too short for the claim is refilled outside this
+-- transaction: the call raises RLB01 (budget slice low, nothing written), the
+-- caller runs rules.refill_budget_slice and calls again (app.ledger.actions).
+-- Once the budget has nothing beyond the slices (exhausted, read from the
+-- budget's row, a reference table's copy on this node), the claim takes what
+-- the slice has, 0 when it is spent. Answers the points granted.
+CREATE FUNCTION rules._claim_budget(p_campaign_id bigint, p_user_id text, p_points bigint)
 RETURNS bigint
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    v_left bigint;
+    v_anchor constant text := rules._budget_anchor(p_user_id);
+    v_table constant text := rules._slice_table(p_user_id);
+    v_slice rules.budget_slices;
     v_granted bigint;
 BEGIN
-    SELECT budget - spent INTO v_left FROM rules.campaign_budgets
-    WHERE campaign_id = p_campaign_id FOR UPDATE;
-    v_granted := least(coalesce(v_left, 0), p_points);
-    IF v_granted > 0 THEN
-        UPDATE rules.campaign_budgets SET spent = spent + v_granted WHERE campaign_id = p_campaign_id;
+    EXECUTE format('SELECT * FROM %s WHERE anchor = $1 AND campaign_id = $2 FOR UPDATE', v_table)
+        INTO v_slice USING v_anchor, p_campaign_id;
+    IF coalesce(v_slice.remaining, 0) < p_points
+       AND NOT coalesce((SELECT b.exhausted FROM rules.campaign_budgets b WHERE b.campaign_id = p_campaign_id), true) THEN
+        RAISE EXCEPTION USING ERRCODE = 'RLB01',
+            MESSAGE = format('budget slice low: campaign %s needs %s', p_campaign_id, p_points),
+            HINT = 'call rules.refill_budget_slice(campaign_id, user_id, points), then the action again';
     END IF;
-    RETURN greatest(v_granted, 0);
+    v_granted := least(coalesce(v_slice.remaining, 0), p_points);
+    IF v_granted > 0 THEN
+        EXECUTE format('UPDATE %s SET remaining = remaining - $3 WHERE anchor = $1 AND campaign_id = $2', v_table)
+            USING v_anchor, p_campaign_id, v_granted;
+    END IF;
+    RETURN v_granted;
+END;
+$$;
+
+-- Take every slice's points of a campaign back; answers how many. Call with
+-- the budget row locked.
+CREATE FUNCTION rules._gather_budget(p_campaign_id bigint)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_total bigint := 0;
+    v_part bigint;
+BEGIN
+    -- reclaimed = remaining reads the value before the update, which is what
+    -- RETURNING cannot give.
+    FOR v_part IN
+        UPDATE rules.budget_slices SET reclaimed = remaining, remaining = 0
+        WHERE campaign_id = p_campaign_id AND remaining > 0
+        RETURNING reclaimed
+    LOOP
+        v_total := v_total + v_part;
+    END LOOP;
+    RETURN v_total;
+END;
+$$;
+
+-- Set (or drop, p_budget NULL) a campaign's budget: the slices are gathered
+-- back, what was awarded stays awarded (a budget below it, or none once it
+-- paid, is refused), the
+-- rest is unallocated again and the budget no longer exhausted. Call with the campaign's
+-- change serialized (rules.put_campaign's lock).
+CREATE FUNCTION rules._set_budget(p_campaign_id bigint, p_budget bigint)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_budget rules.campaign_budgets;
+    v_awarded bigint;
+BEGIN
+    -- One connection per node for the statements below, which touch the
+    -- budget's reference row and many shards in one transaction.
+    PERFORM pg_catalog.set_config('citus.multi_shard_modify_mode', 'sequential', true);
+    UPDATE rules.campaign_budgets SET unallocated = unallocated WHERE campaign_id = p_campaign_id
+    RETURNING * INTO v_budget;
+    IF NOT FOUND THEN
+        IF p_budget IS NOT NULL THEN
+            INSERT INTO rules.campaign_budgets (campaign_id, budget, unallocated)
+            VALUES (p_campaign_id, p_budget, p_budget);
+        END IF;
+        RETURN;
+    END IF;
+    v_awarded := v_budget.budget - v_budget.unallocated - rules._gather_budget(p_campaign_id);
+    IF v_awarded > 0 AND (p_budget IS NULL OR p_budget < v_awarded) THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', COLUMN = 'budget',
+            MESSAGE = format('invalid budget: the campaign has paid %s points already', v_awarded);
+    END IF;
+    IF p_budget IS NULL THEN
+        DELETE FROM rules.budget_slices WHERE campaign_id = p_campaign_id;
+        DELETE FROM rules.campaign_budgets WHERE campaign_id = p_campaign_id;
+        RETURN;
+    END IF;
+    UPDATE rules.campaign_budgets SET budget = p_budget, unallocated = p_budget - v_awarded, exhausted = false
+    WHERE campaign_id = p_campaign_id;
 END;
 $$;
 
@@ -389,7 +568,7 @@ BEGIN
     IF v_extra > 0 AND v_room > v_base_award THEN
         v_extra_award := v_room - v_base_award;
         IF v_campaign.budget IS NOT NULL THEN
-            v_extra_award := rules._claim_budget(v_campaign.campaign_id, v_room - v_base_award);
+            v_extra_award := rules._claim_budget(v_campaign.campaign_id, p_user_id, v_room - v_base_award);
             v_budget_short := v_extra_award < v_room - v_base_award;
         END IF;
     END IF;
@@ -508,12 +687,6 @@ BEGIN
     IF p_campaign.budget < 1 THEN
         PERFORM ledger._invalid('budget', 'must be a positive integer, or absent for no budget');
     END IF;
-    -- The one exact budget row is not on the user's shard: under Citus a
-    -- budget needs the sliced counters of issue 11 part 4.
-    IF p_campaign.budget IS NOT NULL
-       AND EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
-        PERFORM ledger._invalid('budget', 'campaign budgets are not available under Citus yet');
-    END IF;
     PERFORM rules._check_names('action_types', p_campaign.action_types);
     PERFORM rules._check_names('sources', p_campaign.sources);
 END;
@@ -631,7 +804,6 @@ DECLARE
     v_now constant timestamptz := now();
     v_before rules.campaigns;
     v_campaign rules.campaigns;
-    v_spent bigint;
     v_operation text;
     v_old jsonb;
     v_new jsonb;
@@ -658,11 +830,6 @@ BEGIN
             RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', COLUMN = 'name',
                 MESSAGE = format('invalid name: a campaign named %s exists', p_name);
         END IF;
-        SELECT spent INTO v_spent FROM rules.campaign_budgets WHERE campaign_id = p_campaign_id;
-        IF v_spent > 0 AND (p_budget IS NULL OR p_budget < v_spent) THEN
-            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', COLUMN = 'budget',
-                MESSAGE = format('invalid budget: the campaign has paid %s points already', v_spent);
-        END IF;
         v_campaign.created_at := v_before.created_at;
         UPDATE rules.campaigns SET name = v_campaign.name, starts_at = v_campaign.starts_at,
             ends_at = v_campaign.ends_at, multiplier_percent = v_campaign.multiplier_percent,
@@ -671,12 +838,7 @@ BEGIN
             updated_at = v_now
         WHERE campaign_id = p_campaign_id;
     END IF;
-    IF p_budget IS NULL THEN
-        DELETE FROM rules.campaign_budgets WHERE campaign_id = v_campaign.campaign_id;
-    ELSE
-        INSERT INTO rules.campaign_budgets AS b (campaign_id, budget) VALUES (v_campaign.campaign_id, p_budget)
-        ON CONFLICT (campaign_id) DO UPDATE SET budget = EXCLUDED.budget;
-    END IF;
+    PERFORM rules._set_budget(v_campaign.campaign_id, p_budget);
     v_operation := CASE WHEN p_campaign_id IS NULL THEN 'create' ELSE 'change' END;
     v_old := CASE WHEN p_campaign_id IS NOT NULL THEN to_jsonb(v_before) END;
     v_new := to_jsonb(v_campaign);
@@ -732,10 +894,102 @@ STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT c.campaign_id, c.name, c.starts_at, c.ends_at, c.multiplier_percent, c.bonus_points,
-           c.action_types, c.sources, c.budget, b.spent, c.enabled, c.created_at, c.updated_at
-    FROM rules.campaigns c LEFT JOIN rules.campaign_budgets b ON b.campaign_id = c.campaign_id
+           c.action_types, c.sources, c.budget, b.budget - b.unallocated - coalesce(h.held, 0), c.enabled,
+           c.created_at, c.updated_at
+    FROM rules.campaigns c
+    LEFT JOIN rules.campaign_budgets b ON b.campaign_id = c.campaign_id
+    -- what the slices hold, summed apart (under Citus over every shard, then joined)
+    LEFT JOIN (SELECT s.campaign_id, sum(s.remaining) AS held FROM rules.budget_slices s GROUP BY s.campaign_id) h
+        ON h.campaign_id = c.campaign_id
     ORDER BY c.campaign_id;
 $$;
+
+-- A refill: the user's slice of the campaign gets at least p_points more,
+-- from the unallocated part of the budget; when that is too little, every
+-- slice is gathered back first; when even all of it is too little, the slice
+-- gets all there is and the budget is exhausted (claims then
+-- take what they find, down to the last point). A slice gets more than it
+-- asked, a share of what is unallocated (1/slices), so refills stay
+-- rare: one transaction on the coordinator, over the budget's reference row
+-- and the slice's shard (every shard when it gathers), run as its caller.
+-- Does nothing when another refill came first.
+CREATE FUNCTION rules.refill_budget_slice(p_campaign_id bigint, p_user_id text, p_points bigint)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_anchor constant text := rules._budget_anchor(p_user_id);
+    v_slices constant bigint := (SELECT count(*) FROM rules.budget_anchors);
+    v_unallocated bigint;
+    v_slice rules.budget_slices;
+    v_need bigint;
+    v_give bigint;
+    v_exhausted boolean := false;
+BEGIN
+    IF p_points IS NULL OR p_points < 1 OR v_anchor IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', COLUMN = 'points',
+            MESSAGE = 'invalid points: a refill needs a user id and a positive number of points';
+    END IF;
+    -- Refilled meanwhile by the refill of a concurrent claim: nothing to lock.
+    SELECT * INTO v_slice FROM rules.budget_slices WHERE anchor = v_anchor AND campaign_id = p_campaign_id;
+    IF v_slice.remaining >= p_points THEN
+        RETURN;
+    END IF;
+    PERFORM pg_catalog.set_config('citus.multi_shard_modify_mode', 'sequential', true);
+    -- The budget row first: refills and changes of one campaign go one at a time.
+    UPDATE rules.campaign_budgets SET unallocated = unallocated WHERE campaign_id = p_campaign_id AND NOT exhausted
+    RETURNING unallocated INTO v_unallocated;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    SELECT * INTO v_slice FROM rules.budget_slices
+    WHERE anchor = v_anchor AND campaign_id = p_campaign_id FOR UPDATE;
+    IF v_slice.remaining >= p_points THEN
+        RETURN;
+    END IF;
+    v_need := p_points - coalesce(v_slice.remaining, 0);
+    IF v_unallocated < v_need THEN
+        v_unallocated := v_unallocated + rules._gather_budget(p_campaign_id);
+        v_need := p_points;  -- this slice was gathered too
+    END IF;
+    IF v_unallocated <= v_need THEN
+        v_give := v_unallocated;
+        v_exhausted := true;
+    ELSE
+        v_give := least(v_unallocated, greatest(v_need, ceil(v_unallocated::numeric / v_slices)::bigint));
+    END IF;
+    INSERT INTO rules.budget_slices AS s (anchor, campaign_id, remaining) VALUES (v_anchor, p_campaign_id, v_give)
+    ON CONFLICT (anchor, campaign_id) DO UPDATE SET remaining = s.remaining + EXCLUDED.remaining;
+    UPDATE rules.campaign_budgets SET unallocated = v_unallocated - v_give, exhausted = v_exhausted
+    WHERE campaign_id = p_campaign_id;
+END;
+$$;
+
+-- What a budgeted campaign has awarded and what is left (unallocated plus
+-- what its slices hold), and whether it has ended (its window closed, or
+-- disabled): the report of a finished campaign. No row for a campaign without
+-- a budget.
+CREATE FUNCTION rules.budget_report(p_campaign_id bigint)
+RETURNS TABLE (campaign_id bigint, name text, ends_at timestamptz, ended boolean, budget bigint,
+               awarded bigint, left_points bigint, in_slices bigint, unallocated bigint)
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_held bigint;
+BEGIN
+    -- Apart from the join: under Citus a sum over the slices' shards.
+    SELECT coalesce(sum(s.remaining), 0) INTO v_held FROM rules.budget_slices s WHERE s.campaign_id = p_campaign_id;
+    RETURN QUERY
+        SELECT c.campaign_id, c.name, c.ends_at, c.ends_at <= now() OR NOT c.enabled, b.budget,
+               b.budget - b.unallocated - v_held, b.unallocated + v_held, v_held, b.unallocated
+        FROM rules.campaigns c JOIN rules.campaign_budgets b ON b.campaign_id = c.campaign_id
+        WHERE c.campaign_id = p_campaign_id;
+END;
+$$;
+
 
 -- The change history, newest first, older than p_before_id when given.
 CREATE FUNCTION rules.list_changes(p_before_id bigint, p_limit integer)
@@ -783,6 +1037,14 @@ END
 $owner$;
 
 -- ===========================================================================
+-- Seed rows
+-- ===========================================================================
+
+-- The budget slices' anchors (under Citus, ledger.accounts is distributed
+-- by now: its shards' ranges).
+SELECT rules._place_budget_anchors();
+
+-- ===========================================================================
 -- Grants
 -- ===========================================================================
 
@@ -794,7 +1056,8 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA rules FROM PUBLIC;
 REVOKE UPDATE, DELETE, TRUNCATE ON rules.changes FROM CURRENT_USER;
 -- What rules.act and claim_action (SECURITY DEFINER) do.
 GRANT SELECT ON rules.rules, rules.campaigns, rules.changes TO rewards_owner;  -- and the history's view
-GRANT SELECT, UPDATE ON rules.campaign_budgets TO rewards_owner;
+GRANT SELECT, UPDATE ON rules.budget_slices TO rewards_owner;  -- the claim, on the user's shard
+GRANT SELECT ON rules.budget_anchors, rules.campaign_budgets TO rewards_owner;
 GRANT SELECT, INSERT, UPDATE ON rules.earnings TO rewards_owner;
 GRANT SELECT, INSERT ON rules.action_claims TO rewards_owner;
 GRANT USAGE ON SCHEMA rules TO rewards_owner;
@@ -817,7 +1080,11 @@ GRANT EXECUTE ON FUNCTION
     rules.check_campaign(rules.campaigns)
 TO rewards_api;
 GRANT SELECT, INSERT, UPDATE ON rules.rules, rules.campaigns TO rewards_api;
-GRANT SELECT, INSERT, UPDATE, DELETE ON rules.campaign_budgets TO rewards_api;
+GRANT SELECT, INSERT, UPDATE, DELETE ON rules.campaign_budgets, rules.budget_slices TO rewards_api;
+GRANT SELECT ON rules.budget_anchors TO rewards_api;
+-- The refill and a budget's change, which run as the API's role (above).
+GRANT EXECUTE ON FUNCTION rules.refill_budget_slice(bigint, text, bigint), rules.budget_report(bigint),
+    rules._budget_anchor(text), rules._gather_budget(bigint), rules._set_budget(bigint, bigint) TO rewards_api;
 GRANT SELECT, INSERT ON rules.changes TO rewards_api;
 GRANT SELECT ON rules.change_history TO rewards_api;
 GRANT USAGE ON SEQUENCE rules.campaigns_campaign_id_seq, rules.changes_change_id_seq TO rewards_api;
@@ -837,6 +1104,10 @@ COMMENT ON FUNCTION rules.put_rule(text, text, bigint, bigint, bigint, bigint, b
 'Create or change the rule of an action type (fixed_points, or points_per_unit per unit_value, rounded down; daily and lifetime caps); recorded in rules.changes.';
 COMMENT ON FUNCTION rules.put_campaign(text, bigint, text, timestamptz, timestamptz, integer, bigint, text[], text[], bigint, boolean) IS
 'Create (campaign_id NULL) or change a campaign: window, multiplier_percent or bonus_points, action types and sources (NULL: any), budget; recorded in rules.changes.';
+COMMENT ON FUNCTION rules.refill_budget_slice(bigint, text, bigint) IS
+'Give the user''s slice of a campaign''s budget at least p_points more (from the unallocated part, gathering the slices back when it is short); the API calls it when rules.act answers RLB01, then calls rules.act again.';
+COMMENT ON FUNCTION rules.budget_report(bigint) IS
+'A budgeted campaign''s budget, what it awarded, what is left (unallocated and in slices) and whether it has ended.';
 COMMENT ON VIEW rules.change_history IS
 'Every change of a rule or campaign: who, when, the row before and after. Readable by rewards_auditor.';
 
@@ -859,8 +1130,11 @@ BEGIN
     -- action's own shard, hashed like the accounts.
     PERFORM create_distributed_table('rules.earnings', 'user_id', colocate_with => 'ledger.accounts');
     PERFORM create_distributed_table('rules.action_claims', 'action_key', colocate_with => 'ledger.accounts');
-    -- rules.campaign_budgets stays a table of the coordinator: no budget is
-    -- accepted under Citus until the sliced counters (rules.check_campaign).
+    -- A budget's row and the anchors on every node; its slices each on the
+    -- shard of the users it serves (rules.budget_anchors).
+    PERFORM create_reference_table('rules.campaign_budgets');
+    PERFORM create_reference_table('rules.budget_anchors');
+    PERFORM create_distributed_table('rules.budget_slices', 'anchor', colocate_with => 'ledger.accounts');
     FOR v_function IN
         SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
         WHERE p.pronamespace = 'rules'::regnamespace AND p.prokind = 'f'

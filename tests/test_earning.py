@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from app.ledger import calls
+from app.ledger import actions, calls
 from app.ledger.client import Ledger
 from app.ledger.errors import InvalidArgument
 from tests.conftest import SETTINGS
@@ -21,13 +21,9 @@ NOW = datetime.now(timezone.utc)
 
 
 def act(conn, user, external_id, action_type="ad_view", source="adnet", value=None, key=None, occurred_at=None):
-    """The two steps the API takes (app.ledger.actions.earn), on one connection."""
-    ledger = Ledger(conn)
-    owner = ledger(calls.claim_action(user, source, external_id))["owner"]
-    if owner != user:
-        return {"status": "action_claimed_by_another_user"}
-    return asdict(ledger(calls.act(user, key or f"k-{external_id}", source, external_id, action_type, value,
-                                   occurred_at, {})))
+    """The steps the API takes (app.ledger.actions.earn), on one connection."""
+    return asdict(actions.earn_on(Ledger(conn), user, key or f"k-{external_id}", source, external_id, action_type,
+                                  value, occurred_at, {}))
 
 
 def rule(conn, action_type, **fields):
@@ -155,29 +151,6 @@ def test_a_new_day_starts_the_daily_cap_again_but_not_the_lifetime_one(api_db, d
     assert act(api_db, "alice", "imp-4")["status"] == "cap_reached"
 
 
-@pytest.mark.single_node("a campaign budget is refused under Citus until the sliced counters")
-def test_a_budget_is_never_overspent_and_is_exhausted_exactly(api_db, db, database):
-    rule(api_db, "ad_view", fixed_points=10)
-    promo = campaign(api_db, "budgeted", bonus_points=7, budget=50)
-    results = _together(database, lambda conn, i: act(conn, f"user-{i}", f"imp-{i}"))
-    assert all(r["status"] == "ok" and r["base_points"] == 10 for r in results)
-    extra = sorted((r["campaign_points"] or 0) for r in results)
-    assert sum(extra) == 50 and extra[-8:] == [1] + [7] * 7  # 7 * 7 = 49, then the last point
-    assert sum(1 for r in results if r["budget_exhausted"]) == len(results) - 7
-    spent = Ledger(api_db)(calls.list_campaigns())
-    assert [(c.campaign_id, c.spent) for c in spent] == [(promo.campaign_id, 50)]
-    assert unreconciled_accounts(db) == []
-
-
-@pytest.mark.citus
-def test_a_budget_is_refused_under_citus_until_the_sliced_counters(api_db, db):
-    if not db.execute("SELECT FROM pg_extension WHERE extname = 'citus'").fetchone():
-        pytest.skip("single node: budgets are held by one exact row")
-    with pytest.raises(InvalidArgument) as refused:
-        campaign(api_db, "budgeted", bonus_points=7, budget=50)
-    assert refused.value.field == "budget"
-
-
 @pytest.mark.parametrize(("fields", "field"), [
     ({"fixed_points": 0}, "fixed_points"),
     ({"fixed_points": 5, "points_per_unit": 1, "unit_value": 100}, "fixed_points"),
@@ -224,6 +197,6 @@ def test_the_api_role_cannot_rewrite_history_or_touch_the_earning_tables(api_db)
     rule(api_db, "ad_view", fixed_points=10)
     for statement in ("UPDATE rules.changes SET actor = 'nobody'", "DELETE FROM rules.changes",
                       "SELECT * FROM rules.earnings", "SELECT * FROM rules.action_claims",
-                      "SELECT rules._claim_budget(1, 10)"):
+                      "SELECT rules._claim_budget(1, 'alice', 10)"):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             api_db.execute(statement)

@@ -22,6 +22,7 @@ from app.ledger.results import (
     ActionOutcome,
     ApiKey,
     Balance,
+    BudgetReport,
     CallbackSecret,
     Campaign,
     Change,
@@ -139,6 +140,17 @@ def act(user_id: str, key: str, source: str, external_id: str, action_type: str,
     return Call(queries.ACT, {
         "user_id": _user(user_id), "key": key, "source": source, "external_id": external_id, "type": action_type,
         "value": value, "occurred_at": occurred_at, "metadata": _json(metadata)}, ActionOutcome)
+
+
+def refill_budget_slice(campaign_id: int, user_id: str, points: int) -> Call[dict]:
+    """Give the user's slice of the campaign's budget at least `points` more (rules.act answered BudgetSliceLow)."""
+    return Call(queries.REFILL_BUDGET_SLICE, {"campaign_id": campaign_id, "user_id": _user(user_id), "points": points},
+                shape=Shape.NONE)
+
+
+def budget_report(campaign_id: int) -> Call[BudgetReport]:
+    """A budgeted campaign's budget, awarded and left points; None for a campaign without a budget."""
+    return Call(queries.BUDGET_REPORT, {"campaign_id": campaign_id}, BudgetReport, Shape.MAYBE)
 
 
 def put_rule(actor: str, action_type: str, *, fixed_points: int | None = None, points_per_unit: int | None = None,

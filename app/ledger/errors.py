@@ -43,6 +43,17 @@ class Refused(LedgerError):
     what to do about it."""
 
 
+class BudgetSliceLow(LedgerError):
+    """rules.act found the user's slice of a campaign's budget too short for
+    the claim (SQLSTATE RLB01) and wrote nothing: refill it
+    (calls.refill_budget_slice) and call again. app.ledger.actions does."""
+
+    def __init__(self, message: str, campaign_id: int, points: int) -> None:
+        super().__init__(message)
+        self.campaign_id = campaign_id
+        self.points = points
+
+
 class AlreadyExists(LedgerError):
     """The object a call creates is there already (SQLSTATE 42710), such as a
     replication slot another process made a moment before."""
@@ -130,7 +141,14 @@ def _ledger_error(kind: type[psycopg.Error], message: str, column: str | None) -
         # switchover before PgBouncer points at the new primary): nothing was
         # written, and the same call succeeds again on the primary.
         return Unavailable(f"the database is read-only for now: {_line(message)}")
+    # rules._claim_budget's RLB01, a class psycopg does not know: read from the
+    # message, which Citus relays from a worker without the error's other fields.
+    if low := _BUDGET_SLICE_LOW.match(message or ""):
+        return BudgetSliceLow(_line(message), int(low.group(1)), int(low.group(2)))
     return None
+
+
+_BUDGET_SLICE_LOW = re.compile(r"^budget slice low: campaign (\d+) needs (\d+)$")
 
 
 def _argument_named_in(message: str) -> str | None:

@@ -288,3 +288,19 @@ class Change:
     operation: str
     before: dict[str, Any] | None
     after: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetReport:
+    """rules.budget_report: what a budgeted campaign awarded and what is left
+    (unallocated, and held by its slices), and whether it has ended."""
+
+    campaign_id: int
+    name: str
+    ends_at: datetime
+    ended: bool
+    budget: int
+    awarded: int
+    left_points: int
+    in_slices: int
+    unallocated: int

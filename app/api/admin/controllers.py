@@ -15,7 +15,7 @@ from app.api.ratelimit import Decision
 from app.api.security import scope_and_token
 from app.ledger import calls, limits
 from app.ledger.client import AsyncLedger
-from app.ledger.results import Campaign, Change, Rule
+from app.ledger.results import BudgetReport, Campaign, Change, Rule
 
 ActionType = Annotated[str, Parameter(pattern=limits.NAME_PATTERN, description="the action type")]
 CampaignId = Annotated[int, Parameter(ge=1, le=2**63 - 1)]
@@ -61,6 +61,14 @@ class AdminController(Controller):
          responses=documented("forbidden"))
     async def campaigns(self, ledger: AsyncLedger, rate_limit: Decision) -> Response[list[Campaign]]:
         return Response(await ledger(calls.list_campaigns()), headers=rate_limit.headers())
+
+    @get("/campaigns/{campaign_id:int}/budget", guards=ADMIN,
+         summary="A budgeted campaign's budget, what it awarded and what is left (unallocated and in its slices)",
+         responses=documented("forbidden", "not-found"))
+    async def campaign_budget(self, ledger: AsyncLedger, rate_limit: Decision,
+                              campaign_id: CampaignId) -> Response[BudgetReport]:
+        report = await ledger(calls.budget_report(campaign_id))
+        return Response(_found(report, "campaign with a budget"), headers=rate_limit.headers())
 
     @post("/campaigns", guards=ADMIN, dto=StrictJson[CampaignRequest], return_dto=None, status_code=201,
           summary="Create a campaign", responses=documented("forbidden"))

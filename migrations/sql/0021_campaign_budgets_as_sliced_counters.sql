@@ -1,0 +1,634 @@
+-- ===========================================================================
+-- Campaign budgets as sliced counters (revision 0021)
+--
+-- A claim no longer updates the campaign's one budget row: it draws from its
+-- slice of the budget (rules.budget_slices), one per anchor, which under
+-- Citus lives on the shard of the users it serves, so a claim stays one
+-- single-shard transaction; a slice that runs short is refilled from the
+-- budget's unallocated part in a transaction of its own
+-- (rules.refill_budget_slice, called by the API when a claim answers RLB01).
+-- campaign_budgets keeps the budget and what no slice holds (unallocated, in
+-- place of spent: a sum over the slices gives what was awarded). Budgets are
+-- accepted under Citus from now on. docs/ARCHITECTURE.md says why.
+-- ===========================================================================
+
+ALTER TABLE rules.campaign_budgets ADD COLUMN unallocated bigint;
+UPDATE rules.campaign_budgets SET unallocated = budget - spent;
+ALTER TABLE rules.campaign_budgets ALTER COLUMN unallocated SET NOT NULL,
+    DROP CONSTRAINT campaign_budgets_never_overspent;
+ALTER TABLE rules.campaign_budgets ADD COLUMN exhausted boolean NOT NULL DEFAULT false;
+ALTER TABLE rules.campaign_budgets DROP COLUMN spent,
+    ADD CONSTRAINT campaign_budgets_never_overspent CHECK (budget >= 1 AND unallocated BETWEEN 0 AND budget);
+
+-- Where a user's claims on a budget draw from: the slice whose anchor is the
+-- row of this table covering the hashtext of the user id. Under Citus one row
+-- per shard of ledger.accounts, its range the shard's and its anchor a text
+-- that hashes into it (Citus places a text value by hashtext), so a slice keyed
+-- by the anchor lives on the shard of every user it serves
+-- (rules._place_budget_anchors); on a single node, equal ranges.
+CREATE TABLE rules.budget_anchors (
+    slice_no  integer NOT NULL,
+    hash_min  integer NOT NULL,
+    hash_max  integer NOT NULL,
+    anchor    text NOT NULL,
+    CONSTRAINT budget_anchors_pkey PRIMARY KEY (slice_no),
+    CONSTRAINT budget_anchors_anchor_inside CHECK (hash_min <= hash_max AND hashtext(anchor) BETWEEN hash_min AND hash_max)
+);
+
+-- A slice of a campaign's budget (a sharded counter): what the claims of its
+-- anchor's users may still take without a refill. reclaimed: what the last
+-- gathering took back (rules._gather_budget reads it).
+CREATE TABLE rules.budget_slices (
+    anchor       text NOT NULL,
+    campaign_id  bigint NOT NULL,
+    remaining    bigint NOT NULL DEFAULT 0,
+    reclaimed    bigint NOT NULL DEFAULT 0,
+    CONSTRAINT budget_slices_pkey PRIMARY KEY (anchor, campaign_id),
+    CONSTRAINT budget_slices_never_negative CHECK (remaining >= 0 AND reclaimed >= 0)
+);
+
+
+DROP FUNCTION rules._claim_budget(bigint, bigint);
+
+-- The anchor of the slice a user's claims draw from (rules.budget_anchors).
+-- PL/pgSQL: Citus plans no parameter of an SQL function's query.
+CREATE FUNCTION rules._budget_anchor(p_user_id text)
+RETURNS text
+LANGUAGE plpgsql
+STABLE
+AS $$
+DECLARE
+    v_hash constant integer := hashtext(p_user_id);
+    v_anchor text;
+BEGIN
+    SELECT anchor INTO v_anchor FROM rules.budget_anchors WHERE v_hash BETWEEN hash_min AND hash_max;
+    RETURN v_anchor;
+END;
+$$;
+
+
+-- The table that holds the user's slices by its own name: under Citus the
+-- shard of rules.budget_slices on the user's node (a call delegated there with
+-- force_delegation may only name the distributed table with the user's own
+-- key, and a slice is keyed by its anchor), without Citus the table itself.
+CREATE FUNCTION rules._slice_table(p_user_id text)
+RETURNS text
+LANGUAGE plpgsql
+STABLE
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        RETURN 'rules.budget_slices';
+    END IF;
+    RETURN pg_catalog.shard_name('rules.budget_slices',
+                                 pg_catalog.get_shard_id_for_distribution_column('rules.budget_slices', p_user_id));
+END;
+$$;
+
+
+-- The anchors: under Citus one per shard of ledger.accounts, found by trying
+-- 'budget-slice-<n>' until one hashes into each shard's range (a few hundred
+-- tries for 32 shards); on a single node 8 equal ranges, which is as many rows
+-- as concurrent claims of one campaign need to spread over. Run again after
+-- the shards of ledger.accounts are split (moves keep the ranges).
+CREATE FUNCTION rules._place_budget_anchors()
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_range record;
+    v_slice integer := 0;
+    v_n integer;
+BEGIN
+    DELETE FROM rules.budget_anchors;
+    FOR v_range IN EXECUTE CASE
+        WHEN EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+            -- text, so read through EXECUTE: pg_dist_shard exists only with Citus
+            'SELECT shardminvalue::integer AS lo, shardmaxvalue::integer AS hi FROM pg_catalog.pg_dist_shard
+             WHERE logicalrelid = ''ledger.accounts''::regclass ORDER BY 1'
+        ELSE
+            'SELECT (-2147483648 + g * 536870912::bigint)::integer AS lo,
+                    (-2147483648 + (g + 1) * 536870912::bigint - 1)::integer AS hi
+             FROM generate_series(0, 7) AS g ORDER BY 1'
+        END
+    LOOP
+        v_n := 0;
+        LOOP
+            v_n := v_n + 1;
+            EXIT WHEN hashtext('budget-slice-' || v_n) BETWEEN v_range.lo AND v_range.hi;
+        END LOOP;
+        INSERT INTO rules.budget_anchors (slice_no, hash_min, hash_max, anchor)
+        VALUES (v_slice, v_range.lo, v_range.hi, 'budget-slice-' || v_n);
+        v_slice := v_slice + 1;
+    END LOOP;
+END;
+$$;
+
+
+-- The budget claim, a sharded counter: up to p_points from the user's slice
+-- of the campaign's budget, locked on the user's shard with the account (lock
+-- order: account, then slice), so concurrent claims queue per slice, not on
+-- one row. A slice too short for the claim is refilled outside this
+-- transaction: the call raises RLB01 (budget slice low, nothing written), the
+-- caller runs rules.refill_budget_slice and calls again (app.ledger.actions).
+-- Once the budget has nothing beyond the slices (exhausted, read from the
+-- budget's row, a reference table's copy on this node), the claim takes what
+-- the slice has, 0 when it is spent. Answers the points granted.
+CREATE FUNCTION rules._claim_budget(p_campaign_id bigint, p_user_id text, p_points bigint)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_anchor constant text := rules._budget_anchor(p_user_id);
+    v_table constant text := rules._slice_table(p_user_id);
+    v_slice rules.budget_slices;
+    v_granted bigint;
+BEGIN
+    EXECUTE format('SELECT * FROM %s WHERE anchor = $1 AND campaign_id = $2 FOR UPDATE', v_table)
+        INTO v_slice USING v_anchor, p_campaign_id;
+    IF coalesce(v_slice.remaining, 0) < p_points
+       AND NOT coalesce((SELECT b.exhausted FROM rules.campaign_budgets b WHERE b.campaign_id = p_campaign_id), true) THEN
+        RAISE EXCEPTION USING ERRCODE = 'RLB01',
+            MESSAGE = format('budget slice low: campaign %s needs %s', p_campaign_id, p_points),
+            HINT = 'call rules.refill_budget_slice(campaign_id, user_id, points), then the action again';
+    END IF;
+    v_granted := least(coalesce(v_slice.remaining, 0), p_points);
+    IF v_granted > 0 THEN
+        EXECUTE format('UPDATE %s SET remaining = remaining - $3 WHERE anchor = $1 AND campaign_id = $2', v_table)
+            USING v_anchor, p_campaign_id, v_granted;
+    END IF;
+    RETURN v_granted;
+END;
+$$;
+
+
+-- Take every slice's points of a campaign back; answers how many. Call with
+-- the budget row locked.
+CREATE FUNCTION rules._gather_budget(p_campaign_id bigint)
+RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_total bigint := 0;
+    v_part bigint;
+BEGIN
+    -- reclaimed = remaining reads the value before the update, which is what
+    -- RETURNING cannot give.
+    FOR v_part IN
+        UPDATE rules.budget_slices SET reclaimed = remaining, remaining = 0
+        WHERE campaign_id = p_campaign_id AND remaining > 0
+        RETURNING reclaimed
+    LOOP
+        v_total := v_total + v_part;
+    END LOOP;
+    RETURN v_total;
+END;
+$$;
+
+
+-- Set (or drop, p_budget NULL) a campaign's budget: the slices are gathered
+-- back, what was awarded stays awarded (a budget below it, or none once it
+-- paid, is refused), the
+-- rest is unallocated again and the budget no longer exhausted. Call with the campaign's
+-- change serialized (rules.put_campaign's lock).
+CREATE FUNCTION rules._set_budget(p_campaign_id bigint, p_budget bigint)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_budget rules.campaign_budgets;
+    v_awarded bigint;
+BEGIN
+    -- One connection per node for the statements below, which touch the
+    -- budget's reference row and many shards in one transaction.
+    PERFORM pg_catalog.set_config('citus.multi_shard_modify_mode', 'sequential', true);
+    UPDATE rules.campaign_budgets SET unallocated = unallocated WHERE campaign_id = p_campaign_id
+    RETURNING * INTO v_budget;
+    IF NOT FOUND THEN
+        IF p_budget IS NOT NULL THEN
+            INSERT INTO rules.campaign_budgets (campaign_id, budget, unallocated)
+            VALUES (p_campaign_id, p_budget, p_budget);
+        END IF;
+        RETURN;
+    END IF;
+    v_awarded := v_budget.budget - v_budget.unallocated - rules._gather_budget(p_campaign_id);
+    IF v_awarded > 0 AND (p_budget IS NULL OR p_budget < v_awarded) THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', COLUMN = 'budget',
+            MESSAGE = format('invalid budget: the campaign has paid %s points already', v_awarded);
+    END IF;
+    IF p_budget IS NULL THEN
+        DELETE FROM rules.budget_slices WHERE campaign_id = p_campaign_id;
+        DELETE FROM rules.campaign_budgets WHERE campaign_id = p_campaign_id;
+        RETURN;
+    END IF;
+    UPDATE rules.campaign_budgets SET budget = p_budget, unallocated = p_budget - v_awarded, exhausted = false
+    WHERE campaign_id = p_campaign_id;
+END;
+$$;
+
+
+-- A verified action: the points come from the rules, never from the caller.
+-- The rule of p_action_type gives the base points (fixed, or floor(value *
+-- points_per_unit / unit_value)); the best eligible campaign whose window holds
+-- p_occurred_at adds to them; the user's daily and lifetime caps for the type
+-- cut the total down; a budgeted campaign pays only what its budget has left.
+-- The credit is ledger._credit_entry's, on the account locked first; the
+-- earning (rule, campaign, caps, budget) is kept in the entry's metadata under
+-- "earning". Refusals (not_eligible, cap_reached, action_already_credited)
+-- write only their idempotency record.
+CREATE OR REPLACE FUNCTION rules.act(
+    p_user_id text,
+    p_idempotency_key text,
+    p_source text,
+    p_external_id text,
+    p_action_type text,
+    p_value bigint,
+    p_occurred_at timestamptz,
+    p_metadata jsonb
+)
+RETURNS rules.action_result
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_settings ledger.settings := ledger._settings();
+    v_now constant timestamptz := now();
+    v_today constant date := (now() AT TIME ZONE 'UTC')::date;
+    v_account ledger.accounts;
+    v_request bytea;
+    v_result ledger.result;
+    v_rule rules.rules;
+    v_campaign rules.campaigns;
+    v_earned rules.earnings;
+    v_base bigint;
+    v_extra bigint := 0;
+    v_room bigint;
+    v_base_award bigint;
+    v_extra_award bigint := 0;
+    v_budget_short boolean := false;
+    v_points bigint;
+    v_earning jsonb;
+BEGIN
+    PERFORM ledger._check_request(v_settings, p_user_id, p_idempotency_key, 'action', p_metadata);
+    IF NOT ledger._is_name(p_source) THEN
+        PERFORM ledger._invalid('source', 'must be 1-64 characters of A-Z a-z 0-9 . _ : -');
+    END IF;
+    IF NOT ledger._is_token(p_external_id) THEN
+        PERFORM ledger._invalid('external_id', 'must be 1-255 visible ASCII characters');
+    END IF;
+    IF NOT ledger._is_name(p_action_type) THEN
+        PERFORM ledger._invalid('type', 'must be 1-64 characters of A-Z a-z 0-9 . _ : -');
+    END IF;
+    IF p_value < 0 OR p_value > 1000000000000 THEN
+        PERFORM ledger._invalid('value', 'must be an integer from 0 to 1000000000000 (minor currency units)');
+    END IF;
+    -- An action reported from the future, or too long after it happened to
+    -- fall in any campaign window it names, is refused.
+    IF p_occurred_at IS NOT NULL
+       AND (p_occurred_at > v_now + interval '5 minutes' OR p_occurred_at < v_now - interval '30 days') THEN
+        PERFORM ledger._invalid('occurred_at', 'must be within the last 30 days (and not in the future)');
+    END IF;
+
+    v_account := ledger._lock_account(p_user_id);
+    v_request := ledger._fingerprint(jsonb_build_array(
+        p_source, p_external_id, p_action_type, p_value, p_occurred_at, p_metadata));
+    v_result := ledger._replay(v_account, p_idempotency_key, 'action', v_request);
+    IF v_result.status IS NOT NULL THEN
+        RETURN rules._action_result(v_result, (
+            SELECT e.metadata->'earning' FROM ledger.entries e
+            WHERE e.user_id = p_user_id AND e.entry_id = v_result.entry_id));
+    END IF;
+
+    IF ledger._action_credited(p_user_id, p_source, p_external_id) THEN
+        RETURN rules._action_result(ledger._remember(p_idempotency_key, 'action', v_request,
+            ledger._refusal('action_already_credited', v_account)), NULL);
+    END IF;
+
+    SELECT * INTO v_rule FROM rules.rules WHERE action_type = p_action_type AND enabled;
+    IF FOUND THEN
+        IF v_rule.fixed_points IS NOT NULL THEN
+            v_base := v_rule.fixed_points;
+        ELSIF p_value IS NULL THEN
+            PERFORM ledger._invalid('value', format('the %s rule earns per unit: send the value', p_action_type));
+        ELSE
+            -- numeric: exact, and no overflow before the division
+            v_base := div(p_value::numeric * v_rule.points_per_unit, v_rule.unit_value)::bigint;
+        END IF;
+    END IF;
+    IF coalesce(v_base, 0) = 0 THEN
+        RETURN rules._action_result(ledger._remember(p_idempotency_key, 'action', v_request,
+            ledger._refusal('not_eligible', v_account)), jsonb_build_object('rule', v_rule.action_type));
+    END IF;
+
+    -- The eligible campaign that adds the most (the oldest among equals).
+    SELECT * INTO v_campaign FROM rules.campaigns c
+    WHERE c.enabled
+      AND coalesce(p_occurred_at, v_now) >= c.starts_at AND coalesce(p_occurred_at, v_now) < c.ends_at
+      AND (c.action_types IS NULL OR p_action_type = ANY (c.action_types))
+      AND (c.sources IS NULL OR p_source = ANY (c.sources))
+    ORDER BY coalesce(div(v_base::numeric * (c.multiplier_percent - 100), 100), c.bonus_points) DESC,
+             c.campaign_id
+    LIMIT 1;
+    IF FOUND THEN
+        v_extra := coalesce(div(v_base::numeric * (v_campaign.multiplier_percent - 100), 100)::bigint,
+                            v_campaign.bonus_points);
+    END IF;
+
+    SELECT * INTO v_earned FROM rules.earnings WHERE user_id = p_user_id AND action_type = p_action_type;
+    IF v_earned.day IS DISTINCT FROM v_today THEN
+        v_earned.day_points := 0;
+    END IF;
+    v_room := least(v_rule.daily_cap - v_earned.day_points, v_rule.lifetime_cap - v_earned.lifetime_points,
+                    v_base + v_extra);
+    IF v_room <= 0 THEN
+        RETURN rules._action_result(ledger._remember(p_idempotency_key, 'action', v_request,
+            ledger._refusal('cap_reached', v_account)),
+            jsonb_build_object('rule', v_rule.action_type, 'base_points', v_base, 'capped', true));
+    END IF;
+    v_base_award := least(v_base, v_room);
+    IF v_extra > 0 AND v_room > v_base_award THEN
+        v_extra_award := v_room - v_base_award;
+        IF v_campaign.budget IS NOT NULL THEN
+            v_extra_award := rules._claim_budget(v_campaign.campaign_id, p_user_id, v_room - v_base_award);
+            v_budget_short := v_extra_award < v_room - v_base_award;
+        END IF;
+    END IF;
+    v_points := v_base_award + v_extra_award;
+    IF v_points > v_settings.max_amount THEN
+        PERFORM ledger._invalid('value', format('earns more than %s points', v_settings.max_amount));
+    END IF;
+
+    INSERT INTO rules.earnings AS e (user_id, action_type, day, day_points, lifetime_points)
+    VALUES (p_user_id, p_action_type, v_today, v_points, v_points)
+    ON CONFLICT (user_id, action_type) DO UPDATE SET
+        day_points = CASE WHEN e.day = EXCLUDED.day THEN e.day_points + EXCLUDED.day_points
+                          ELSE EXCLUDED.day_points END,
+        day = EXCLUDED.day,
+        lifetime_points = e.lifetime_points + EXCLUDED.lifetime_points;
+
+    v_earning := jsonb_build_object(
+        'rule', v_rule.action_type, 'base_points', v_base,
+        'campaign_id', CASE WHEN v_extra_award > 0 THEN v_campaign.campaign_id END,
+        'campaign_points', CASE WHEN v_extra_award > 0 THEN v_extra_award END,
+        'capped', v_room < v_base + v_extra, 'budget_exhausted', v_budget_short);
+    v_result := ledger._credit_entry(
+        v_account, p_idempotency_key, v_points, format('%s from %s', p_action_type, p_source),
+        p_source, p_external_id, p_metadata || jsonb_build_object('earning', v_earning), NULL, NULL);
+    RETURN rules._action_result(ledger._remember(p_idempotency_key, 'action', v_request, v_result), v_earning);
+END;
+$$;
+
+
+CREATE OR REPLACE FUNCTION rules.check_campaign(p_campaign rules.campaigns)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_campaign.name IS NULL OR length(p_campaign.name) NOT BETWEEN 1 AND 100 OR p_campaign.name ~ '[[:cntrl:]]' THEN
+        PERFORM ledger._invalid('name', 'must be 1-100 characters without control characters');
+    END IF;
+    IF p_campaign.starts_at IS NULL OR p_campaign.ends_at IS NULL OR p_campaign.ends_at <= p_campaign.starts_at THEN
+        PERFORM ledger._invalid('ends_at', 'the window needs starts_at and a later ends_at');
+    END IF;
+    IF (p_campaign.multiplier_percent IS NULL) = (p_campaign.bonus_points IS NULL) THEN
+        PERFORM ledger._invalid('multiplier_percent', 'give multiplier_percent or bonus_points, not both');
+    END IF;
+    IF p_campaign.multiplier_percent NOT BETWEEN 101 AND 10000 THEN
+        PERFORM ledger._invalid('multiplier_percent', 'must be an integer from 101 (x1.01) to 10000 (x100)');
+    END IF;
+    IF p_campaign.bonus_points NOT BETWEEN 1 AND 100000000 THEN
+        PERFORM ledger._invalid('bonus_points', 'must be an integer from 1 to 100000000');
+    END IF;
+    IF p_campaign.budget < 1 THEN
+        PERFORM ledger._invalid('budget', 'must be a positive integer, or absent for no budget');
+    END IF;
+    PERFORM rules._check_names('action_types', p_campaign.action_types);
+    PERFORM rules._check_names('sources', p_campaign.sources);
+END;
+$$;
+
+
+-- Create a campaign (p_campaign_id NULL) or change one (a row of NULLs for an
+-- unknown id). A budget cannot go below what the campaign has paid out.
+CREATE OR REPLACE FUNCTION rules.put_campaign(
+    p_actor text,
+    p_campaign_id bigint,
+    p_name text,
+    p_starts_at timestamptz,
+    p_ends_at timestamptz,
+    p_multiplier_percent integer,
+    p_bonus_points bigint,
+    p_action_types text[],
+    p_sources text[],
+    p_budget bigint,
+    p_enabled boolean
+)
+RETURNS rules.campaigns
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_now constant timestamptz := now();
+    v_before rules.campaigns;
+    v_campaign rules.campaigns;
+    v_operation text;
+    v_old jsonb;
+    v_new jsonb;
+    v_id text;
+BEGIN
+    PERFORM rules.check_change(p_actor, p_enabled);
+    v_campaign := ROW(p_campaign_id, p_name, p_starts_at, p_ends_at, p_multiplier_percent, p_bonus_points,
+                      p_action_types, p_sources, p_budget, p_enabled, v_now, v_now)::rules.campaigns;
+    PERFORM rules.check_campaign(v_campaign);
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('rules.changes'));
+    IF p_campaign_id IS NULL THEN
+        IF EXISTS (SELECT FROM rules.campaigns WHERE name = p_name) THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', COLUMN = 'name',
+                MESSAGE = format('invalid name: a campaign named %s exists', p_name);
+        END IF;
+        v_campaign.campaign_id := nextval('rules.campaigns_campaign_id_seq');
+        INSERT INTO rules.campaigns SELECT v_campaign.*;
+    ELSE
+        SELECT * INTO v_before FROM rules.campaigns WHERE campaign_id = p_campaign_id;
+        IF NOT FOUND THEN
+            RETURN v_before;
+        END IF;
+        IF EXISTS (SELECT FROM rules.campaigns WHERE name = p_name AND campaign_id <> p_campaign_id) THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', COLUMN = 'name',
+                MESSAGE = format('invalid name: a campaign named %s exists', p_name);
+        END IF;
+        v_campaign.created_at := v_before.created_at;
+        UPDATE rules.campaigns SET name = v_campaign.name, starts_at = v_campaign.starts_at,
+            ends_at = v_campaign.ends_at, multiplier_percent = v_campaign.multiplier_percent,
+            bonus_points = v_campaign.bonus_points, action_types = v_campaign.action_types,
+            sources = v_campaign.sources, budget = v_campaign.budget, enabled = v_campaign.enabled,
+            updated_at = v_now
+        WHERE campaign_id = p_campaign_id;
+    END IF;
+    PERFORM rules._set_budget(v_campaign.campaign_id, p_budget);
+    v_operation := CASE WHEN p_campaign_id IS NULL THEN 'create' ELSE 'change' END;
+    v_old := CASE WHEN p_campaign_id IS NOT NULL THEN to_jsonb(v_before) END;
+    v_new := to_jsonb(v_campaign);
+    v_id := v_campaign.campaign_id::text;
+    INSERT INTO rules.changes (actor, subject, subject_id, operation, before, after)
+    VALUES (p_actor, 'campaign', v_id, v_operation, v_old, v_new);
+    RETURN v_campaign;
+END;
+$$;
+
+
+-- Every campaign with what its budget has paid (spent NULL: no budget).
+CREATE OR REPLACE FUNCTION rules.list_campaigns()
+RETURNS TABLE (campaign_id bigint, name text, starts_at timestamptz, ends_at timestamptz,
+               multiplier_percent integer, bonus_points bigint, action_types text[], sources text[],
+               budget bigint, spent bigint, enabled boolean, created_at timestamptz, updated_at timestamptz)
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT c.campaign_id, c.name, c.starts_at, c.ends_at, c.multiplier_percent, c.bonus_points,
+           c.action_types, c.sources, c.budget, b.budget - b.unallocated - coalesce(h.held, 0), c.enabled,
+           c.created_at, c.updated_at
+    FROM rules.campaigns c
+    LEFT JOIN rules.campaign_budgets b ON b.campaign_id = c.campaign_id
+    -- what the slices hold, summed apart (under Citus over every shard, then joined)
+    LEFT JOIN (SELECT s.campaign_id, sum(s.remaining) AS held FROM rules.budget_slices s GROUP BY s.campaign_id) h
+        ON h.campaign_id = c.campaign_id
+    ORDER BY c.campaign_id;
+$$;
+
+
+-- A refill: the user's slice of the campaign gets at least p_points more,
+-- from the unallocated part of the budget; when that is too little, every
+-- slice is gathered back first; when even all of it is too little, the slice
+-- gets all there is and the budget is exhausted (claims then
+-- take what they find, down to the last point). A slice gets more than it
+-- asked, a share of what is unallocated (1/slices), so refills stay
+-- rare: one transaction on the coordinator, over the budget's reference row
+-- and the slice's shard (every shard when it gathers), run as its caller.
+-- Does nothing when another refill came first.
+CREATE FUNCTION rules.refill_budget_slice(p_campaign_id bigint, p_user_id text, p_points bigint)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_anchor constant text := rules._budget_anchor(p_user_id);
+    v_slices constant bigint := (SELECT count(*) FROM rules.budget_anchors);
+    v_unallocated bigint;
+    v_slice rules.budget_slices;
+    v_need bigint;
+    v_give bigint;
+    v_exhausted boolean := false;
+BEGIN
+    IF p_points IS NULL OR p_points < 1 OR v_anchor IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', COLUMN = 'points',
+            MESSAGE = 'invalid points: a refill needs a user id and a positive number of points';
+    END IF;
+    -- Refilled meanwhile by the refill of a concurrent claim: nothing to lock.
+    SELECT * INTO v_slice FROM rules.budget_slices WHERE anchor = v_anchor AND campaign_id = p_campaign_id;
+    IF v_slice.remaining >= p_points THEN
+        RETURN;
+    END IF;
+    PERFORM pg_catalog.set_config('citus.multi_shard_modify_mode', 'sequential', true);
+    -- The budget row first: refills and changes of one campaign go one at a time.
+    UPDATE rules.campaign_budgets SET unallocated = unallocated WHERE campaign_id = p_campaign_id AND NOT exhausted
+    RETURNING unallocated INTO v_unallocated;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    SELECT * INTO v_slice FROM rules.budget_slices
+    WHERE anchor = v_anchor AND campaign_id = p_campaign_id FOR UPDATE;
+    IF v_slice.remaining >= p_points THEN
+        RETURN;
+    END IF;
+    v_need := p_points - coalesce(v_slice.remaining, 0);
+    IF v_unallocated < v_need THEN
+        v_unallocated := v_unallocated + rules._gather_budget(p_campaign_id);
+        v_need := p_points;  -- this slice was gathered too
+    END IF;
+    IF v_unallocated <= v_need THEN
+        v_give := v_unallocated;
+        v_exhausted := true;
+    ELSE
+        v_give := least(v_unallocated, greatest(v_need, ceil(v_unallocated::numeric / v_slices)::bigint));
+    END IF;
+    INSERT INTO rules.budget_slices AS s (anchor, campaign_id, remaining) VALUES (v_anchor, p_campaign_id, v_give)
+    ON CONFLICT (anchor, campaign_id) DO UPDATE SET remaining = s.remaining + EXCLUDED.remaining;
+    UPDATE rules.campaign_budgets SET unallocated = v_unallocated - v_give, exhausted = v_exhausted
+    WHERE campaign_id = p_campaign_id;
+END;
+$$;
+
+
+-- What a budgeted campaign has awarded and what is left (unallocated plus
+-- what its slices hold), and whether it has ended (its window closed, or
+-- disabled): the report of a finished campaign. No row for a campaign without
+-- a budget.
+CREATE FUNCTION rules.budget_report(p_campaign_id bigint)
+RETURNS TABLE (campaign_id bigint, name text, ends_at timestamptz, ended boolean, budget bigint,
+               awarded bigint, left_points bigint, in_slices bigint, unallocated bigint)
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_held bigint;
+BEGIN
+    -- Apart from the join: under Citus a sum over the slices' shards.
+    SELECT coalesce(sum(s.remaining), 0) INTO v_held FROM rules.budget_slices s WHERE s.campaign_id = p_campaign_id;
+    RETURN QUERY
+        SELECT c.campaign_id, c.name, c.ends_at, c.ends_at <= now() OR NOT c.enabled, b.budget,
+               b.budget - b.unallocated - v_held, b.unallocated + v_held, v_held, b.unallocated
+        FROM rules.campaigns c JOIN rules.campaign_budgets b ON b.campaign_id = c.campaign_id
+        WHERE c.campaign_id = p_campaign_id;
+END;
+$$;
+
+
+ALTER FUNCTION rules._budget_anchor(text) OWNER TO rewards_owner;
+ALTER FUNCTION rules._slice_table(text) OWNER TO rewards_owner;
+ALTER FUNCTION rules._place_budget_anchors() OWNER TO rewards_owner;
+ALTER FUNCTION rules._claim_budget(bigint, text, bigint) OWNER TO rewards_owner;
+ALTER FUNCTION rules._gather_budget(bigint) OWNER TO rewards_owner;
+ALTER FUNCTION rules._set_budget(bigint, bigint) OWNER TO rewards_owner;
+ALTER FUNCTION rules.refill_budget_slice(bigint, text, bigint) OWNER TO rewards_owner;
+ALTER FUNCTION rules.budget_report(bigint) OWNER TO rewards_owner;
+
+SELECT rules._place_budget_anchors();
+
+REVOKE ALL ON rules.budget_anchors, rules.budget_slices FROM PUBLIC;
+REVOKE ALL ON FUNCTION rules._budget_anchor(text), rules._slice_table(text), rules._place_budget_anchors(),
+    rules._claim_budget(bigint, text, bigint), rules._gather_budget(bigint), rules._set_budget(bigint, bigint),
+    rules.refill_budget_slice(bigint, text, bigint), rules.budget_report(bigint) FROM PUBLIC;
+REVOKE UPDATE ON rules.campaign_budgets FROM rewards_owner;  -- a claim only reads whether it is exhausted
+GRANT SELECT, UPDATE ON rules.budget_slices TO rewards_owner;
+GRANT SELECT ON rules.budget_anchors TO rewards_owner;
+GRANT SELECT, INSERT, UPDATE, DELETE ON rules.budget_slices TO rewards_api;
+GRANT SELECT ON rules.budget_anchors TO rewards_api;
+GRANT EXECUTE ON FUNCTION rules.refill_budget_slice(bigint, text, bigint), rules.budget_report(bigint),
+    rules._budget_anchor(text), rules._gather_budget(bigint), rules._set_budget(bigint, bigint) TO rewards_api;
+
+COMMENT ON FUNCTION rules.refill_budget_slice(bigint, text, bigint) IS
+'Give the user''s slice of a campaign''s budget at least p_points more (from the unallocated part, gathering the slices back when it is short); the API calls it when rules.act answers RLB01, then calls rules.act again.';
+COMMENT ON FUNCTION rules.budget_report(bigint) IS
+'A budgeted campaign''s budget, what it awarded, what is left (unallocated and in slices) and whether it has ended.';
+
+DO $citus$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        PERFORM create_reference_table('rules.campaign_budgets');
+        PERFORM create_reference_table('rules.budget_anchors');
+        PERFORM create_distributed_table('rules.budget_slices', 'anchor', colocate_with => 'ledger.accounts');
+        PERFORM create_distributed_function('rules._budget_anchor(text)');
+        PERFORM create_distributed_function('rules._slice_table(text)');
+        PERFORM create_distributed_function('rules._place_budget_anchors()');
+        PERFORM create_distributed_function('rules._claim_budget(bigint, text, bigint)');
+        PERFORM create_distributed_function('rules._gather_budget(bigint)');
+        PERFORM create_distributed_function('rules._set_budget(bigint, bigint)');
+    END IF;
+END
+$citus$;
