@@ -262,8 +262,10 @@ CREATE TABLE ledger.lots (
     CONSTRAINT lots_matured_without_expiry_empty CHECK (NOT matured OR expires_at IS NOT NULL OR remaining = 0)
 );
 
--- One row per idempotency key: the request's fingerprint and the result it got,
--- so a retry gets the same answer and changes nothing.
+-- One row per idempotency key whose answer no entry holds (refusals, commits
+-- and releases): the request's fingerprint and the result it got, so a retry
+-- gets the same answer and changes nothing. A success of credit, debit or
+-- reserve is answered by its entry instead (ledger._replay).
 CREATE TABLE ledger.idempotency_keys (
     user_id          text NOT NULL,
     idempotency_key  ledger.idempotency_key NOT NULL,
@@ -286,6 +288,12 @@ CREATE TABLE ledger.idempotency_keys (
 -- ===========================================================================
 -- Indexes
 -- ===========================================================================
+
+-- One entry per idempotency key: a write that succeeds keeps its key's answer
+-- on its entry (ledger._replay reads it there), so it writes no record.
+CREATE UNIQUE INDEX entries_idempotency_key_once
+    ON ledger.entries (user_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
 
 -- A verified action earns points once per user, ever.
 CREATE UNIQUE INDEX entries_action_once
@@ -476,31 +484,70 @@ $$;
 
 -- The earlier result for this key: replayed when the request is the same,
 -- 'idempotency_key_reused' when it differs, NULL when the key is new (test
--- .status: a row value IS NOT NULL only when every field is). Call only with
--- the account locked.
+-- .status: a row value IS NOT NULL only when every field is). A key's record
+-- wins; without one, the entry written under the key answers, its request
+-- rebuilt from its columns in the shape each operation gives p_request. Call
+-- only with the account locked.
 CREATE FUNCTION ledger._replay(
     p_account ledger.accounts,
     p_idempotency_key text,
     p_operation text,
-    p_request_hash bytea
+    p_request jsonb
 )
 RETURNS ledger.result
 LANGUAGE plpgsql
 AS $$
 DECLARE
     v_key ledger.idempotency_keys;
+    v_entry ledger.entries;
+    v_reservation ledger.reservations;
+    v_stored jsonb;
 BEGIN
     SELECT * INTO v_key FROM ledger.idempotency_keys
+    WHERE user_id = p_account.user_id AND idempotency_key = p_idempotency_key;
+    IF FOUND THEN
+        IF v_key.operation <> p_operation OR v_key.request_hash <> ledger._fingerprint(p_request) THEN
+            RETURN ROW('idempotency_key_reused', p_account.user_id, NULL, NULL, NULL,
+                       p_account.available, p_account.reserved, NULL, NULL, false)::ledger.result;
+        END IF;
+        RETURN ROW(v_key.status, v_key.user_id, v_key.entry_id, v_key.reservation_id, v_key.amount,
+                   v_key.available, v_key.reserved, v_key.expires_at, v_key.created_at, true)::ledger.result;
+    END IF;
+    SELECT * INTO v_entry FROM ledger.entries
     WHERE user_id = p_account.user_id AND idempotency_key = p_idempotency_key;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    IF v_key.operation <> p_operation OR v_key.request_hash <> p_request_hash THEN
+    IF v_entry.reservation_id IS NOT NULL THEN
+        SELECT * INTO v_reservation FROM ledger.reservations
+        WHERE user_id = p_account.user_id AND reservation_id = v_entry.reservation_id;
+    END IF;
+    v_stored := CASE v_entry.kind
+        WHEN 'credit' THEN jsonb_build_array(v_entry.amount, v_entry.reason, v_entry.action_source,
+                                             v_entry.action_external_id, v_entry.metadata)
+        WHEN 'debit' THEN jsonb_build_array(v_entry.amount, v_entry.reason, v_entry.metadata)
+        -- both timestamps of a reservation are its transaction's now()
+        WHEN 'reserve' THEN jsonb_build_array(
+            v_entry.amount, extract(epoch FROM v_reservation.expires_at - v_reservation.created_at)::integer,
+            v_entry.reason, v_entry.metadata)
+        -- Commits and releases keep their record; these only answer once it
+        -- is past its retention. A commit of the whole hold may have named its
+        -- amount or not: the entry cannot tell, so either matches.
+        WHEN 'commit' THEN jsonb_build_array(
+            v_entry.reservation_id,
+            CASE WHEN p_request -> 1 = 'null' AND v_entry.amount = v_reservation.amount THEN NULL
+                 ELSE v_entry.amount END,
+            v_entry.reason, v_entry.metadata)
+        WHEN 'release' THEN jsonb_build_array(v_entry.reservation_id, NULL, v_entry.reason, v_entry.metadata)
+    END;
+    IF v_entry.kind <> p_operation OR p_request IS DISTINCT FROM v_stored THEN
         RETURN ROW('idempotency_key_reused', p_account.user_id, NULL, NULL, NULL,
                    p_account.available, p_account.reserved, NULL, NULL, false)::ledger.result;
     END IF;
-    RETURN ROW(v_key.status, v_key.user_id, v_key.entry_id, v_key.reservation_id, v_key.amount,
-               v_key.available, v_key.reserved, v_key.expires_at, v_key.created_at, true)::ledger.result;
+    RETURN ROW('ok', v_entry.user_id, v_entry.entry_id, v_entry.reservation_id, v_entry.amount,
+               v_entry.available_after, v_entry.reserved_after,
+               CASE v_entry.kind WHEN 'reserve' THEN v_reservation.expires_at END,
+               v_entry.created_at, true)::ledger.result;
 END;
 $$;
 
@@ -508,7 +555,7 @@ $$;
 CREATE FUNCTION ledger._remember(
     p_idempotency_key text,
     p_operation text,
-    p_request_hash bytea,
+    p_request jsonb,
     p_result ledger.result
 )
 RETURNS ledger.result
@@ -519,7 +566,7 @@ BEGIN
         user_id, idempotency_key, operation, request_hash, status, entry_id,
         reservation_id, amount, available, reserved, expires_at, created_at)
     VALUES (
-        p_result.user_id, p_idempotency_key, p_operation, p_request_hash, p_result.status,
+        p_result.user_id, p_idempotency_key, p_operation, ledger._fingerprint(p_request), p_result.status,
         p_result.entry_id, p_result.reservation_id, p_result.amount, p_result.available,
         p_result.reserved, p_result.expires_at, p_result.created_at);
     RETURN p_result;
@@ -572,7 +619,7 @@ END;
 $$;
 
 -- The one place a balance changes: appends the entry (chained to the account's
--- last hash) and moves the account in the same transaction.
+-- last hash) and moves the account, in one statement.
 -- Call only with the account locked; p_account is its locked row.
 CREATE FUNCTION ledger._append_entry(
     p_account ledger.accounts,
@@ -591,29 +638,14 @@ RETURNS ledger.entries
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    v_entry ledger.entries;
+    v_entry ledger.entries := ROW(
+        p_account.user_id, nextval('ledger.entries_entry_id_seq'), p_account.last_seq + 1, p_kind,
+        p_amount, p_available_delta, p_reserved_delta, p_account.available + p_available_delta,
+        p_account.reserved + p_reserved_delta, p_reservation_id, p_reason, p_action_source,
+        p_action_external_id, p_metadata, p_idempotency_key, now(), p_account.last_entry_hash, NULL);
 BEGIN
-    v_entry.user_id := p_account.user_id;
-    v_entry.entry_id := nextval('ledger.entries_entry_id_seq');
-    v_entry.seq := p_account.last_seq + 1;
-    v_entry.kind := p_kind;
-    v_entry.amount := p_amount;
-    v_entry.available_delta := p_available_delta;
-    v_entry.reserved_delta := p_reserved_delta;
-    v_entry.available_after := p_account.available + p_available_delta;
-    v_entry.reserved_after := p_account.reserved + p_reserved_delta;
-    v_entry.reservation_id := p_reservation_id;
-    v_entry.reason := p_reason;
-    v_entry.action_source := p_action_source;
-    v_entry.action_external_id := p_action_external_id;
-    v_entry.metadata := p_metadata;
-    v_entry.idempotency_key := p_idempotency_key;
-    v_entry.created_at := now();
-    v_entry.prev_hash := p_account.last_entry_hash;
     v_entry.hash := ledger._entry_hash(v_entry.prev_hash, v_entry);
-
-    INSERT INTO ledger.entries SELECT v_entry.*;
-
+    WITH appended AS (INSERT INTO ledger.entries SELECT v_entry.*)
     UPDATE ledger.accounts SET
         available = v_entry.available_after,
         reserved = v_entry.reserved_after,
@@ -622,7 +654,6 @@ BEGIN
         last_entry_hash = v_entry.hash,
         updated_at = v_entry.created_at
     WHERE user_id = p_account.user_id;
-
     RETURN v_entry;
 END;
 $$;
@@ -742,15 +773,14 @@ RETURNS ledger.result
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    v_request bytea;
-    v_result ledger.result;
     v_lot boolean := p_pending_seconds IS NOT NULL OR p_expiry_seconds IS NOT NULL;
-BEGIN
-    -- A credit without a lot keeps the fingerprint it always had.
-    v_request := ledger._fingerprint(CASE WHEN v_lot
+    -- A credit without a lot keeps the request it always had.
+    v_request jsonb := CASE WHEN v_lot
         THEN jsonb_build_array(p_amount, p_reason, p_action_source, p_action_external_id, p_metadata,
                                p_pending_seconds, p_expiry_seconds)
-        ELSE jsonb_build_array(p_amount, p_reason, p_action_source, p_action_external_id, p_metadata) END);
+        ELSE jsonb_build_array(p_amount, p_reason, p_action_source, p_action_external_id, p_metadata) END;
+    v_result ledger.result;
+BEGIN
     v_result := ledger._replay(p_account, p_idempotency_key, 'credit', v_request);
     IF v_result.status IS NOT NULL THEN
         RETURN v_result;
@@ -758,12 +788,17 @@ BEGIN
 
     IF p_action_source IS NOT NULL
        AND ledger._action_credited(p_account.user_id, p_action_source, p_action_external_id) THEN
-        v_result := ledger._refusal('action_already_credited', p_account);
-    ELSE
-        v_result := ledger._credit_entry(p_account, p_idempotency_key, p_amount, p_reason, p_action_source,
-                                         p_action_external_id, p_metadata, p_pending_seconds, p_expiry_seconds);
+        RETURN ledger._remember(p_idempotency_key, 'credit', v_request,
+                                ledger._refusal('action_already_credited', p_account));
     END IF;
-    RETURN ledger._remember(p_idempotency_key, 'credit', v_request, v_result);
+    v_result := ledger._credit_entry(p_account, p_idempotency_key, p_amount, p_reason, p_action_source,
+                                     p_action_external_id, p_metadata, p_pending_seconds, p_expiry_seconds);
+    IF v_lot THEN
+        -- the entry does not hold the lot's terms, so its key keeps a record
+        RETURN ledger._remember(p_idempotency_key, 'credit', v_request, v_result);
+    END IF;
+    -- the entry is the key's record (ledger._replay reads it)
+    RETURN v_result;
 END;
 $$;
 
@@ -1190,7 +1225,7 @@ DECLARE
     v_settings ledger.settings := ledger._settings();
     v_account ledger.accounts;
     v_reservation ledger.reservations;
-    v_request bytea;
+    v_request jsonb;
     v_result ledger.result;
     v_entry ledger.entries;
 BEGIN
@@ -1203,7 +1238,7 @@ BEGIN
     END IF;
 
     v_account := ledger._lock_account(p_user_id);
-    v_request := ledger._fingerprint(jsonb_build_array(p_reservation_id, p_amount, p_reason, p_metadata));
+    v_request := jsonb_build_array(p_reservation_id, p_amount, p_reason, p_metadata);
     v_result := ledger._replay(v_account, p_idempotency_key, p_operation, v_request);
     IF v_result.status IS NOT NULL THEN
         RETURN v_result;
@@ -1411,14 +1446,14 @@ AS $$
 DECLARE
     v_settings ledger.settings := ledger._settings();
     v_account ledger.accounts;
-    v_request bytea;
+    v_request jsonb;
     v_result ledger.result;
 BEGIN
     PERFORM ledger._check_request(v_settings, p_user_id, p_idempotency_key, p_reason, p_metadata);
     PERFORM ledger._check_amount(v_settings, 'amount', p_amount);
 
     v_account := ledger._lock_account(p_user_id);
-    v_request := ledger._fingerprint(jsonb_build_array(p_amount, p_reason, p_metadata));
+    v_request := jsonb_build_array(p_amount, p_reason, p_metadata);
     v_result := ledger._replay(v_account, p_idempotency_key, 'debit', v_request);
     IF v_result.status IS NOT NULL THEN
         RETURN v_result;
@@ -1428,13 +1463,13 @@ BEGIN
         v_account := ledger._settle_due(v_account);
     END IF;
     IF v_account.available < p_amount THEN
-        v_result := ledger._refusal('insufficient_points', v_account);
-    ELSE
-        PERFORM ledger._draw_lots(v_account, p_amount);
-        v_result := ledger._entry_result(ledger._append_entry(
-            v_account, 'debit', p_amount, -p_amount, 0, NULL, p_reason, p_metadata, p_idempotency_key));
+        RETURN ledger._remember(p_idempotency_key, 'debit', v_request,
+                                ledger._refusal('insufficient_points', v_account));
     END IF;
-    RETURN ledger._remember(p_idempotency_key, 'debit', v_request, v_result);
+    PERFORM ledger._draw_lots(v_account, p_amount);
+    -- the entry is the key's record (ledger._replay reads it)
+    RETURN ledger._entry_result(ledger._append_entry(
+        v_account, 'debit', p_amount, -p_amount, 0, NULL, p_reason, p_metadata, p_idempotency_key));
 END;
 $$;
 
@@ -1454,7 +1489,7 @@ AS $$
 DECLARE
     v_settings ledger.settings := ledger._settings();
     v_account ledger.accounts;
-    v_request bytea;
+    v_request jsonb;
     v_result ledger.result;
     v_reservation ledger.reservations;
     v_draws jsonb;
@@ -1468,7 +1503,7 @@ BEGIN
     END IF;
 
     v_account := ledger._lock_account(p_user_id);
-    v_request := ledger._fingerprint(jsonb_build_array(p_amount, p_ttl_seconds, p_reason, p_metadata));
+    v_request := jsonb_build_array(p_amount, p_ttl_seconds, p_reason, p_metadata);
     v_result := ledger._replay(v_account, p_idempotency_key, 'reserve', v_request);
     IF v_result.status IS NOT NULL THEN
         RETURN v_result;
@@ -1478,18 +1513,18 @@ BEGIN
         v_account := ledger._settle_due(v_account);
     END IF;
     IF v_account.available < p_amount THEN
-        v_result := ledger._refusal('insufficient_points', v_account);
-    ELSE
-        v_draws := ledger._draw_lots(v_account, p_amount);
-        INSERT INTO ledger.reservations (user_id, amount, reason, metadata, expires_at, lot_draws)
-        VALUES (p_user_id, p_amount, p_reason, p_metadata, now() + make_interval(secs => p_ttl_seconds), v_draws)
-        RETURNING * INTO v_reservation;
-        v_result := ledger._entry_result(
-            ledger._append_entry(v_account, 'reserve', p_amount, -p_amount, p_amount,
-                                 v_reservation.reservation_id, p_reason, p_metadata, p_idempotency_key),
-            v_reservation.expires_at);
+        RETURN ledger._remember(p_idempotency_key, 'reserve', v_request,
+                                ledger._refusal('insufficient_points', v_account));
     END IF;
-    RETURN ledger._remember(p_idempotency_key, 'reserve', v_request, v_result);
+    v_draws := ledger._draw_lots(v_account, p_amount);
+    INSERT INTO ledger.reservations (user_id, amount, reason, metadata, expires_at, lot_draws)
+    VALUES (p_user_id, p_amount, p_reason, p_metadata, now() + make_interval(secs => p_ttl_seconds), v_draws)
+    RETURNING * INTO v_reservation;
+    -- the entry is the key's record (ledger._replay reads it)
+    RETURN ledger._entry_result(
+        ledger._append_entry(v_account, 'reserve', p_amount, -p_amount, p_amount,
+                             v_reservation.reservation_id, p_reason, p_metadata, p_idempotency_key),
+        v_reservation.expires_at);
 END;
 $$;
 
@@ -1552,9 +1587,10 @@ $$;
 -- Forgets the idempotency records older than settings.idempotency_retention
 -- (30 days by default), in batches of batch_size, each its own transaction
 -- (ledger._expire_local_idempotency_keys); a retry of such a key is then a new
--- request. Verified actions are not keys: they stay in the entries and earn
--- once, ever. pg_cron runs it every hour. Under Citus it runs on every node at
--- once, as expire_reservations does, and adds up what they deleted.
+-- request. A success's key is on its entry and stays. Verified actions are not
+-- keys: they stay in the entries and earn once, ever. pg_cron runs it every
+-- hour. Under Citus it runs on every node at once, as expire_reservations
+-- does, and adds up what they deleted.
 CREATE PROCEDURE ledger.expire_idempotency_keys(INOUT deleted bigint DEFAULT 0, batch_size integer DEFAULT 1000)
 LANGUAGE plpgsql
 AS $$

@@ -31,3 +31,14 @@ def test_a_refused_debit_replays_as_refused_even_after_funding(db):
     before = row_counts(db)
     assert debit(db, "alice", "d1", 10) == refused | {"replayed": True}
     assert row_counts(db) == before
+
+
+def test_a_debit_replays_from_its_entry_and_another_request_under_its_key_is_refused(db):
+    credit(db, "alice", "c1", 100)
+    first = debit(db, "alice", "d1", 30)
+    before = row_counts(db)
+    assert debit(db, "alice", "d1", 30) == first | {"replayed": True}
+    assert debit(db, "alice", "d1", 31)["status"] == "idempotency_key_reused"
+    assert debit(db, "alice", "d1", 30, reason="other")["status"] == "idempotency_key_reused"
+    assert credit(db, "alice", "d1", 30)["status"] == "idempotency_key_reused"
+    assert row_counts(db) == before and before["idempotency_keys"] == 0  # the entry is the record

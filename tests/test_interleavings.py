@@ -16,7 +16,8 @@ function locks the account row before it reads the idempotency key, the
 action or the reservation, so an existing account's second writer waits on the
 account row: it holds the heavyweight tuple lock on a ledger.accounts row
 (granted) and waits for session 1's transaction id (ShareLock, not granted).
-It never reaches the unique indexes of idempotency_keys or entries_action_once
+It never reaches the unique indexes of idempotency_keys, entries_idempotency_key_once
+or entries_action_once
 while session 1 is open: once it gets the row, it finds session 1's key, action
 or reservation state committed, and answers from them. Only on a user's first
 call, when no account row exists yet to lock, does session 2 wait on the
@@ -221,7 +222,8 @@ def test_a_retry_waits_for_the_first_call_with_its_key_and_replays_it(db, sessio
     assert replay == {**first, "replayed": True}  # same entry id, same balance after, same time
     assert [e["entry_id"] for e in entries(db, "alice") if e["idempotency_key"] == "ad-42"] == [first["entry_id"]]
     assert balance(db, "alice")["available"] == 125
-    assert row_counts(db) == {"accounts": 1, "entries": 2, "reservations": 0, "idempotency_keys": 2}
+    # the entry holds the key's answer: a success writes no idempotency record
+    assert row_counts(db) == {"accounts": 1, "entries": 2, "reservations": 0, "idempotency_keys": 0}
 
 
 def test_a_key_reused_for_another_amount_waits_and_is_refused_writing_nothing(db, sessions):
@@ -234,12 +236,9 @@ def test_a_key_reused_for_another_amount_waits_and_is_refused_writing_nothing(db
     refused = sessions.answer(other)
 
     assert (refused["status"], refused["entry_id"], refused["available"]) == ("idempotency_key_reused", None, 125)
-    assert row_counts(db) == after_first == {"accounts": 1, "entries": 2, "reservations": 0, "idempotency_keys": 2}
-    stored = db.execute(
-        """SELECT status, entry_id, amount FROM ledger.idempotency_keys
-           WHERE user_id = 'alice' AND idempotency_key = 'ad-42'"""
-    ).fetchone()
-    assert stored == {"status": "ok", "entry_id": first["entry_id"], "amount": 25}  # the first call's, untouched
+    assert row_counts(db) == after_first == {"accounts": 1, "entries": 2, "reservations": 0, "idempotency_keys": 0}
+    stored = [(e["entry_id"], e["amount"]) for e in entries(db, "alice") if e["idempotency_key"] == "ad-42"]
+    assert stored == [(first["entry_id"], 25)]  # the first call's, untouched
     assert balance(db, "alice")["available"] == 125
 
 
@@ -256,8 +255,8 @@ def test_one_action_under_another_key_waits_and_earns_nothing(db, sessions):
     credited = [e for e in entries(db, "alice") if e["action_external_id"] == "imp-42"]
     assert [e["entry_id"] for e in credited] == [first["entry_id"]]
     assert balance(db, "alice")["available"] == 125
-    # the refusal is remembered under its key (so a retry of ad-43 replays it); nothing else is written
-    assert row_counts(db) == {"accounts": 1, "entries": 2, "reservations": 0, "idempotency_keys": 3}
+    # only the refusal gets a record (so a retry of ad-43 replays it); nothing else is written
+    assert row_counts(db) == {"accounts": 1, "entries": 2, "reservations": 0, "idempotency_keys": 1}
 
 
 def test_a_first_call_and_its_retry_on_a_new_account_wait_on_its_key_and_replay(db, sessions):
@@ -270,7 +269,7 @@ def test_a_first_call_and_its_retry_on_a_new_account_wait_on_its_key_and_replay(
     replay = sessions.answer(retry)
 
     assert replay == {**first, "replayed": True}
-    assert row_counts(db) == {"accounts": 1, "entries": 1, "reservations": 0, "idempotency_keys": 1}
+    assert row_counts(db) == {"accounts": 1, "entries": 1, "reservations": 0, "idempotency_keys": 0}
 
 
 # ---------------------------------------------------------------------------

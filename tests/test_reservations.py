@@ -102,6 +102,17 @@ def test_commit_replay_returns_the_original_result(db):
     assert commit(db, "alice", "c1", held["reservation_id"], 31)["status"] == "idempotency_key_reused"
 
 
+def test_a_reserve_replays_from_its_entry_with_its_deadline(db):
+    _funded(db)
+    held = reserve(db, "alice", "r1", 40, ttl=300)
+    before = row_counts(db)
+    assert held["expires_at"] is not None
+    assert reserve(db, "alice", "r1", 40, ttl=300) == held | {"replayed": True}
+    assert reserve(db, "alice", "r1", 40, ttl=301)["status"] == "idempotency_key_reused"
+    assert reserve(db, "alice", "r1", 41, ttl=300)["status"] == "idempotency_key_reused"
+    assert row_counts(db) == before
+
+
 def test_expire_reservations_ends_overdue_holds(db):
     _funded(db)
     overdue = reserve(db, "alice", "r1", 30, ttl=1)

@@ -1,4 +1,5 @@
-"""Idempotency records and delivered notifications are forgotten after their
+"""Idempotency records (refusals and the ends of reservations: a success keeps
+its key on its entry, forever) and delivered notifications are forgotten after their
 retention, by the database itself, in batches: never a key younger than the
 window, never a notification still to deliver or parked. Under Citus each
 node forgets its own shards' keys."""
@@ -12,7 +13,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from tests.conftest import SETTINGS
-from tests.ledger import credit, tamper
+from tests.ledger import commit, credit, debit, reserve, tamper
 
 DAY = timedelta(days=1)
 
@@ -30,9 +31,9 @@ def _aged(db, user: str, key: str, age: timedelta) -> None:
 def test_keys_older_than_the_window_are_forgotten_and_no_younger_one(db):
     users = [f"user-{i}" for i in range(8)]  # under Citus, keys on every worker
     for user in users:
-        credit(db, user, "old", 1)
-        credit(db, user, "edge", 1)
-        credit(db, user, "new", 1)
+        # refusals keep a record (a success keeps its key on its entry: below)
+        for key in ("old", "edge", "new"):
+            assert debit(db, user, key, 1)["status"] == "insufficient_points"
         _aged(db, user, "old", 31 * DAY)
         _aged(db, user, "edge", 30 * DAY - timedelta(minutes=5))  # just inside the 30-day window
     assert db.execute("SELECT idempotency_retention FROM ledger.settings").fetchone() == {
@@ -43,8 +44,31 @@ def test_keys_older_than_the_window_are_forgotten_and_no_younger_one(db):
     assert _keys(db) == sorted((user, key) for user in users for key in ("edge", "new"))
     assert db.execute("CALL ledger.expire_idempotency_keys()").fetchone()["deleted"] == 0
     # The forgotten key is a new request now; the others still replay.
-    assert credit(db, users[0], "old", 1)["replayed"] is False
-    assert credit(db, users[0], "edge", 1)["replayed"] is True
+    credit(db, users[0], "fund", 5)
+    assert debit(db, users[0], "old", 1)["status"] == "ok"
+    assert debit(db, users[0], "edge", 1)["status"] == "insufficient_points"
+    assert debit(db, users[0], "edge", 1)["replayed"] is True
+
+
+def test_a_success_keeps_its_key_on_its_entry_which_retention_never_forgets(db):
+    first = credit(db, "alice", "k-1", 5)
+    assert _keys(db) == []  # no record to forget: the entry answers a retry
+    db.execute("CALL ledger.expire_idempotency_keys()")
+    assert credit(db, "alice", "k-1", 5) == {**first, "replayed": True}
+    assert credit(db, "alice", "k-1", 6)["status"] == "idempotency_key_reused"
+
+
+def test_a_commit_past_its_record_s_retention_replays_from_its_entry(db):
+    credit(db, "alice", "fund", 100)
+    held = reserve(db, "alice", "r1", 40)
+    first = commit(db, "alice", "c1", held["reservation_id"])
+    _aged(db, "alice", "c1", 31 * DAY)
+    assert db.execute("CALL ledger.expire_idempotency_keys()").fetchone()["deleted"] == 1
+    assert commit(db, "alice", "c1", held["reservation_id"]) == first | {"replayed": True}
+    # the entry cannot tell "the whole hold" from its amount named: both replay
+    assert commit(db, "alice", "c1", held["reservation_id"], 40) == first | {"replayed": True}
+    assert commit(db, "alice", "c1", held["reservation_id"], 30)["status"] == "idempotency_key_reused"
+    assert credit(db, "alice", "c1", 5)["status"] == "idempotency_key_reused"
 
 
 def test_the_window_must_outlive_the_longest_hold(db):
