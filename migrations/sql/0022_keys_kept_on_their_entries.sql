@@ -1,5 +1,5 @@
 -- ===========================================================================
--- A write that succeeds keeps its idempotency key on its entry (revision 0021)
+-- A write that succeeds keeps its idempotency key on its entry (revision 0022)
 --
 -- A credit, debit or reserve that succeeds wrote its entry and, beside it, an
 -- idempotency record repeating the entry's result: a second insert, with two
