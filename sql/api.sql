@@ -291,7 +291,7 @@ AS $$
 BEGIN
     PERFORM api._lock_callback_source(p_source);
     IF (SELECT count(*) FROM api.callback_secrets WHERE source = p_source AND retired_at IS NULL) > 1 THEN
-        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+        RAISE EXCEPTION USING ERRCODE = 'RLB02',
             MESSAGE = format('a rotation of %L is under way: finish it before starting another', p_source);
     END IF;
     INSERT INTO api.callback_secrets (source, salt, fingerprint) VALUES (p_source, p_salt, p_fingerprint);
@@ -315,7 +315,7 @@ BEGIN
     UPDATE api.callback_secrets SET retired_at = v_now
     WHERE source = p_source AND retired_at IS NULL AND secret_id <> v_newest;
     IF NOT FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+        RAISE EXCEPTION USING ERRCODE = 'RLB02',
             MESSAGE = format('no rotation of %L is under way: `rewards sources rotate` starts one', p_source);
     END IF;
     RETURN QUERY SELECT * FROM api.callback_secret_info WHERE secret_id = v_newest;

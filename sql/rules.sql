@@ -474,7 +474,7 @@ DECLARE
     v_now constant timestamptz := now();
     v_today constant date := (now() AT TIME ZONE 'UTC')::date;
     v_account ledger.accounts;
-    v_request bytea;
+    v_request jsonb;
     v_result ledger.result;
     v_rule rules.rules;
     v_campaign rules.campaigns;
@@ -509,8 +509,7 @@ BEGIN
     END IF;
 
     v_account := ledger._lock_account(p_user_id);
-    v_request := ledger._fingerprint(jsonb_build_array(
-        p_source, p_external_id, p_action_type, p_value, p_occurred_at, p_metadata));
+    v_request := jsonb_build_array(p_source, p_external_id, p_action_type, p_value, p_occurred_at, p_metadata);
     v_result := ledger._replay(v_account, p_idempotency_key, 'action', v_request);
     IF v_result.status IS NOT NULL THEN
         RETURN rules._action_result(v_result, (

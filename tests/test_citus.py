@@ -596,7 +596,7 @@ def test_rewards_citus_on_makes_a_distributed_single_node():
             distributed = conn.execute(
                 "SELECT count(*) AS n FROM pg_dist_partition WHERE logicalrelid::text LIKE 'ledger.%'"
             ).fetchone()["n"]
-            assert distributed == 5  # four tables by user_id, settings as a reference table
+            assert distributed == 6  # five tables by user_id, settings as a reference table
             assert credit(conn, "alice", "c1", 10)["status"] == "ok"
             assert balance(conn, "alice")["available"] == 10
     finally:

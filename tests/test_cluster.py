@@ -79,7 +79,8 @@ def test_the_tables_are_distributed_with_their_shards_on_the_workers_only(coordi
         "SELECT logicalrelid::text AS name FROM pg_dist_partition WHERE partmethod = 'h' ORDER BY 1"
     ).fetchall()
     assert [t["name"] for t in tables] == [
-        "ledger.accounts", "ledger.entries", "ledger.idempotency_keys", "ledger.reservations"]
+        "ledger.accounts", "ledger.entries", "ledger.idempotency_keys", "ledger.lots", "ledger.reservations",
+        "rules.action_claims", "rules.budget_slices", "rules.earnings"]
     ports = conn.execute(
         "SELECT nodeport, count(*) AS shards FROM citus_shards WHERE citus_table_type = 'distributed'"
         " GROUP BY nodeport ORDER BY nodeport").fetchall()
@@ -136,7 +137,7 @@ def test_cluster_status_as_json(coordinator):
     assert nodes[coordinator.pg_port]["role"] == "coordinator" and nodes[coordinator.pg_port]["shards"] == 0
     workers = [nodes[w.pg_port] for w in _workers(coordinator)]
     assert all(w["role"] == "worker" and w["shouldhaveshards"] and w["active"] and w["bytes"] > 0 for w in workers)
-    assert sum(w["shards"] for w in workers) == 4 * 32  # four tables, citus.shard_count each
+    assert sum(w["shards"] for w in workers) == 8 * 32  # eight hash-distributed tables, citus.shard_count each
     assert status["skew"] == {"shards": 1.0, "bytes": pytest.approx(1.0, abs=0.1), "nodes": WORKERS}
     [probe] = nodes[worker.pg_port]["slots"]
     assert probe["slot"] == "status_probe" and probe["plugin"] == "wal2json" and probe["lag_bytes"] >= 0

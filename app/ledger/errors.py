@@ -91,7 +91,8 @@ def translated(connections_busy: Callable[[], bool] = lambda: True) -> Iterator[
             raise Unavailable("no connection to the database could be opened") from exc
         raise Overloaded("no database connection came free in time") from exc
     except psycopg.Error as exc:
-        error = _ledger_error(type(exc), exc.diag.message_primary or _first_line(exc), exc.diag.column_name)
+        error = _ledger_error(type(exc), exc.sqlstate, exc.diag.message_primary or _first_line(exc),
+                              exc.diag.column_name)
         if error is None:
             raise
         raise error from exc
@@ -106,12 +107,18 @@ def item_error(sqlstate: str, message: str, column: str | None) -> LedgerError:
         kind = pg_errors.lookup(sqlstate)
     except KeyError:
         kind = psycopg.Error
-    return _ledger_error(kind, message, column) or Fault(f"{message} (SQLSTATE {sqlstate})")
+    return _ledger_error(kind, sqlstate, message, column) or Fault(f"{message} (SQLSTATE {sqlstate})")
 
 
-def _ledger_error(kind: type[psycopg.Error], message: str, column: str | None) -> LedgerError | None:
+def _ledger_error(kind: type[psycopg.Error], sqlstate: str | None, message: str,
+                  column: str | None) -> LedgerError | None:
     """The ledger's exception for a database error of this class (psycopg's, by
     SQLSTATE), or None for one that is not the ledger's to translate."""
+    if sqlstate == REFUSED_SQLSTATE:
+        # Such as a second rotation of a callback source's secret before the
+        # first is finished: the call says what to do first. Its own SQLSTATE,
+        # not 55000, which the server raises for a lost replication slot too.
+        return Refused(_line(message))
     if issubclass(kind, pg_errors.LockNotAvailable):
         return Overloaded("a lock the call needed was held by another transaction past lock_timeout")
     if issubclass(kind, pg_errors.QueryCanceled):
@@ -126,10 +133,6 @@ def _ledger_error(kind: type[psycopg.Error], message: str, column: str | None) -
         return NotFound(_line(message))
     if issubclass(kind, pg_errors.ObjectInUse):
         return InUse(_line(message))
-    if issubclass(kind, pg_errors.ObjectNotInPrerequisiteState):
-        # Such as a second rotation of a callback source's secret before the
-        # first is finished: the call says what to do first.
-        return Refused(_line(message))
     if issubclass(kind, psycopg.DataError):
         # Any other value PostgreSQL cannot take, such as \u0000 inside JSON:
         # refused before the call wrote anything.
@@ -148,6 +151,8 @@ def _ledger_error(kind: type[psycopg.Error], message: str, column: str | None) -
     return None
 
 
+# A precondition of one of the ledger's own functions does not hold (sql/api.sql).
+REFUSED_SQLSTATE = "RLB02"
 _BUDGET_SLICE_LOW = re.compile(r"^budget slice low: campaign (\d+) needs (\d+)$")
 
 
