@@ -144,6 +144,8 @@ def _reconnects(port: int, process: str) -> float:
 
 
 def test_up_again_changes_nothing(stack):
+    # A program still inside supervisord's startsecs shows no pid yet: compare running pids only.
+    _eventually(lambda: all(s.state == "RUNNING" for s in stack.supervisor.status()), "every program running")
     before = {s.name: s.detail.split(",")[0] for s in stack.supervisor.status()}
     assert set(before) == {"postgres", "pgbouncer", f"redis-{stack.settings.redis_url.split(':')[-1].split('/')[0]}",
                            f"api-{stack.settings.api_port}", "audit", "notify"}
