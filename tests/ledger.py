@@ -8,6 +8,7 @@ so a test can compare a whole answer with another in one assertion.
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import timedelta
 from dataclasses import asdict
 from typing import Any
@@ -118,3 +119,17 @@ def violated_constraint(error: psycopg.errors.CheckViolation) -> str | None:
     keeps its message but not its fields, so the message is the fallback."""
     found = re.search(r'constraint "([^"]+)"', error.diag.message_primary or "")
     return error.diag.constraint_name or (found.group(1) if found else None)
+
+
+def users_of_one_shard(conn: psycopg.Connection, count: int) -> list[str]:
+    """`count` fresh users Citus keeps in one shard (any fresh users on a single node)."""
+    prefix = uuid.uuid4().hex[:8]
+    if not conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'citus'").fetchone():
+        return [f"{prefix}-{i}" for i in range(count)]
+    candidates = [f"{prefix}-{i}" for i in range(count * 200)]
+    rows = conn.execute(
+        "SELECT u, get_shard_id_for_distribution_column('ledger.accounts', u) AS shard FROM unnest(%s::text[]) u",
+        (candidates,)).fetchall()
+    found = [r["u"] for r in rows if r["shard"] == rows[0]["shard"]][:count]
+    assert len(found) == count
+    return found

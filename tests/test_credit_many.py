@@ -7,7 +7,6 @@ call delegated whole to the worker holding its shard."""
 from __future__ import annotations
 
 import random
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
@@ -19,27 +18,13 @@ from app.ledger import calls
 from app.ledger.client import Ledger
 from app.ledger.errors import Fault, InvalidArgument, OtherShard
 from app.ledger.results import ItemResult
-from tests.ledger import balance, credit, credit_many, entries, row_counts, unreconciled_accounts
+from tests.ledger import (balance, credit, credit_many, entries, row_counts, unreconciled_accounts,
+                          users_of_one_shard)
 
 Credit = calls.Credit
 
 # The per-call fields of an answer: equal between two calls only by chance.
 DRAWN = ("entry_id", "created_at")
-
-
-def _same_shard(conn: psycopg.Connection, count: int) -> list[str]:
-    """`count` fresh users of one shard (any users on a single node)."""
-    prefix = uuid.uuid4().hex[:8]
-    if not conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'citus'").fetchone():
-        return [f"{prefix}-{i}" for i in range(count)]
-    candidates = [f"{prefix}-{i}" for i in range(count * 200)]
-    shards = conn.execute(
-        "SELECT u, get_shard_id_for_distribution_column('ledger.accounts', u) AS shard FROM unnest(%s::text[]) u",
-        (candidates,)).fetchall()
-    first = shards[0]["shard"]
-    found = [s["u"] for s in shards if s["shard"] == first][:count]
-    assert len(found) == count
-    return found
 
 
 @pytest.fixture
@@ -54,7 +39,7 @@ def _outcome(row: dict) -> dict:
 
 
 def test_items_are_answered_in_order_each_as_a_single_credit_would_be(db):
-    alice, bob = _same_shard(db, 2)
+    alice, bob = users_of_one_shard(db, 2)
     answers = credit_many(db, [
         Credit(alice, "k1", 10, "ad view"),
         Credit(bob, "k1", 20, "ad view", metadata={"campaign": "spring"}),
@@ -75,7 +60,7 @@ def test_items_are_answered_in_order_each_as_a_single_credit_would_be(db):
     assert all(a["error_sqlstate"] is None for a in answers)
 
     # The same items as single calls, for two other users, answer the same.
-    carol, dave = _same_shard(db, 2)
+    carol, dave = users_of_one_shard(db, 2)
     singles = [credit(db, *args) for args in [
         (carol, "k1", 10), (dave, "k1", 20, "ad view", None, None, {"campaign": "spring"}),
         (carol, "k2", 30, "ad view", "adnet", "imp-1"), (carol, "k3", 40, "ad view", "adnet", "imp-1"),
@@ -89,7 +74,7 @@ def test_items_are_answered_in_order_each_as_a_single_credit_would_be(db):
 
 
 def test_a_call_that_replays_answers_each_item_as_it_first_did(db):
-    alice, bob = _same_shard(db, 2)
+    alice, bob = users_of_one_shard(db, 2)
     items = [Credit(alice, "k1", 10, "x"), Credit(bob, "k1", 5, "x"), Credit(alice, "k1", 10, "x")]
     first = credit_many(db, items)
     before = row_counts(db)
@@ -101,7 +86,7 @@ def test_a_call_that_replays_answers_each_item_as_it_first_did(db):
 
 
 def test_an_invalid_item_is_answered_with_its_own_error_and_the_others_are_applied(db):
-    alice, bob = _same_shard(db, 2)
+    alice, bob = users_of_one_shard(db, 2)
     answers = credit_many(db, [
         Credit(alice, "k1", 10, "x"),
         Credit(bob, "k1", 0, "x"),
@@ -126,7 +111,7 @@ def test_an_invalid_item_is_answered_with_its_own_error_and_the_others_are_appli
 
 
 def test_an_item_that_raises_fails_alone_and_the_others_are_applied_once(db):
-    alice, bob = _same_shard(db, 2)
+    alice, bob = users_of_one_shard(db, 2)
     db.execute("ALTER TABLE ledger.entries ADD CONSTRAINT test_no_boom CHECK (reason <> 'boom') NOT VALID")
     answers = credit_many(db, [
         Credit(alice, "k1", 10, "x"),
@@ -152,7 +137,7 @@ def test_an_item_that_raises_fails_alone_and_the_others_are_applied_once(db):
 
 
 def test_an_overflow_fails_its_item_alone_as_it_fails_a_single_credit(db):
-    rich, poor = _same_shard(db, 2)
+    rich, poor = users_of_one_shard(db, 2)
     credit(db, rich, "fund", 1)
     db.execute("UPDATE ledger.accounts SET available = 9223372036854775000 WHERE user_id = %s", (rich,))
     answers = credit_many(db, [Credit(rich, "k1", 10_000, "x"), Credit(poor, "k1", 10, "x")])
@@ -166,7 +151,7 @@ def test_an_overflow_fails_its_item_alone_as_it_fails_a_single_credit(db):
 
 
 def test_the_item_count_is_bounded(db):
-    alice, = _same_shard(db, 1)
+    alice, = users_of_one_shard(db, 1)
     db.execute("UPDATE ledger.settings SET max_batch_items = 3")
     with pytest.raises(InvalidArgument, match="must be 1-3 items") as refused:
         credit_many(db, [Credit(alice, f"k{i}", 1, "x") for i in range(4)])
@@ -180,7 +165,7 @@ def test_the_item_count_is_bounded(db):
 
 
 def test_concurrent_calls_over_the_same_users_in_any_order_never_deadlock(db, dsn):
-    users = _same_shard(db, 6)
+    users = users_of_one_shard(db, 6)
     rounds, clients = 10, 8
 
     def work(i: int) -> list[dict]:
@@ -201,7 +186,7 @@ def test_concurrent_calls_over_the_same_users_in_any_order_never_deadlock(db, ds
 
 
 def test_an_item_of_another_shard_is_answered_so_and_writes_nothing(db, on_citus):
-    here, = _same_shard(db, 1)
+    here, = users_of_one_shard(db, 1)
     elsewhere = next(u for u in (f"{here}-{i}" for i in range(1000)) if db.execute(
         "SELECT get_shard_id_for_distribution_column('ledger.accounts', %s::text) <>"
         " get_shard_id_for_distribution_column('ledger.accounts', %s::text) AS other", (u, here)).fetchone()["other"])
@@ -217,7 +202,7 @@ def test_an_item_of_another_shard_is_answered_so_and_writes_nothing(db, on_citus
 def test_a_call_runs_wholly_on_the_worker_of_its_shard(db, on_citus):
     from tests.test_citus import _remote_commands
 
-    users = _same_shard(db, 3)
+    users = users_of_one_shard(db, 3)
     answers = []
     sent = _remote_commands(db, lambda: answers.extend(credit_many(db, [Credit(u, "k1", 1, "x") for u in users])))
 

@@ -20,6 +20,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from app.operations.supervisor import ALIVE, Program, Supervisor
 from app.settings import Settings
 
 log = logging.getLogger("rewards.ha")
+
+FAST_STOP_SECONDS = 90
 
 FORMATION = "default"
 MONITOR_DATABASE = "pg_auto_failover"
@@ -188,7 +191,17 @@ def _start_keeper(settings: Settings, node: Node) -> None:
 
 
 def _stop_keeper(settings: Settings, node: Node) -> None:
-    Supervisor.of(settings).remove(keeper_program(settings, node).name)
+    """The keeper stopped (fast) and taken out of supervisord. A fast stop that
+    has not ended in FAST_STOP_SECONDS (seen: a primary's walsender waiting on
+    a standby that is going away) is made an immediate one, which the next
+    start recovers from the WAL, instead of waiting out supervisord's bound."""
+    stopper = threading.Thread(target=Supervisor.of(settings).remove, args=(keeper_program(settings, node).name,))
+    stopper.start()
+    stopper.join(FAST_STOP_SECONDS)
+    if stopper.is_alive():
+        log.warning("the %s keeper did not stop in %s s; stopping it immediately", node.name, FAST_STOP_SECONDS)
+        _run_autoctl(settings, node, "stop", "--immediate", check=False)
+        stopper.join()
 
 
 def kill_node(settings: Settings, node: Node, keep_down: bool = False) -> None:

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from tests.api.conftest import Api, post
+from tests.ledger import users_of_one_shard
 
 
 def _group_calls(api: Api) -> tuple[float, float]:
@@ -29,11 +30,24 @@ def _storm(api: Api, requests: list) -> list[httpx.Response]:
         return list(pool.map(lambda request: request(http), requests))
 
 
-def test_credits_arriving_together_share_calls_and_each_gets_its_own_answer(api, user):
+def test_credits_arriving_together_share_calls_and_each_gets_its_own_answer(api):
+    with api.db() as conn:
+        users = users_of_one_shard(conn, 10)  # one group under Citus too
+    with api.client() as http:
+        for u in users:  # each account made, with a first credit of 1
+            assert post(http, f"/v1/accounts/{u}/credits", {"amount": 1, "reason": "first"}).status_code == 201
     calls_before, credits_before = _group_calls(api)
-    answers = _storm(api, [lambda http, i=i: post(http, f"/v1/accounts/{user}-{i % 10}/credits",
-                                                  {"amount": i + 1, "reason": "together"}, key=f"k{i}")
-                           for i in range(60)])
+    # The calls first sent are held at the accounts' locks, so the credits
+    # arriving meanwhile must wait for a call to come back, and go together.
+    with ThreadPoolExecutor(max_workers=1) as runner:
+        with api.db() as conn, conn.transaction():
+            conn.execute("SELECT 1 FROM ledger.accounts WHERE user_id = ANY(%s) FOR UPDATE", (users,))
+            storm = runner.submit(_storm, api, [
+                lambda http, i=i: post(http, f"/v1/accounts/{users[i % 10]}/credits",
+                                       {"amount": i + 1, "reason": "together"}, key=f"k{i}")
+                for i in range(60)])
+            time.sleep(0.3)
+        answers = storm.result()
 
     # On a machine too busy to keep up, some are refused early (503), writing nothing.
     assert {a.status_code for a in answers} <= {201, 503}
@@ -44,10 +58,10 @@ def test_credits_arriving_together_share_calls_and_each_gets_its_own_answer(api,
     # Each answer is its own: its amount, and a balance its user's credits add up to.
     assert [answers[i].json()["amount"] for i in credited] == [i + 1 for i in credited]
     with api.client() as http:
-        for u in range(10):
-            entries = http.get(f"/v1/accounts/{user}-{u}/entries", params={"limit": 100}).json()["items"]
-            assert sorted(e["amount"] for e in entries) == [i + 1 for i in credited if i % 10 == u]
-            assert http.get(f"/v1/accounts/{user}-{u}/balance").json()["available"] == sum(
+        for u, user in enumerate(users):
+            entries = http.get(f"/v1/accounts/{user}/entries", params={"limit": 100}).json()["items"]
+            assert sorted(e["amount"] for e in entries) == sorted([1] + [i + 1 for i in credited if i % 10 == u])
+            assert http.get(f"/v1/accounts/{user}/balance").json()["available"] == 1 + sum(
                 i + 1 for i in credited if i % 10 == u)
 
 
