@@ -48,11 +48,16 @@ def _or_any(value: object) -> str:
     return "any" if value is None else ",".join(value) if isinstance(value, list) else str(value)
 
 
+def _seconds(what: str, seconds: int | None) -> str:
+    return f"{what} {seconds} s" if seconds is not None else f"{what} never"
+
+
 def _print_rule(rule: Rule) -> None:
     earns = (f"{rule.fixed_points} points" if rule.fixed_points is not None
              else f"{rule.points_per_unit} per {rule.unit_value} of value")
     print(f"{rule.action_type}\t{earns}\tdaily cap {_or_any(rule.daily_cap)}\tlifetime cap "
-          f"{_or_any(rule.lifetime_cap)}\t{'enabled' if rule.enabled else 'disabled'}")
+          f"{_or_any(rule.lifetime_cap)}\t{_seconds('pending', rule.pending_seconds)}\t"
+          f"{_seconds('expires after', rule.expiry_seconds)}\t{'enabled' if rule.enabled else 'disabled'}")
 
 
 def _print_campaign(campaign: Campaign) -> None:
@@ -80,7 +85,8 @@ def register(groups: argparse._SubParsersAction, connect: Connect) -> None:
         _print_rule(ledger(calls.put_rule(
             _actor(), args.action_type, fixed_points=args.points, points_per_unit=args.per_unit,
             unit_value=args.unit_value if args.per_unit is not None else None, daily_cap=args.daily_cap,
-            lifetime_cap=args.lifetime_cap, enabled=not args.disabled)))
+            lifetime_cap=args.lifetime_cap, enabled=not args.disabled, pending_seconds=args.pending_seconds,
+            expiry_seconds=args.expiry_seconds)))
         return 0
 
     def rules_switch(args: argparse.Namespace, ledger: Ledger) -> int:
@@ -137,6 +143,9 @@ def register(groups: argparse._SubParsersAction, connect: Connect) -> None:
     put.add_argument("--unit-value", type=int, default=100, help="value units per --per-unit points (default 100)")
     put.add_argument("--daily-cap", type=int, help="most points a user earns from the type per UTC day")
     put.add_argument("--lifetime-cap", type=int, help="most points a user earns from the type in all")
+    put.add_argument("--pending-seconds", type=int,
+                     help="each credit of the type stays pending this long (e.g. a return window)")
+    put.add_argument("--expiry-seconds", type=int, help="each credit of the type expires this long after it")
     put.add_argument("--disabled", action="store_true", help="store it disabled")
     put.set_defaults(func=run(rules_set))
     for name, enabled in (("disable", False), ("enable", True)):

@@ -68,7 +68,8 @@ SELECT * FROM rules.budget_report(%(campaign_id)s);
 
 -- name: put_rule
 SELECT * FROM rules.put_rule(%(actor)s, %(action_type)s, %(fixed_points)s, %(points_per_unit)s,
-                             %(unit_value)s, %(daily_cap)s, %(lifetime_cap)s, %(enabled)s);
+                             %(unit_value)s, %(daily_cap)s, %(lifetime_cap)s, %(enabled)s,
+                             %(pending_seconds)s, %(expiry_seconds)s);
 
 -- name: enable_rule
 SELECT * FROM rules.enable_rule(%(actor)s, %(action_type)s, %(enabled)s);

@@ -50,7 +50,11 @@ CREATE TYPE rules.action_result AS (
 -- What one action of a type earns: fixed points, or points per unit of the
 -- action's value (a purchase's amount in minor currency units), rounded down:
 -- floor(value * points_per_unit / unit_value). Caps bound the points one user
--- earns from the type per UTC day and in all.
+-- earns from the type per UTC day and in all. pending_seconds and
+-- expiry_seconds (NULL: none) make each credit of the type a lot: pending
+-- for that long (a purchase's return window), expiring that long after it
+-- (ledger.credit's terms; within ledger.settings.max_lot_term, checked when
+-- the rule is set).
 CREATE TABLE rules.rules (
     action_type      text NOT NULL,
     fixed_points     bigint,
@@ -61,6 +65,8 @@ CREATE TABLE rules.rules (
     enabled          boolean NOT NULL DEFAULT true,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
+    pending_seconds  integer,
+    expiry_seconds   integer,
     CONSTRAINT rules_pkey PRIMARY KEY (action_type),
     CONSTRAINT rules_action_type_format CHECK (
         length(action_type) BETWEEN 1 AND 64 AND action_type !~ '[^A-Za-z0-9._:-]'),
@@ -72,7 +78,10 @@ CREATE TABLE rules.rules (
         coalesce(fixed_points, 1) BETWEEN 1 AND 100000000
         AND coalesce(points_per_unit, 1) BETWEEN 1 AND 1000000
         AND coalesce(unit_value, 1) BETWEEN 1 AND 1000000000),
-    CONSTRAINT rules_caps_positive CHECK (coalesce(daily_cap, 1) >= 1 AND coalesce(lifetime_cap, 1) >= 1)
+    CONSTRAINT rules_caps_positive CHECK (coalesce(daily_cap, 1) >= 1 AND coalesce(lifetime_cap, 1) >= 1),
+    -- ledger.lots' terms: it matures before it expires
+    CONSTRAINT rules_lot_terms CHECK (
+        coalesce(pending_seconds, 1) >= 1 AND coalesce(expiry_seconds, 1) > coalesce(pending_seconds, 0))
 );
 
 -- A promotion: inside [starts_at, ends_at) (by the action's occurred_at), an
@@ -450,8 +459,8 @@ $$;
 -- points_per_unit / unit_value)); the best eligible campaign whose window holds
 -- p_occurred_at adds to them; the user's daily and lifetime caps for the type
 -- cut the total down; a budgeted campaign pays only what its budget has left.
--- The credit is ledger._credit_entry's, on the account locked first; the
--- earning (rule, campaign, caps, budget) is kept in the entry's metadata under
+-- The credit is ledger._credit_entry's, on the account locked first, with
+-- the rule's lot terms (pending, expiry; none: plain points); the earning (rule, campaign, caps, budget) is kept in the entry's metadata under
 -- "earning". Refusals (not_eligible, cap_reached, action_already_credited)
 -- write only their idempotency record.
 CREATE FUNCTION rules.act(
@@ -591,7 +600,8 @@ BEGIN
         'capped', v_room < v_base + v_extra, 'budget_exhausted', v_budget_short);
     v_result := ledger._credit_entry(
         v_account, p_idempotency_key, v_points, format('%s from %s', p_action_type, p_source),
-        p_source, p_external_id, p_metadata || jsonb_build_object('earning', v_earning), NULL, NULL);
+        p_source, p_external_id, p_metadata || jsonb_build_object('earning', v_earning),
+        v_rule.pending_seconds, v_rule.expiry_seconds);
     RETURN rules._action_result(ledger._remember(p_idempotency_key, 'action', v_request, v_result), v_earning);
 END;
 $$;
@@ -658,6 +668,8 @@ BEGIN
     IF p_rule.lifetime_cap < 1 THEN
         PERFORM ledger._invalid('lifetime_cap', 'must be a positive integer, or absent for no cap');
     END IF;
+    -- the terms ledger.credit would take, so that no action of the type is refused for them later
+    PERFORM ledger._check_lot_terms(ledger._settings(), p_rule.pending_seconds, p_rule.expiry_seconds);
 END;
 $$;
 
@@ -699,7 +711,9 @@ CREATE FUNCTION rules.put_rule(
     p_unit_value bigint,
     p_daily_cap bigint,
     p_lifetime_cap bigint,
-    p_enabled boolean
+    p_enabled boolean,
+    p_pending_seconds integer DEFAULT NULL,
+    p_expiry_seconds integer DEFAULT NULL
 )
 RETURNS rules.rules
 LANGUAGE plpgsql
@@ -715,7 +729,7 @@ DECLARE
 BEGIN
     PERFORM rules.check_change(p_actor, p_enabled);
     v_rule := ROW(p_action_type, p_fixed_points, p_points_per_unit, p_unit_value, p_daily_cap,
-                  p_lifetime_cap, p_enabled, v_now, v_now)::rules.rules;
+                  p_lifetime_cap, p_enabled, v_now, v_now, p_pending_seconds, p_expiry_seconds)::rules.rules;
     PERFORM rules.check_rule(v_rule);
     PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('rules.changes'));
     SELECT * INTO v_before FROM rules.rules WHERE action_type = p_action_type;
@@ -723,7 +737,8 @@ BEGIN
         v_rule.created_at := v_before.created_at;
         UPDATE rules.rules SET fixed_points = v_rule.fixed_points, points_per_unit = v_rule.points_per_unit,
             unit_value = v_rule.unit_value, daily_cap = v_rule.daily_cap, lifetime_cap = v_rule.lifetime_cap,
-            enabled = v_rule.enabled, updated_at = v_now
+            enabled = v_rule.enabled, updated_at = v_now, pending_seconds = v_rule.pending_seconds,
+            expiry_seconds = v_rule.expiry_seconds
         WHERE action_type = p_action_type;
     ELSE
         INSERT INTO rules.rules SELECT v_rule.*;
@@ -1067,7 +1082,7 @@ GRANT USAGE ON SCHEMA rules TO rewards_api;
 GRANT EXECUTE ON FUNCTION
     rules.claim_action(text, text),
     rules.act(text, text, text, text, text, bigint, timestamptz, jsonb),
-    rules.put_rule(text, text, bigint, bigint, bigint, bigint, bigint, boolean),
+    rules.put_rule(text, text, bigint, bigint, bigint, bigint, bigint, boolean, integer, integer),
     rules.enable_rule(text, text, boolean),
     rules.list_rules(),
     rules.put_campaign(text, bigint, text, timestamptz, timestamptz, integer, bigint, text[], text[], bigint, boolean),
@@ -1099,8 +1114,8 @@ COMMENT ON FUNCTION rules.claim_action(text, text) IS
 'Bind the verified action (action_key: source, a space, external id) to p_user_id the first time; answers the user it belongs to. Call before rules.act, which runs only for that user.';
 COMMENT ON FUNCTION rules.act(text, text, text, text, text, bigint, timestamptz, jsonb) IS
 'Earn the points the rules give a verified action. Args: user_id, idempotency_key, source, external_id, action type, value (minor currency units, for per-unit rules), occurred_at (NULL: now), metadata. Status: ok | idempotency_key_reused | action_already_credited | not_eligible | cap_reached; rule, campaign, capped and budget_exhausted say why. Invalid arguments raise 22023 naming the argument.';
-COMMENT ON FUNCTION rules.put_rule(text, text, bigint, bigint, bigint, bigint, bigint, boolean) IS
-'Create or change the rule of an action type (fixed_points, or points_per_unit per unit_value, rounded down; daily and lifetime caps); recorded in rules.changes.';
+COMMENT ON FUNCTION rules.put_rule(text, text, bigint, bigint, bigint, bigint, bigint, boolean, integer, integer) IS
+'Create or change the rule of an action type (fixed_points, or points_per_unit per unit_value, rounded down; daily and lifetime caps; pending_seconds and expiry_seconds for the lot each credit makes); recorded in rules.changes.';
 COMMENT ON FUNCTION rules.put_campaign(text, bigint, text, timestamptz, timestamptz, integer, bigint, text[], text[], bigint, boolean) IS
 'Create (campaign_id NULL) or change a campaign: window, multiplier_percent or bonus_points, action types and sources (NULL: any), budget; recorded in rules.changes.';
 COMMENT ON FUNCTION rules.refill_budget_slice(bigint, text, bigint) IS

@@ -67,6 +67,26 @@ def test_per_unit_points_round_down(api_db):
     assert refused.value.field == "value"
 
 
+def test_a_rule_with_lot_terms_makes_each_credit_a_pending_and_expiring_lot(api_db, db):
+    made = rule(api_db, "purchase", points_per_unit=1, unit_value=100, pending_seconds=3600, expiry_seconds=7200)
+    assert (made.pending_seconds, made.expiry_seconds) == (3600, 7200)
+    assert act(api_db, "alice", "o-1", "purchase", "store", value=500)["points"] == 5
+    entry = entries(db, "alice")[0]
+    assert (entry["kind"], entry["amount"], entry["available_delta"]) == ("credit", 5, 0)
+    assert (balance(db, "alice")["available"], balance(db, "alice")["pending"]) == (0, 5)
+    lot = db.execute("SELECT * FROM ledger.lots WHERE user_id = 'alice'").fetchone()
+    assert lot["entry_id"] == entry["entry_id"] and not lot["matured"]
+    assert (lot["available_at"] - lot["created_at"], lot["expires_at"] - lot["created_at"]) == (
+        timedelta(hours=1), timedelta(hours=2))
+    # a change of the terms applies to the next action, and is in the history
+    rule(api_db, "purchase", points_per_unit=1, unit_value=100)
+    act(api_db, "alice", "o-2", "purchase", "store", value=300)
+    assert (balance(db, "alice")["available"], balance(db, "alice")["pending"]) == (3, 5)
+    change = db.execute("SELECT before, after FROM rules.changes ORDER BY change_id DESC LIMIT 1").fetchone()
+    assert (change["before"]["pending_seconds"], change["after"]["pending_seconds"]) == (3600, None)
+    assert unreconciled_accounts(db) == []
+
+
 def test_no_rule_or_a_disabled_one_is_not_eligible_and_writes_only_the_key(api_db, db):
     rule(api_db, "ad_view", fixed_points=10)
     Ledger(api_db)(calls.enable_rule("test", "ad_view", False))
@@ -156,6 +176,9 @@ def test_a_new_day_starts_the_daily_cap_again_but_not_the_lifetime_one(api_db, d
     ({"fixed_points": 5, "points_per_unit": 1, "unit_value": 100}, "fixed_points"),
     ({"points_per_unit": 1}, "unit_value"),
     ({"fixed_points": 5, "daily_cap": 0}, "daily_cap"),
+    ({"fixed_points": 5, "pending_seconds": 0}, "pending_seconds"),
+    ({"fixed_points": 5, "pending_seconds": 60, "expiry_seconds": 60}, "expiry_seconds"),
+    ({"fixed_points": 5, "expiry_seconds": 400_000_000}, "expiry_seconds"),  # past max_lot_term
 ])
 def test_a_bad_rule_is_refused_by_the_function(api_db, fields, field):
     with pytest.raises(InvalidArgument) as refused:
@@ -166,6 +189,7 @@ def test_a_bad_rule_is_refused_by_the_function(api_db, fields, field):
 @pytest.mark.parametrize("statement", [
     "INSERT INTO rules.rules (action_type, fixed_points, points_per_unit, unit_value) VALUES ('x', 5, 1, 1)",
     "INSERT INTO rules.rules (action_type) VALUES ('x')",
+    "INSERT INTO rules.rules (action_type, fixed_points, pending_seconds, expiry_seconds) VALUES ('x', 5, 60, 30)",
     "INSERT INTO rules.campaigns (name, starts_at, ends_at, multiplier_percent) VALUES ('c', now(), now(), 200)",
     "INSERT INTO rules.campaigns (name, starts_at, ends_at, multiplier_percent, bonus_points)"
     " VALUES ('c', now(), now() + interval '1 day', 200, 5)",

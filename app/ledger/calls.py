@@ -155,12 +155,16 @@ def budget_report(campaign_id: int) -> Call[BudgetReport]:
 
 def put_rule(actor: str, action_type: str, *, fixed_points: int | None = None, points_per_unit: int | None = None,
              unit_value: int | None = None, daily_cap: int | None = None, lifetime_cap: int | None = None,
-             enabled: bool = True) -> Call[Rule]:
-    """Create or change the rule of an action type (recorded in the history)."""
+             enabled: bool = True, pending_seconds: int | None = None,
+             expiry_seconds: int | None = None) -> Call[Rule]:
+    """Create or change the rule of an action type (recorded in the history). With
+    `pending_seconds` or `expiry_seconds` each credit of the type is a lot, as
+    `credit` makes one."""
     return Call(queries.PUT_RULE, {
         "actor": actor, "action_type": action_type, "fixed_points": fixed_points,
         "points_per_unit": points_per_unit, "unit_value": unit_value, "daily_cap": daily_cap,
-        "lifetime_cap": lifetime_cap, "enabled": enabled}, Rule)
+        "lifetime_cap": lifetime_cap, "enabled": enabled, "pending_seconds": pending_seconds,
+        "expiry_seconds": expiry_seconds}, Rule)
 
 
 def enable_rule(actor: str, action_type: str, enabled: bool) -> Call[Rule]:

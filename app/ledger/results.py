@@ -255,6 +255,9 @@ class Rule:
     enabled: bool
     created_at: datetime
     updated_at: datetime
+    # each credit of the type is a lot pending this long, expiring this long after it (None: not)
+    pending_seconds: int | None = None
+    expiry_seconds: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,6 +70,23 @@ def test_an_action_earns_what_the_rules_give_and_says_why(api, user, action_type
     assert again.json() == earned
 
 
+def test_a_rule_set_with_lot_terms_earns_pending_points(api, user, action_type):
+    made = _rule(api, action_type, points_per_unit=1, unit_value=100, pending_seconds=3600, expiry_seconds=86400)
+    assert (made["pending_seconds"], made["expiry_seconds"]) == (3600, 86400)
+    with api.client("admin") as admin:
+        _problem(admin.put(f"/v1/admin/rules/{action_type}", json={"fixed_points": 1, "pending_seconds": 60,
+                                                                   "expiry_seconds": 60}), 400, "validation")
+        history = admin.get("/v1/admin/changes", params={"limit": 1}).json()
+    assert history[0]["after"]["pending_seconds"] == 3600
+    with api.client("earn") as http:
+        earned = post(http, "/v1/actions", _action(user, action_type, value=1000))
+    assert earned.status_code == 201, earned.text
+    assert earned.json()["points"] == 10 and earned.json()["balance"]["available"] == 0
+    with api.client("read") as reader:
+        balance = reader.get(f"/v1/accounts/{user}/balance").json()
+    assert (balance["available"], balance["pending"]) == (0, 10)
+
+
 def test_refusals_are_problems_and_write_only_their_key(api, user, action_type):
     _rule(api, action_type, fixed_points=10, lifetime_cap=10)
     with api.client("earn") as http:

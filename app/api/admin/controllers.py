@@ -47,7 +47,7 @@ class AdminController(Controller):
         rule = await ledger(calls.put_rule(
             _actor(request), action_type, fixed_points=data.fixed_points, points_per_unit=data.points_per_unit,
             unit_value=data.unit_value, daily_cap=data.daily_cap, lifetime_cap=data.lifetime_cap,
-            enabled=data.enabled))
+            enabled=data.enabled, pending_seconds=data.pending_seconds, expiry_seconds=data.expiry_seconds))
         return Response(rule, headers=rate_limit.headers())
 
     @post("/rules/{action_type:str}/{switch:str}", guards=ADMIN, status_code=200,

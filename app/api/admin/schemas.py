@@ -9,6 +9,7 @@ from typing import Annotated
 
 from msgspec import Meta, Struct
 
+from app.api.accounts.schemas import LotSeconds
 from app.ledger import limits
 
 Name = Annotated[str, Meta(pattern=limits.NAME_PATTERN)]
@@ -26,6 +27,10 @@ class RuleRequest(Struct, forbid_unknown_fields=True, frozen=True):
     unit_value: Annotated[int, Meta(ge=1, le=1_000_000_000)] | None = None
     daily_cap: Cap | None = None
     lifetime_cap: Cap | None = None
+    # each credit of the type a lot: pending this long (e.g. a purchase's
+    # return window), expiring this long after the credit (more than pending)
+    pending_seconds: LotSeconds | None = None
+    expiry_seconds: LotSeconds | None = None
     enabled: bool = True
 
 
