@@ -1315,13 +1315,15 @@ $$;
 -- 2. The accounts of the valid items are locked in one order (user_id in "C"
 --    collation) before any item is applied, so calls over overlapping users
 --    cannot deadlock each other.
--- 3. The items are applied in input order, all in one subtransaction. An item
---    that raises a genuine error (a constraint, an overflow) rolls back what
---    the items had done so far; it is answered with its error and the others
---    are applied again, their accounts still locked. The common case pays for
---    one subtransaction, not one per item (each writing subtransaction takes a
---    transaction id of its own, and past 64 of them every snapshot taken
---    meanwhile overflows into pg_subtrans).
+-- 3. The items are applied in input order.
+-- Phases 2 and 3 run in one subtransaction. An item that raises a genuine
+-- error (a constraint, an overflow) rolls back what the items had done so
+-- far, the accounts locked (or made) for them included; it is answered with
+-- its error and phases 2 and 3 run again without it, so an account made only
+-- for items that all failed is not left behind, as none is by a single credit
+-- that raises. The common case pays for one subtransaction, not one per item
+-- (each writing subtransaction takes a transaction id of its own, and past 64
+-- of them every snapshot taken meanwhile overflows into pg_subtrans).
 -- Under Citus the call is distributed by p_user_id, the user whose shard all
 -- the items' users must share (an item whose user is elsewhere is answered
 -- with 0A000 and may be sent again on its own); it is delegated only as a
@@ -1397,16 +1399,15 @@ BEGIN
         END;
     END LOOP;
 
-    FOR v_user IN
-        SELECT DISTINCT u.user_id COLLATE "C" FROM unnest(p_user_ids, v_failed) AS u(user_id, failed)
-        WHERE NOT u.failed ORDER BY 1
-    LOOP
-        PERFORM ledger._lock_account(v_user);
-    END LOOP;
-
     LOOP
         v_item := 0;
         BEGIN
+            FOR v_user IN
+                SELECT DISTINCT u.user_id COLLATE "C" FROM unnest(p_user_ids, v_failed) AS u(user_id, failed)
+                WHERE NOT u.failed ORDER BY 1
+            LOOP
+                PERFORM ledger._lock_account(v_user);
+            END LOOP;
             WHILE v_item < v_count LOOP
                 v_item := v_item + 1;
                 CONTINUE WHEN v_failed[v_item];
@@ -1418,6 +1419,9 @@ BEGIN
             END LOOP;
             EXIT;
         EXCEPTION WHEN OTHERS THEN
+            IF v_item = 0 THEN
+                RAISE;  -- locking failed (lock_timeout): the call's, not an item's
+            END IF;
             GET STACKED DIAGNOSTICS v_sqlstate = RETURNED_SQLSTATE, v_column = COLUMN_NAME,
                                     v_message = MESSAGE_TEXT;
             v_failed[v_item] := true;

@@ -136,6 +136,18 @@ def test_an_item_that_raises_fails_alone_and_the_others_are_applied_once(db):
     assert credit_many(db, [Credit(bob, "k1", 20, "x")])[0]["status"] == "ok"
 
 
+def test_a_new_user_whose_items_all_raise_gets_no_account(db):
+    alice, carol = users_of_one_shard(db, 2)
+    db.execute("ALTER TABLE ledger.entries ADD CONSTRAINT test_no_boom CHECK (reason <> 'boom') NOT VALID")
+    answers = credit_many(db, [Credit(alice, "k1", 10, "x"), Credit(carol, "k1", 20, "boom"),
+                               Credit(carol, "k2", 30, "boom")])
+
+    assert [a["status"] for a in answers] == ["ok", None, None]
+    # as after a single credit that raised: nothing of carol's, not even an empty account
+    assert db.execute("SELECT user_id FROM ledger.accounts WHERE user_id = ANY(%s)",
+                      ([alice, carol],)).fetchall() == [{"user_id": alice}]
+
+
 def test_an_overflow_fails_its_item_alone_as_it_fails_a_single_credit(db):
     rich, poor = users_of_one_shard(db, 2)
     credit(db, rich, "fund", 1)
