@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from app.api import metrics
 from app.ledger import calls
 from app.ledger.client import AsyncLedger
-from app.ledger.errors import LedgerError, OtherShard, Overloaded, Unavailable
+from app.ledger.errors import Overloaded, Unavailable
+from app.ledger.many import credit_together
 from app.ledger.results import Outcome
 from app.ledger.shards import Shards
 
@@ -121,7 +122,7 @@ class GroupCommit:
             await self._answer_alone(batch[0])
             return
         try:
-            items = await self.ledger(calls.credit_many(batch[0].credit.user_id, [w.credit for w in batch]))
+            answers = await credit_together(self.ledger, [waiting.credit for waiting in batch])
         except (Overloaded, Unavailable) as exc:
             # What each credit would have got alone: refused, or (unavailable)
             # perhaps committed, for the client to retry under the same key.
@@ -136,14 +137,11 @@ class GroupCommit:
             log.warning("a group of %s credits failed as a whole; sending each alone", len(batch), exc_info=True)
             await asyncio.gather(*(self._answer_alone(waiting) for waiting in batch))
             return
-        for waiting, item in zip(batch, items, strict=True):
-            try:
-                _settle(waiting, result=item.outcome())
-            except OtherShard:
-                # A shard map older than a split: this one is sent on its own.
-                await self._answer_alone(waiting)
-            except LedgerError as exc:
-                _settle(waiting, exception=exc)
+        for waiting, answer in zip(batch, answers, strict=True):
+            if isinstance(answer, Outcome):
+                _settle(waiting, result=answer)
+            else:
+                _settle(waiting, exception=answer)
 
     async def _answer_alone(self, waiting: _Waiting) -> None:
         try:

@@ -12,7 +12,8 @@ hashes in pg_dist_shard. Every table of the ledger is colocated with
 Nothing depends on this map for correctness, only for speed: the database
 still checks that a call's users share its shard. A map made before a shard
 split can group users of two shards together until it is reloaded; the items
-the database then answers as being elsewhere are sent again on their own. On a single node (no Citus) every user is in the
+the database then answers as being elsewhere are sent again
+(app.ledger.many.credit_together). On a single node (no Citus) every user is in the
 one group, `SINGLE`, and nothing is hashed.
 """
 
