@@ -30,17 +30,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.settings import load  # noqa: E402
 from bench import serve  # noqa: E402
-from bench.load import process_tree_cpu  # noqa: E402
+from bench.cpu import process_tree_cpu  # noqa: E402
 from bench.run import BENCH, USERS, measure  # noqa: E402
 
 DATABASE = "rewards_bench_bulk"
 
 
-async def _bulk_load(url: str, api_key: str, connections: int, items: int, seconds: float) -> dict:
+async def bulk_load(url: str, api_key: str, connections: int, items: int, seconds: float,
+                    users: int = USERS) -> dict:
     """`connections` clients posting bulk grants for `seconds`: counts and latencies."""
     run = uuid.uuid4().hex[:8]
     latencies: list[float] = []
-    counts = {"requests": 0, "entries": 0, "item_refusals": 0, "non_200": 0}
+    counts = {"requests": 0, "entries": 0, "item_refusals": 0, "non_200": 0, "transport_errors": 0}
     encoder = msgspec.json.Encoder()
 
     async def client(number: int) -> None:
@@ -51,11 +52,16 @@ async def _bulk_load(url: str, api_key: str, connections: int, items: int, secon
                                               "Content-Type": "application/json"}) as http:
             while time.monotonic() < deadline:
                 body = encoder.encode({"items": [
-                    {"user_id": f"bench-{rng.randint(1, USERS)}", "idempotency_key": f"bulk-{run}-{number}-{sequence}-{i}",
+                    {"user_id": f"bench-{rng.randint(1, users)}",
+                     "idempotency_key": f"bulk-{run}-{number}-{sequence}-{i}",
                      "amount": 10, "reason": "bench bulk"} for i in range(items)]})
                 sequence += 1
                 started = time.perf_counter()
-                response = await http.post("/v1/credits/bulk", content=body)
+                try:
+                    response = await http.post("/v1/credits/bulk", content=body)
+                except httpx.TransportError:  # a timeout or a dropped connection under overload
+                    counts["transport_errors"] += 1
+                    continue
                 latencies.append(time.perf_counter() - started)
                 counts["requests"] += 1
                 if response.status_code != 200:
@@ -70,10 +76,9 @@ async def _bulk_load(url: str, api_key: str, connections: int, items: int, secon
     deadline = started + seconds
     await asyncio.gather(*(client(n) for n in range(connections)))
     elapsed = time.monotonic() - started
-    latencies.sort()
+    latencies = sorted(latencies) or [float("nan")]  # no request answered in time
     return {**counts, "seconds": elapsed,
-            "p50_ms": 1000 * latencies[len(latencies) // 2],
-            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]}
+            **{f"p{q}_ms": 1000 * latencies[min(len(latencies) - 1, len(latencies) * q // 100)] for q in (50, 95, 99)}}
 
 
 def main() -> int:
@@ -95,10 +100,10 @@ def main() -> int:
     rounds: list[dict] = []
     with serve.api(base, DATABASE, workers=args.workers) as (url, api_pid):
         for round_no in range(1, args.rounds + 1):
-            tps, _ = measure(base, ["-D", f"users={USERS}", "-f", str(BENCH / "credit.sql")], DATABASE,
-                             8, args.seconds, out_dir / f"bulk_sql_credit.round{round_no}.txt")
+            tps = measure(base, ["-D", f"users={USERS}", "-f", str(BENCH / "credit.sql")], DATABASE,
+                          8, args.seconds, out_dir / f"bulk_sql_credit.round{round_no}.txt")["tps"]
             cpu_before = process_tree_cpu(api_pid)
-            result = asyncio.run(_bulk_load(url, api_key, args.connections, args.items, args.seconds))
+            result = asyncio.run(bulk_load(url, api_key, args.connections, args.items, args.seconds))
             api_cpu = process_tree_cpu(api_pid) - cpu_before
             result |= {"sql_credit_tps": tps, "entries_per_s": result["entries"] / result["seconds"],
                        "requests_per_s": result["requests"] / result["seconds"],

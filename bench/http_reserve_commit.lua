@@ -52,7 +52,8 @@ function done(summary, latency, requests)
   local failed = 0
   for _, thread in ipairs(threads) do failed = failed + thread:get("errors") end
   io.write(string.format(
-    'RESULT {"requests": %d, "seconds": %.3f, "non_2xx": %d, "p50_ms": %.2f, "p95_ms": %.2f, "p99_ms": %.2f}\n',
+    'RESULT {"requests": %d, "seconds": %.3f, "non_2xx": %d, "socket_errors": %d, "mean_ms": %.2f, "p50_ms": %.2f, "p95_ms": %.2f, "p99_ms": %.2f}\n',
     summary.requests, summary.duration / 1e6, failed,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout, latency.mean / 1000,
     latency:percentile(50) / 1000, latency:percentile(95) / 1000, latency:percentile(99) / 1000))
 end

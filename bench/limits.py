@@ -27,7 +27,6 @@ import argparse
 import os
 import statistics
 import sys
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -36,27 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.operations import citus  # noqa: E402
 from app.settings import Settings, load  # noqa: E402
 from bench import serve  # noqa: E402
-from bench.load import process_tree_cpu, wrk  # noqa: E402
+from bench.cpu import process_tree_cpu, service_pids  # noqa: E402
+from bench.load import wrk  # noqa: E402
 from bench.run import BENCH, measure  # noqa: E402
 
 DATABASE = "rewards_limits"
 SPREAD = 100_000  # accounts the spread workloads pick from
 WORKLOADS = ("SQL, one hot account", "SQL, spread", "HTTP, one hot account", "HTTP, spread")
-
-
-def _service_pids(settings: Settings, api_pid: int) -> Iterator[int]:
-    """The roots of what serves a credit: every node's postmaster (its backends
-    are its children), PgBouncer, the API (its workers are its children)."""
-    for node in (settings, *citus.local_workers(settings)):
-        yield int((node.pg_data / "postmaster.pid").read_text().split("\n", 1)[0])
-    ini = str(settings.data_dir / "pgbouncer" / "pgbouncer.ini").encode()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if cmdline.read_bytes().split(b"\0")[-2:-1] == [ini]:
-                yield int(cmdline.parent.name)
-        except (OSError, IndexError):
-            continue
-    yield api_pid
 
 
 def _cpu(pids: list[int]) -> float:
@@ -70,8 +55,8 @@ def _round(name: str, settings: Settings, url: str, key: str, pids: list[int], s
         users = 1 if "hot" in workload else SPREAD
         before = _cpu(pids)
         if workload.startswith("SQL"):
-            tps, _ = measure(settings, ["-D", f"users={users}", "-f", str(BENCH / "credit.sql")], DATABASE, 8,
-                             seconds, out / f"limits_{name}_{workload[:4]}{users}.txt")
+            tps = measure(settings, ["-D", f"users={users}", "-f", str(BENCH / "credit.sql")], DATABASE, 8,
+                          seconds, out / f"limits_{name}_{workload[:4]}{users}.txt")["tps"]
             credits = tps * seconds
         else:
             result = wrk("http_credit.lua", url, key, 32, seconds, out / f"limits_{name}_{workload[:4]}{users}.txt",
@@ -106,7 +91,9 @@ def main() -> int:
             print(f"preparing {DATABASE} on the {name}...", file=sys.stderr)
             serve.database(settings, DATABASE)
             url, pid = stack.enter_context(serve.api(settings, DATABASE, workers=2))
-            served[name] = (url, serve.api_key(settings, DATABASE), list(_service_pids(settings, pid)))
+            parts = service_pids(settings, pid)
+            served[name] = (url, serve.api_key(settings, DATABASE),
+                            [*parts["postgres"], *parts["workers"], *parts["pgbouncer"], *parts["api"]])
         for round_no in range(1, args.rounds + 1):
             for name, settings in topologies.items():
                 url, key, pids = served[name]

@@ -1,15 +1,19 @@
-"""HTTP load against the API, side by side with the raw SQL credit (pgbench).
+"""HTTP load against the API, side by side with the raw SQL credit and balance
+read (pgbench).
 
-    uv run python bench/load.py [--connections 32] [--seconds 15] [--rounds 3] [--workers 2]
+    uv run python bench/load.py [--connections 32] [--seconds 15] [--rounds 3] [--workers 2] [--json FILE]
 
 Starts an API of its own (uvicorn, `--workers` processes) on the rewards_bench
 database through the project's PgBouncer and Redis, with rate limits set out of
 the way (this measures the request path, not the buckets), and runs in
-interleaved rounds: pgbench credits (8 clients, straight to PostgreSQL), then wrk
-credits, then wrk reservations and commits at `--connections`. Reports medians of
-requests/s, p50/p95/p99 latency, CPU per request (the API's processes, and the
-whole machine), and HTTP credits as a ratio of the raw SQL credit TPS.
-"""
+interleaved rounds: pgbench credits and balance reads (8 clients, straight to
+PostgreSQL), then wrk credits, reservations and commits, and balance reads at
+`--connections`. Reports medians of requests/s, mean and p50/p95/p99 latency
+(pgbench's mean only), CPU per request of each part of the service (the API's
+processes, PostgreSQL, PgBouncer, Redis, from /proc) and of the whole machine,
+each workload as a ratio of the raw SQL credit's TPS, and the HTTP balance read
+against the raw SQL balance read and the HTTP credit. `--json` writes every
+round's figures, the medians and the ratios."""
 
 from __future__ import annotations
 
@@ -26,45 +30,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.settings import load  # noqa: E402
-from bench import serve  # noqa: E402
+from bench import cpu, serve  # noqa: E402
 from bench.run import BENCH, LEDGER_DB, USERS, measure, prepare_ledger  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def process_tree_cpu(root_pid: int) -> float:
-    """CPU seconds used so far by a process and its children (the uvicorn
-    workers, a postmaster's backends), those that have exited included: their
-    time moves to the parent's children's-time fields when it reaps them."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid, ppid = int(stat.parent.name), int(fields[1])
-        if pid == root_pid:
-            total += sum(int(value) for value in fields[11:15]) / TICKS  # utime stime cutime cstime
-        elif ppid == root_pid:
-            total += (int(fields[11]) + int(fields[12])) / TICKS
-    return total
-
-
-def _machine_cpu() -> float:
-    """CPU seconds spent busy, all cores, since boot."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]
-    return (sum(values[:8]) - idle) / TICKS
 
 
 def wrk(script: str, url: str, api_key: str, connections: int, seconds: int, out: Path,
         users: int = USERS) -> dict:
     text = subprocess.run(
-        ["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "-s", str(BENCH / script), url,
-         "--", api_key, str(users)],
+        ["wrk", "-t", str(min(2, connections)), "-c", str(connections), "-d", f"{seconds}s",
+         "-s", str(BENCH / script), url, "--", api_key, str(users)],
         check=True, capture_output=True, text=True).stdout
     out.write_text(text)
     return json.loads(re.search(r"^RESULT (.*)$", text, re.MULTILINE).group(1))
+
+
+SQL_WORKLOADS = {"SQL credit (pgbench, 8 clients)": "credit.sql", "SQL balance (pgbench, 8 clients)": "balance.sql"}
+HTTP_WORKLOADS = {"HTTP credit": "http_credit.lua", "HTTP reserve+commit": "http_reserve_commit.lua",
+                  "HTTP balance": "http_balance.lua"}
+CPU_COLUMNS = {"api_cpu_ms": "API", "postgres_cpu_ms": "PostgreSQL", "workers_cpu_ms": "Citus workers",
+               "pgbouncer_cpu_ms": "PgBouncer", "redis_cpu_ms": "Redis", "machine_cpu_ms": "machine"}
 
 
 def main() -> int:
@@ -75,6 +59,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--server", choices=["uvicorn", "granian"], default=None,
                         help="default: REWARDS_API_SERVER, else uvicorn")
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args()
     base = load()
     if args.server:
@@ -86,42 +71,58 @@ def main() -> int:
     prepare_ledger(base)
     api_key = serve.api_key(base, LEDGER_DB)
 
-    rows: dict[str, list[dict]] = {"SQL credit (pgbench, 8 clients)": [], "HTTP credit": [],
-                                   "HTTP reserve+commit": []}
+    rows: dict[str, list[dict]] = {name: [] for name in (*SQL_WORKLOADS, *HTTP_WORKLOADS)}
     with serve.api(base, LEDGER_DB, workers=args.workers) as (url, api_pid):
+        pids = cpu.service_pids(base, api_pid)
         for round_no in range(1, args.rounds + 1):
-            tps, latency = measure(base, ["-D", f"users={USERS}", "-f", str(BENCH / "credit.sql")], LEDGER_DB,
-                                   8, args.seconds, out_dir / f"http_sql_credit.round{round_no}.txt")
-            rows["SQL credit (pgbench, 8 clients)"].append({"rps": tps, "p50_ms": latency})
-            print(f"round {round_no} SQL credit: {tps:.0f} tps", file=sys.stderr)
-            for name, script in (("HTTP credit", "http_credit.lua"),
-                                 ("HTTP reserve+commit", "http_reserve_commit.lua")):
-                api_before, machine_before = process_tree_cpu(api_pid), _machine_cpu()
+            for name, script in SQL_WORKLOADS.items():
+                before = cpu.snapshot(pids)
+                result = measure(base, ["-D", f"users={USERS}", "-f", str(BENCH / script)], LEDGER_DB, 8,
+                                 args.seconds, out_dir / f"http_sql_{script[:-4]}.round{round_no}.txt")
+                result |= {"rps": result["tps"], **cpu.per_request(before, cpu.snapshot(pids), result["transactions"])}
+                rows[name].append(result)
+                print(f"round {round_no} {name}: {result['rps']:.0f} tps", file=sys.stderr)
+            for name, script in HTTP_WORKLOADS.items():
+                before = cpu.snapshot(pids)
                 result = wrk(script, url, api_key, args.connections, args.seconds,
-                              out_dir / f"http_{script[5:-4]}.round{round_no}.txt")
-                api_cpu = process_tree_cpu(api_pid) - api_before
-                machine_cpu = _machine_cpu() - machine_before
+                             out_dir / f"http_{script[5:-4]}.round{round_no}.txt")
                 result |= {"rps": result["requests"] / result["seconds"],
-                           "api_cpu_ms": api_cpu * 1000 / result["requests"],
-                           "machine_cpu_ms": machine_cpu * 1000 / result["requests"]}
+                           **cpu.per_request(before, cpu.snapshot(pids), result["requests"])}
                 rows[name].append(result)
                 print(f"round {round_no} {name}: {result['rps']:.0f} req/s, p99 {result['p99_ms']:.1f} ms, "
                       f"{result['non_2xx']} non-2xx", file=sys.stderr)
 
-    def median(name: str, field: str) -> float:
-        return statistics.median(r[field] for r in rows[name])
+    medians = {name: {field: statistics.median(r[field] for r in results) for field in results[0]
+                      if field in ("rps", "mean_ms", "p50_ms", "p95_ms", "p99_ms", *CPU_COLUMNS)}
+               for name, results in rows.items()}
+    sql_credit, sql_balance = (medians[name]["rps"] for name in SQL_WORKLOADS)
+    ratios = {"http_balance_per_sql_balance": medians["HTTP balance"]["rps"] / sql_balance,
+              "http_balance_per_http_credit": medians["HTTP balance"]["rps"] / medians["HTTP credit"]["rps"],
+              "sql_balance_per_sql_credit": sql_balance / sql_credit}
 
-    sql_tps = median("SQL credit (pgbench, 8 clients)", "rps")
+    def cell(name: str, field: str, digits: int) -> str:
+        return f"{medians[name][field]:.{digits}f}" if field in medians[name] else ""
+
     print(f"\n{base.api_server}, {args.workers} workers; wrk {args.connections} connections; "
-          f"{args.seconds} s x {args.rounds} interleaved rounds, medians\n")
-    print("| workload | req/s | p50 ms | p95 ms | p99 ms | API CPU ms/req | machine CPU ms/req | non-2xx | / SQL credit |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| SQL credit (pgbench, 8 clients) | {sql_tps:.0f} | | | | | | | 1.00 |")
-    for name in ("HTTP credit", "HTTP reserve+commit"):
-        print(f"| {name} | {median(name, 'rps'):.0f} | {median(name, 'p50_ms'):.2f} | {median(name, 'p95_ms'):.2f} "
-              f"| {median(name, 'p99_ms'):.2f} | {median(name, 'api_cpu_ms'):.3f} | "
-              f"{median(name, 'machine_cpu_ms'):.3f} | {sum(r['non_2xx'] for r in rows[name])} | "
-              f"{median(name, 'rps') / sql_tps:.2f} |")
+          f"{args.seconds} s x {args.rounds} interleaved rounds, medians; CPU ms a request, by part\n")
+    print("| workload | req/s | mean ms | p50 ms | p95 ms | p99 ms | " + " | ".join(
+        f"{label} CPU" for label in CPU_COLUMNS.values()) + " | non-2xx | / SQL credit |")
+    print("|---|" + "---:|" * (7 + len(CPU_COLUMNS)))
+    for name in rows:
+        failed = sum(r.get("non_2xx", 0) + r.get("socket_errors", 0) for r in rows[name])
+        print(f"| {name} | {cell(name, 'rps', 0)} | {cell(name, 'mean_ms', 2)} | {cell(name, 'p50_ms', 2)} | "
+              f"{cell(name, 'p95_ms', 2)} | {cell(name, 'p99_ms', 2)} | "
+              + " | ".join(cell(name, field, 3) for field in CPU_COLUMNS)
+              + f" | {failed if name in HTTP_WORKLOADS else ''} | {medians[name]['rps'] / sql_credit:.2f} |")
+    print(f"\nHTTP balance / SQL balance: {ratios['http_balance_per_sql_balance']:.2f}; "
+          f"HTTP balance / HTTP credit: {ratios['http_balance_per_http_credit']:.2f}; "
+          f"SQL balance / SQL credit: {ratios['sql_balance_per_sql_credit']:.2f}; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "server": base.api_server, "workers": args.workers, "connections": args.connections,
+            "seconds": args.seconds, "rounds": rows, "median": medians, "ratios": ratios,
+            "load_average": os.getloadavg()}, indent=2))
     return 0
 
 

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.settings import load  # noqa: E402
 from bench import serve  # noqa: E402
-from bench.load import process_tree_cpu, wrk  # noqa: E402
+from bench.cpu import process_tree_cpu  # noqa: E402
+from bench.load import wrk  # noqa: E402
 from bench.run import BENCH  # noqa: E402
 
 DATABASE = "rewards_bench_profile"

@@ -1,7 +1,7 @@
 """pgbench, side by side: each ledger operation against pgbench's built-in
 tpcb-like on the same cluster with the same clients, in interleaved rounds.
 
-    uv run python bench/run.py [--clients 8] [--seconds 15] [--rounds 3]
+    uv run python bench/run.py [--clients 8] [--seconds 15] [--rounds 3] [--json FILE]
 
 Runs in databases of their own (rewards_bench, rewards_tpcb), never the service's.
 rewards_bench is made as the service's database is: under REWARDS_CITUS=on on
@@ -9,20 +9,25 @@ every node and distributed, so the ledger's figures are the cluster's (each call
 delegated to the worker holding its user). rewards_tpcb stays a plain database
 on the coordinator's PostgreSQL: pgbench's yardstick for this server.
 Prints a Markdown table of median TPS, median mean latency, and each TPS as a
-ratio of tpcb-like's; raw pgbench output goes to bench/out/.
+ratio of tpcb-like's; raw pgbench output goes to bench/out/, and with `--json`
+every round's figures and the medians to FILE.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -49,17 +54,17 @@ def _recreate(settings, name: str) -> None:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
-def prepare_ledger(settings) -> None:
-    """A fresh rewards_bench database (distributed under Citus) with USERS
-    accounts funded through the ledger itself, so debits spend."""
-    serve.database(settings, LEDGER_DB)
+def prepare_ledger(settings, database: str = LEDGER_DB, users: int = USERS) -> None:
+    """A fresh `database` (distributed under Citus) with `users` accounts
+    funded through the ledger itself, so debits spend."""
+    serve.database(settings, database)
     clients = 8
-    pgbench(settings, LEDGER_DB, ["-n", "-c", str(clients), "-j", "2", "-t", str(USERS // clients),
-                                  "-D", f"per={USERS // clients}", "-D", "n=0", "-f", str(BENCH / "fund.sql")])
-    with psycopg.connect(settings.superuser_conninfo(LEDGER_DB), autocommit=True) as conn:
+    pgbench(settings, database, ["-n", "-c", str(clients), "-j", "2", "-t", str(users // clients),
+                                 "-D", f"per={users // clients}", "-D", "n=0", "-f", str(BENCH / "fund.sql")])
+    with psycopg.connect(settings.superuser_conninfo(database), autocommit=True) as conn:
         funded = conn.execute(_QUERIES["funded_accounts"]).fetchone()[0]
-        if funded != USERS:
-            raise SystemExit(f"{funded} of {USERS} bench accounts were funded")
+        if funded != users // clients * clients:
+            raise SystemExit(f"{funded} of {users} bench accounts were funded")
         conn.execute(_QUERIES["vacuum_analyze"])
 
 
@@ -69,20 +74,48 @@ def _prepare(settings) -> None:
     pgbench(settings, TPCB_DB, ["-i", "-q", "-s", "10"])
 
 
-def pgbench(settings, dbname: str, args: list[str]) -> str:
-    command = [str(settings.pg_bin / "pgbench"), "-h", str(settings.socket_dir), "-p", str(settings.pg_port),
-               "-U", settings.pg_superuser, *args, dbname]
-    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+def pgbench(settings, dbname: str, args: list[str], through_bouncer: bool = False,
+            aborts_ok: bool = False) -> subprocess.CompletedProcess:
+    """pgbench on `dbname` as the superuser straight to PostgreSQL, or
+    `through_bouncer` as the API connects (its role, through PgBouncer). With
+    `aborts_ok` a run some of whose clients aborted (exit status 2: a wait
+    refused under overload) is a result, not a failure."""
+    env = dict(os.environ)
+    if through_bouncer:
+        # The password in the environment, not on a command line others can read.
+        conninfo = conninfo_to_dict(settings.bouncer_conninfo(dbname))
+        env["PGPASSWORD"] = conninfo.pop("password")
+        target = [make_conninfo(**conninfo)]
+    else:
+        target = ["-h", str(settings.socket_dir), "-p", str(settings.pg_port), "-U", settings.pg_superuser, dbname]
+    done = subprocess.run([str(settings.pg_bin / "pgbench"), *args, *target], capture_output=True, text=True,
+                          env=env)
+    if done.returncode and not (aborts_ok and done.returncode == 2 and "tps = " in done.stdout):
+        raise subprocess.CalledProcessError(done.returncode, done.args, done.stdout, done.stderr)
+    return done
 
 
-def measure(settings, args: list[str], dbname: str, clients: int, seconds: int,
-            out: Path) -> tuple[float, float]:
-    """pgbench for `seconds`; its TPS and mean latency, its output kept in `out`."""
-    text = pgbench(settings, dbname, ["-n", "-c", str(clients), "-j", "2", "-T", str(seconds), *args])
-    out.write_text(text)
-    tps = float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", text).group(1))
-    latency = float(re.search(r"latency average = ([\d.]+) ms", text).group(1))
-    return tps, latency
+def measure(settings, args: list[str], dbname: str, clients: int, seconds: int, out: Path,
+            percentiles: bool = False, through_bouncer: bool = False) -> dict:
+    """pgbench for `seconds`, its output kept in `out`: its TPS, transactions,
+    mean latency and clients aborted; with `percentiles`, also p50/p95/p99 from
+    its per-transaction log (written to a scratch folder, a line per
+    transaction); `through_bouncer` as pgbench() says (aborts then counted)."""
+    with tempfile.TemporaryDirectory(prefix="pgbench-") as scratch:
+        logging = ["-l", "--log-prefix", f"{scratch}/tx"] if percentiles else []
+        done = pgbench(settings, dbname, ["-n", "-c", str(clients), "-j", str(min(2, clients)), "-T", str(seconds),
+                                          *logging, *args], through_bouncer=through_bouncer, aborts_ok=through_bouncer)
+        latencies = sorted(int(fields[2]) / 1000 for log in Path(scratch).glob("tx*")
+                           for fields in map(str.split, log.read_text().splitlines()) if fields[2].isdigit())
+    text = done.stdout
+    out.write_text(text + done.stderr)
+    result = {"tps": float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", text).group(1)),
+              "transactions": int(re.search(r"number of transactions actually processed: (\d+)", text).group(1)),
+              "mean_ms": float(re.search(r"latency average = ([\d.]+) ms", text).group(1)),
+              "aborted_clients": len(re.findall(r"^client \d+ aborted", done.stderr, re.MULTILINE))}
+    if latencies:
+        result |= {f"p{q}_ms": latencies[min(len(latencies) - 1, len(latencies) * q // 100)] for q in (50, 95, 99)}
+    return result
 
 
 def main() -> int:
@@ -90,6 +123,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
     args = parser.parse_args()
     settings = load()
     out_dir = BENCH / "out"
@@ -98,7 +132,7 @@ def main() -> int:
     print(f"preparing {LEDGER_DB} ({USERS} funded accounts) and {TPCB_DB} (scale 10)...", file=sys.stderr)
     _prepare(settings)
 
-    runs: dict[str, list[tuple[float, float]]] = {"tpcb-like": [], **{name: [] for name in SCRIPTS}}
+    runs: dict[str, list[dict]] = {"tpcb-like": [], **{name: [] for name in SCRIPTS}}
     for round_no in range(1, args.rounds + 1):
         for name in runs:
             if name == "tpcb-like":
@@ -107,18 +141,22 @@ def main() -> int:
                 bench_args, dbname = ["-D", f"users={USERS}", "-f", str(BENCH / SCRIPTS[name])], LEDGER_DB
             slug = re.sub(r"\W+", "_", name)
             result = measure(settings, bench_args, dbname, args.clients, args.seconds,
-                              out_dir / f"{slug}.round{round_no}.txt")
+                             out_dir / f"{slug}.round{round_no}.txt")
             runs[name].append(result)
-            print(f"round {round_no} {name}: {result[0]:.0f} tps, {result[1]:.2f} ms", file=sys.stderr)
+            print(f"round {round_no} {name}: {result['tps']:.0f} tps, {result['mean_ms']:.2f} ms", file=sys.stderr)
 
-    baseline = statistics.median(tps for tps, _ in runs["tpcb-like"])
+    medians = {name: {field: statistics.median(r[field] for r in results) for field in ("tps", "mean_ms")}
+               for name, results in runs.items()}
+    baseline = medians["tpcb-like"]["tps"]
     print(f"\n{args.clients} clients, {args.seconds} s x {args.rounds} interleaved rounds, medians\n")
     print("| workload | TPS | mean latency (ms) | TPS / tpcb-like |")
     print("|---|---:|---:|---:|")
-    for name, results in runs.items():
-        tps = statistics.median(r[0] for r in results)
-        latency = statistics.median(r[1] for r in results)
-        print(f"| {name} | {tps:.0f} | {latency:.2f} | {tps / baseline:.2f} |")
+    for name, median in medians.items():
+        median["per_tpcb_like"] = median["tps"] / baseline
+        print(f"| {name} | {median['tps']:.0f} | {median['mean_ms']:.2f} | {median['per_tpcb_like']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"clients": args.clients, "seconds": args.seconds, "rounds": runs,
+                                         "median": medians, "load_average": os.getloadavg()}, indent=2))
     return 0
 
 
