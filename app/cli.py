@@ -349,7 +349,7 @@ def _print_status(state: citus.Status) -> None:
     if state.citus is not None:
         print("write functions:")
         for f in state.functions:
-            verdict = (f"delegated by {f.distribution_argument} (force_delegation)" if f.delegated
+            verdict = (f"delegated by {f.distribution_argument} ({f.how})" if f.delegated
                        else f"NOT delegated: {f.why_not()}")
             print(f"  ledger.{f.name:<22} {verdict}")
 

@@ -417,18 +417,22 @@ SELECT nodeid, success, result FROM run_command_on_all_nodes(%(command)s);
 
 -- name: write_functions_distribution
 -- How each write function is distributed (pg_dist_object): by which argument,
--- with force_delegation, colocated with the accounts. A row of NULLs for a
--- function that does not exist.
-SELECT w.name, p.oid::regprocedure::text AS signature,
+-- with force_delegation, colocated with the accounts. The write functions are
+-- what the API may call that writes: ledger's public SECURITY DEFINER
+-- functions that are not STABLE (the reads are); `many`: it takes the users
+-- of many items (p_user_ids), each of which must be in p_user_id's shard.
+SELECT p.proname AS name, p.oid::regprocedure::text AS signature,
        d.objid IS NOT NULL AS distributed,
        p.proargnames[d.distribution_argument_index + 1] AS distribution_argument,
        coalesce(d.force_delegation, false) AS force_delegation,
        coalesce(d.colocationid = (SELECT colocationid FROM pg_dist_partition
-                                  WHERE logicalrelid = to_regclass('ledger.accounts')), false) AS colocated
-FROM unnest(%(names)s::text[]) WITH ORDINALITY AS w(name, position)
-LEFT JOIN pg_proc p ON p.pronamespace = to_regnamespace('ledger') AND p.proname = w.name
+                                  WHERE logicalrelid = to_regclass('ledger.accounts')), false) AS colocated,
+       'p_user_ids' = ANY (p.proargnames) AS many
+FROM pg_proc p
 LEFT JOIN pg_dist_object d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.objsubid = 0
-ORDER BY w.position, signature;
+WHERE p.pronamespace = to_regnamespace('ledger') AND p.prokind = 'f' AND p.prosecdef
+  AND p.provolatile = 'v' AND left(p.proname, 1) <> '_'
+ORDER BY p.proname, signature;
 
 -- name: ha_primary
 -- On the pg_auto_failover monitor: the node that takes writes now (none

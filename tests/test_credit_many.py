@@ -222,3 +222,17 @@ def test_a_call_runs_wholly_on_the_worker_of_its_shard(db, on_citus):
     # One statement crosses to a worker: the call itself, not its inner queries.
     assert len([s for s in sent if "ledger." in s]) == 1
     assert any("ledger.credit_many(" in s for s in sent)
+
+
+def test_the_cluster_check_finds_credit_many_and_how_it_must_be_delegated(db, on_citus):
+    from app.operations import citus
+
+    found = {f.name: f for f in citus.write_functions(Ledger(db))}
+    assert {"credit", "credit_many", "debit", "reserve", "commit_reservation", "release_reservation"} <= set(found)
+    assert [f.name for f in found.values() if not f.delegated] == []
+    assert [f.name for f in found.values() if f.many] == ["credit_many"]
+    # With force_delegation its items' queries could touch p_user_id's rows alone: not delegated as it must be.
+    db.execute("SELECT create_distributed_function(%s::regprocedure, 'p_user_id', colocate_with => 'ledger.accounts',"
+               " force_delegation => true)", (found["credit_many"].signature,))
+    many = next(f for f in citus.write_functions(Ledger(db)) if f.name == "credit_many")
+    assert not many.delegated and "force_delegation" in many.why_not()

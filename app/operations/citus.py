@@ -15,9 +15,9 @@ from app.ledger import queries
 from app.ledger.client import Call, Ledger, Shape
 from app.settings import Settings
 
-# The calls that write, each of which must run wholly on the worker holding its
-# user: distributed by that argument and delegated even inside a transaction.
-WRITE_FUNCTIONS = ("credit", "debit", "reserve", "commit_reservation", "release_reservation")
+# The calls that write (named query write_functions_distribution finds them in
+# the database) must each run wholly on the worker holding their user:
+# distributed by this argument, colocated with the accounts.
 USER_ARGUMENT = "p_user_id"
 
 _WORKER_FOLDER = re.compile(r"^worker-(\d+)$")
@@ -104,28 +104,43 @@ class Skew:
 
 @dataclass(frozen=True)
 class Function:
+    """A write function and how it is distributed. One call is delegated even
+    inside a transaction (force_delegation); a call over many items (`many`)
+    is delegated as a statement of its own, without force_delegation, which
+    would let the queries inside touch the rows of p_user_id's value alone."""
+
     name: str
-    signature: str | None     # None: no such function
+    signature: str
     distributed: bool
     distribution_argument: str | None
     force_delegation: bool
     colocated: bool           # with ledger.accounts, where the user's rows are
+    many: bool
 
     @property
     def delegated(self) -> bool:
         return (self.distributed and self.distribution_argument == USER_ARGUMENT
-                and self.force_delegation and self.colocated)
+                and self.force_delegation is not self.many and self.colocated)
+
+    @property
+    def how(self) -> str:
+        return "as a statement of its own" if self.many else "force_delegation"
 
     def why_not(self) -> str:
-        if self.signature is None:
-            return "no such function"
         if not self.distributed:
             return "not distributed"
         if self.distribution_argument != USER_ARGUMENT:
             return f"distributed by {self.distribution_argument or 'no argument'}, not {USER_ARGUMENT}"
         if not self.colocated:
             return "not colocated with ledger.accounts"
+        if self.many:
+            return "with force_delegation, which pins the items' queries to the rows of p_user_id alone"
         return "without force_delegation"
+
+
+def write_functions(ledger: Ledger) -> list[Function]:
+    """Every write function of the ledger and how it is distributed (Citus only)."""
+    return ledger(Call(queries.WRITE_FUNCTIONS_DISTRIBUTION, row=Function, shape=Shape.MANY))
 
 
 @dataclass(frozen=True)
@@ -166,8 +181,7 @@ def status(settings: Settings) -> Status:
                                                            shape=Shape.MANY))}
         nodes = [_node(row, slots.get(row["nodeid"])) for row in ledger(Call(queries.CLUSTER_NODES,
                                                                               shape=Shape.MANY))]
-        functions = ledger(Call(queries.WRITE_FUNCTIONS_DISTRIBUTION, {"names": list(WRITE_FUNCTIONS)},
-                                row=Function, shape=Shape.MANY))
+        functions = write_functions(ledger)
     return Status(citus=version["version"], nodes=nodes, skew=skew(nodes), functions=functions)
 
 
