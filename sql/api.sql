@@ -102,25 +102,8 @@ CREATE VIEW api.key_access AS
 -- Public functions
 -- ===========================================================================
 
--- The active key with this hash; a row of NULLs when there is none or it is revoked.
-CREATE FUNCTION api.authenticate(p_secret_hash bytea)
-RETURNS api.key_info
-LANGUAGE plpgsql
-STABLE
-SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    v_key api.key_info;
-BEGIN
-    SELECT key_id, name, scopes, created_at, revoked_at INTO v_key
-    FROM api.keys
-    WHERE secret_hash = p_secret_hash AND revoked_at IS NULL;
-    RETURN v_key;
-END;
-$$;
-
--- The same with the key's limits (the API reads this one).
+-- The active key with this hash and its limits; a row of NULLs when there is
+-- none or it is revoked.
 CREATE FUNCTION api.authenticate_v2(p_secret_hash bytea)
 RETURNS api.key_access
 LANGUAGE plpgsql
@@ -354,7 +337,6 @@ $$;
 
 ALTER VIEW api.key_info OWNER TO rewards_owner;
 ALTER VIEW api.key_access OWNER TO rewards_owner;
-ALTER FUNCTION api.authenticate(bytea) OWNER TO rewards_owner;
 ALTER FUNCTION api.authenticate_v2(bytea) OWNER TO rewards_owner;
 ALTER FUNCTION api.limit_key(bigint, text[], text) OWNER TO rewards_owner;
 ALTER FUNCTION api.create_key(text, bytea, text[]) OWNER TO rewards_owner;
@@ -375,18 +357,16 @@ ALTER FUNCTION api.list_callback_sources() OWNER TO rewards_owner;
 
 REVOKE ALL ON ALL TABLES IN SCHEMA api FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA api FROM PUBLIC;
-GRANT SELECT ON api.keys TO rewards_owner;  -- api.authenticate and the view
+GRANT SELECT ON api.keys TO rewards_owner;  -- api.authenticate_v2 and the views
 GRANT SELECT ON api.callback_sources, api.callback_secrets TO rewards_owner;  -- api.callback_salts and the view
 GRANT USAGE ON SCHEMA api TO rewards_api;
-GRANT EXECUTE ON FUNCTION api.authenticate(bytea), api.authenticate_v2(bytea) TO rewards_api;
+GRANT EXECUTE ON FUNCTION api.authenticate_v2(bytea) TO rewards_api;
 GRANT EXECUTE ON FUNCTION api.callback_salts(text) TO rewards_api;
 
 -- ===========================================================================
 -- Comments
 -- ===========================================================================
 
-COMMENT ON FUNCTION api.authenticate(bytea) IS
-'The active API key whose SHA-256 is p_secret_hash (key_id, name, scopes); a row of NULLs when none.';
 COMMENT ON FUNCTION api.authenticate_v2(bytea) IS
 'The active API key whose SHA-256 is p_secret_hash with its limits (sources it may report, rate tier); a row of NULLs when none.';
 COMMENT ON FUNCTION api.limit_key(bigint, text[], text) IS

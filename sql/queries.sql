@@ -47,7 +47,7 @@ SELECT * FROM ledger.entries_page(%(user_id)s, %(before_seq)s, %(limit)s);
 -- name: reservation
 SELECT * FROM ledger.reservation(%(user_id)s, %(reservation_id)s);
 
--- name: authenticate
+-- name: authenticate_v2
 SELECT * FROM api.authenticate_v2(%(secret_hash)s);
 
 -- name: limit_key

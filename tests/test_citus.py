@@ -156,11 +156,11 @@ def _keys_work(conninfo: str) -> None:
         key, secret = keys.create(ledger, "citus", ["points:read", "admin", "points:read"])
         assert key.scopes == ["admin", "points:read"]  # sorted, each once
         assert key.key_id in [k.key_id for k in ledger(calls.list_keys())]
-        assert ledger(calls.authenticate(keys.secret_hash(secret))).key_id == key.key_id
+        assert ledger(calls.authenticate_v2(keys.secret_hash(secret))).key_id == key.key_id
         revoked = ledger(calls.revoke_key(key.key_id))
         assert revoked.revoked_at is not None
         assert ledger(calls.revoke_key(key.key_id)).revoked_at == revoked.revoked_at  # once
-        assert ledger(calls.authenticate(keys.secret_hash(secret))) is None
+        assert ledger(calls.authenticate_v2(keys.secret_hash(secret))) is None
 
 
 def test_api_keys_are_made_and_revoked_on_citus(citus_db):

@@ -87,7 +87,7 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
             # are refused before the database while a known key always refreshes.
             if not state.key_cache.was_known(digest):
                 await take_lookup_token(connection)
-            key = await state.ledger(calls.authenticate(digest))
+            key = await state.ledger(calls.authenticate_v2(digest))
             state.key_cache.put(digest, key)
         if key is None:
             raise problem("unauthorized", "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})

@@ -248,9 +248,9 @@ def settle_lots(batch_size: int) -> Call[Settled]:
     return Call(queries.SETTLE_LOTS, {"batch_size": batch_size}, Settled)
 
 
-def authenticate(secret_hash: bytes) -> Call[ApiKey]:
-    """The active key with this hash, or None."""
-    return Call(queries.AUTHENTICATE, {"secret_hash": secret_hash}, ApiKey, Shape.MAYBE)
+def authenticate_v2(secret_hash: bytes) -> Call[ApiKey]:
+    """The active key with this hash, with its limits, or None."""
+    return Call(queries.AUTHENTICATE_V2, {"secret_hash": secret_hash}, ApiKey, Shape.MAYBE)
 
 
 def create_key(name: str, secret_hash: bytes, scopes: list[str]) -> Call[ApiKey]:
