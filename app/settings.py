@@ -92,6 +92,9 @@ class Settings:
         "REWARDS_CITUS_WORKERS", "0", "with `REWARDS_CITUS=on`, local Citus workers started beside the coordinator, "
         "each a cluster of its own in `$REWARDS_DATA_DIR/worker-<i>` on port `REWARDS_PG_PORT + i`; with any, the "
         "coordinator holds no shards", int)
+    start_seconds: float = setting(
+        "REWARDS_START_SECONDS", "120", "how long `rewards up` waits for each service it starts (PostgreSQL, "
+        "PgBouncer, Redis, the API) to answer before it gives up, showing the end of its log", float)
     ha: bool = setting(
         "REWARDS_HA", "off", "`on`: pg_auto_failover runs a monitor on `REWARDS_PG_PORT` and a primary and a "
         "synchronous standby on the next two ports (README \"HA\"); `off`: the one cluster", lambda text: text == "on")
@@ -109,6 +112,10 @@ class Settings:
                                int, shown="cores")
     api_server: str = setting("REWARDS_API_SERVER", "uvicorn",
                               "or `granian`; measured side by side in `bench/RESULTS.md`")
+    api_worker_healthcheck_seconds: int = setting(
+        "REWARDS_API_WORKER_HEALTHCHECK_SECONDS", "60", "uvicorn: how long an API worker process may take to answer "
+        "its server's health check, while it starts too, before it is killed and started again (uvicorn's own 5 s "
+        "killed workers importing slowly on a loaded machine)", int)
     auth_cache_seconds: float = setting("REWARDS_AUTH_CACHE_SECONDS", "2",
                                         "how long a process trusts a looked-up key (a revocation takes this long)",
                                         float)

@@ -82,6 +82,18 @@ def test_the_api_s_own_waits_are_its_settings():
     assert rows["connect_timeout"]["bound"] == f"{pool.kwargs['connect_timeout']} s"
 
 
+def test_the_start_waits_are_settings(tmp_path):
+    # uvicorn's own 5 s health check killed API workers still importing on a
+    # loaded machine, and `rewards up` gave a service 30 s.
+    defaults = load({})
+    assert defaults.start_seconds >= 120 and defaults.api_worker_healthcheck_seconds >= 60
+    settings = load({"REWARDS_START_SECONDS": "1", "REWARDS_API_WORKER_HEALTHCHECK_SECONDS": "45"})
+    command = processes.api_command(settings, 2)
+    assert command[command.index("--timeout-worker-healthcheck") + 1] == "45"
+    with pytest.raises(SystemExit, match="nothing did not come up within 1 s"):
+        processes._wait_for(lambda: False, "nothing", tmp_path / "nothing.log", settings.start_seconds)
+
+
 # --- Enforced on the ledger's calls -------------------------------------------
 
 

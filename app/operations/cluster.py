@@ -263,7 +263,8 @@ def _start(settings: Settings, home: Settings) -> None:
     supervisor.ensure(program)
 
 
-def wait_ready(settings: Settings, timeout: float = 120.0) -> None:
+def wait_ready(settings: Settings) -> None:
+    timeout = settings.start_seconds
     deadline = time.monotonic() + timeout
     while True:
         try:

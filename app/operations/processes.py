@@ -118,7 +118,8 @@ def bouncer_up(settings: Settings, pg_port: int | None = None) -> None:
         # connection to a database whose host or port changed is closed as
         # soon as its transaction ends (PgBouncer 1.18's RELOAD).
         supervisor.signal("pgbouncer", "HUP")
-    _wait_for(lambda: port_answers(settings.bouncer_port), "PgBouncer", settings.log_dir / "pgbouncer.log")
+    _wait_for(lambda: port_answers(settings.bouncer_port), "PgBouncer", settings.log_dir / "pgbouncer.log",
+              settings.start_seconds)
 
 
 def _userlist_line(user: str, password: str) -> str:
@@ -175,7 +176,7 @@ def redis_up(settings: Settings, url: str | None = None) -> None:
         "redis-server", "--bind", "127.0.0.1", "--port", str(port), "--daemonize", "no", "--dir", str(folder),
         "--save", "", "--appendonly", "no", "--maxmemory", "256mb", "--maxmemory-policy", "volatile-ttl",
     ], log_file, user=_owner(settings), priority=200))
-    _wait_for(lambda: redis_answers(url), "Redis", log_file)
+    _wait_for(lambda: redis_answers(url), "Redis", log_file, settings.start_seconds)
 
 
 def redis_down(settings: Settings, url: str | None = None) -> None:
@@ -197,6 +198,7 @@ def api_command(settings: Settings, workers: int) -> list[str]:
         sys.executable, "-m", "uvicorn", "--factory", "app.api.app:create_app",
         "--host", settings.api_host, "--port", str(settings.api_port), "--workers", str(workers),
         "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--timeout-graceful-shutdown", "10",
+        "--timeout-worker-healthcheck", str(settings.api_worker_healthcheck_seconds),
     ]
 
 
@@ -231,7 +233,7 @@ def api_up(settings: Settings, env: dict[str, str] | None = None, workers: int |
         stopasgroup=True))
     health = f"http://{settings.api_host}:{settings.api_port}/healthz"
     try:
-        _wait_for(lambda: _http_ok(health), "the API", log_file)
+        _wait_for(lambda: _http_ok(health), "the API", log_file, settings.start_seconds)
     except SystemExit:
         supervisor.remove(name)  # leave nothing half-started behind
         raise
@@ -279,7 +281,7 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _wait_for(ready, what: str, log_file: Path, timeout: float = 30.0) -> None:
+def _wait_for(ready, what: str, log_file: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if time.monotonic() > deadline:
