@@ -4,12 +4,6 @@
 -- the change history with the rest of the row, and handed by rules.act to the
 -- ledger's credit.
 
-ALTER TABLE rules.rules
-    ADD COLUMN pending_seconds integer,
-    ADD COLUMN expiry_seconds integer,
-    ADD CONSTRAINT rules_lot_terms CHECK (
-        coalesce(pending_seconds, 1) >= 1 AND coalesce(expiry_seconds, 1) > coalesce(pending_seconds, 0));
-
 DROP FUNCTION rules.put_rule(text, text, bigint, bigint, bigint, bigint, bigint, boolean);
 
 CREATE OR REPLACE FUNCTION rules.check_rule(p_rule rules.rules)
@@ -257,3 +251,16 @@ GRANT EXECUTE ON FUNCTION rules.put_rule(text, text, bigint, bigint, bigint, big
     TO rewards_api;
 COMMENT ON FUNCTION rules.put_rule(text, text, bigint, bigint, bigint, bigint, bigint, boolean, integer, integer) IS
 'Create or change the rule of an action type (fixed_points, or points_per_unit per unit_value, rounded down; daily and lifetime caps; pending_seconds and expiry_seconds for the lot each credit makes); recorded in rules.changes.';
+
+-- The table last, inside a DO block, one subcommand a statement (see revision
+-- 0015: Citus refuses ADD CONSTRAINT beside other subcommands on a reference
+-- table, and sends its DDL to the workers as the text of its statement). The
+-- functions above are PL/pgSQL: they read the new columns only when they run.
+DO $tables$
+BEGIN
+    ALTER TABLE rules.rules ADD COLUMN pending_seconds integer;
+    ALTER TABLE rules.rules ADD COLUMN expiry_seconds integer;
+    ALTER TABLE rules.rules ADD CONSTRAINT rules_lot_terms CHECK (
+        coalesce(pending_seconds, 1) >= 1 AND coalesce(expiry_seconds, 1) > coalesce(pending_seconds, 0));
+END
+$tables$;
