@@ -205,7 +205,7 @@ def _reconcile(args: argparse.Namespace) -> int:
 
     report = reconcile.reconcile(load().superuser_conninfo(), batch_size=args.batch_size, repair=args.repair,
                                  pause=args.pause, progress=reconcile.print_progress,
-                                 stream_wait=args.stream_wait)
+                                 stream_wait=args.stream_wait, slot=args.slot)
     print(file=sys.stderr)
     print(reconcile.summary(report))
     reconcile.write_report(report, Path(args.report))
@@ -606,6 +606,8 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--repair", action="store_true", help="copy entries missing from the history from the ledger")
     rec.add_argument("--stream-wait", type=float, default=30.0,
                      help="longest wait for the audit stream to deliver what a batch found missing")
+    rec.add_argument("--slot", default=stream.DEFAULT_SLOT,
+                     help="the audit consumer's slot (`rewards audit run --slot`): the only one waited on")
     rec.set_defaults(func=_reconcile)
 
     db = groups.add_parser("db", help="the project's PostgreSQL cluster").add_subparsers(dest="command", required=True)

@@ -397,8 +397,8 @@ $$;
 
 -- A mark in the WAL of every node, for the reconciler: a logical message in
 -- a transaction of its own, so it reaches each slot like a commit, after
--- every transaction that committed before it. Once each logical slot of this
--- database has confirmed past its node's mark (audit.stream_behind), every
+-- every transaction that committed before it. Once each of the consumer's
+-- slots has confirmed past its node's mark (audit.stream_behind), every
 -- ledger change committed before it is in the history, since the consumer
 -- confirms only what it has committed there. Returns {"<node id>": "<lsn>"}
 -- (node 0 without Citus). Under Citus it runs on every node over Citus' own
@@ -427,24 +427,30 @@ BEGIN
 END;
 $$;
 
--- The logical slots of this database, on any node, that have not yet
--- confirmed past that node's mark from audit.stream_barrier: none once the
--- history holds everything committed before the marks.
-CREATE FUNCTION audit.stream_behind(p_marks jsonb)
+-- Of the audit consumer's slots (p_slots: each node's, as `rewards audit run`
+-- names them), those on any node that have not yet confirmed past that
+-- node's mark from audit.stream_barrier: none once the history holds
+-- everything committed before the marks. Other logical slots of the database
+-- (a DBA's, a test's, another tool's) feed nothing into the history, so
+-- whether they keep up says nothing about it: they are not looked at. A slot
+-- of the list that does not exist on a node is not waited for either (that
+-- node's consumer makes it, and backfills, at its next poll).
+CREATE FUNCTION audit.stream_behind(p_marks jsonb, p_slots text[])
 RETURNS TABLE (nodeid integer, slot_name text, confirmed_lsn pg_lsn, mark_lsn pg_lsn)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_slots CONSTANT text := $c$SELECT coalesce(json_agg(json_build_object(
+    v_slots CONSTANT text := format($c$SELECT coalesce(json_agg(json_build_object(
         'slot', slot_name, 'confirmed', confirmed_flush_lsn)), '[]') FROM pg_catalog.pg_replication_slots
-        WHERE database = current_database() AND slot_type = 'logical'$c$;
+        WHERE database = current_database() AND slot_type = 'logical' AND slot_name = ANY (%L::text[])$c$,
+        p_slots);
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
         RETURN QUERY
         SELECT 0, s.slot_name::text, s.confirmed_flush_lsn, (p_marks ->> '0')::pg_lsn
         FROM pg_catalog.pg_replication_slots s
-        WHERE s.database = current_database() AND s.slot_type = 'logical'
+        WHERE s.database = current_database() AND s.slot_type = 'logical' AND s.slot_name = ANY (p_slots)
           AND (s.confirmed_flush_lsn IS NULL OR s.confirmed_flush_lsn < (p_marks ->> '0')::pg_lsn);
         RETURN;
     END IF;
@@ -578,7 +584,7 @@ ALTER TABLE audit.chain_checkpoints OWNER TO rewards_owner;
 ALTER FUNCTION audit.verify_chain(text) OWNER TO rewards_owner;
 ALTER FUNCTION audit.reconcile(text[], bigint[]) OWNER TO rewards_owner;
 ALTER FUNCTION audit.stream_barrier() OWNER TO rewards_owner;
-ALTER FUNCTION audit.stream_behind(jsonb) OWNER TO rewards_owner;
+ALTER FUNCTION audit.stream_behind(jsonb, text[]) OWNER TO rewards_owner;
 ALTER PROCEDURE audit.apply_history_retention(integer) OWNER TO rewards_owner;
 ALTER PROCEDURE audit.expire_notifications(bigint, integer) OWNER TO rewards_owner;
 ALTER FUNCTION audit.repair_history(text) OWNER TO rewards_owner;
@@ -637,8 +643,8 @@ COMMENT ON FUNCTION audit.reconcile(text[], bigint[]) IS
 'One row per finding for the given accounts: balance_differs_from_entries, reserved_differs_from_open_reservations, chain_broken, entries_missing_from_history, history_rows_not_in_ledger. With confirmed seqs, entries after them are not required in the history yet; entries before the history horizon never are.';
 COMMENT ON FUNCTION audit.stream_barrier() IS
 'Mark every node''s WAL; returns {"<node id>": "<lsn>"} for audit.stream_behind.';
-COMMENT ON FUNCTION audit.stream_behind(jsonb) IS
-'The logical slots of this database not yet past their node''s mark: none once the history holds all committed before it.';
+COMMENT ON FUNCTION audit.stream_behind(jsonb, text[]) IS
+'The audit consumer''s slots (p_slots) not yet past their node''s mark: none once the history holds all committed before it.';
 COMMENT ON PROCEDURE audit.apply_history_retention(integer) IS
 'Drop history months older than audit.settings.history_retention, keeping each account''s chain checkpoint and moving the horizon first. Hourly by pg_cron.';
 COMMENT ON PROCEDURE audit.expire_notifications(bigint, integer) IS

@@ -280,7 +280,7 @@ SELECT audit.stream_barrier() AS marks;
 
 -- name: stream_behind
 SELECT nodeid, slot_name, confirmed_lsn::text AS confirmed_lsn, mark_lsn::text AS mark_lsn
-FROM audit.stream_behind(%(marks)s::jsonb) ORDER BY nodeid, slot_name;
+FROM audit.stream_behind(%(marks)s::jsonb, %(slots)s::text[]) ORDER BY nodeid, slot_name;
 
 -- name: repair_history
 SELECT audit.repair_history(%(user_id)s) AS copied;

@@ -28,7 +28,8 @@ def test_every_node_streams_every_entry_once_and_the_books_agree(db, topology):
         run(streams, stop_after_idle=1.0)
         history = _history_ids(db)
         assert history == _ledger_ids(db) and len(history) == len(set(history)) == 30 * 4
-        assert reconcile.reconcile(SETTINGS.superuser_conninfo(db.info.dbname)).findings == []
+        assert reconcile.reconcile(SETTINGS.superuser_conninfo(db.info.dbname),
+                                   slot=f"nodes_{db.info.dbname}").findings == []
     finally:
         for stream in streams:
             stream.drop_slot()

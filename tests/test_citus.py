@@ -307,7 +307,7 @@ def test_with_change_data_capture_each_entry_reaches_the_history_once(cdc_db, mo
             kinds = conn.execute("SELECT kind FROM audit.notifications ORDER BY entry_id").fetchall()
             assert sorted(row["kind"] for row in kinds) == ["commit", "credit", "credit", "credit"]
             assert stream.lag()["lag_seconds"] == 0.0
-            assert [f for f in _reconciled_at(node, name).findings] == []
+            assert [f for f in _reconciled_at(node, name, slot="audit_cdc").findings] == []
         finally:
             stream.drop_slot()
             stream.close()

@@ -63,7 +63,9 @@ def live(streamed, stream):  # noqa: F811
 
 
 def _run(db, **options) -> reconcile.Report:
-    return reconcile.reconcile(SETTINGS.superuser_conninfo(db.info.dbname), batch_size=2, **options)
+    # The slot the tests' consumer (the `stream` fixture) reads.
+    return reconcile.reconcile(SETTINGS.superuser_conninfo(db.info.dbname), batch_size=2,
+                               slot=f"audit_{db.info.dbname}", **options)
 
 
 def test_all_agree(live):
@@ -119,6 +121,21 @@ def test_an_entry_the_stream_has_not_delivered_is_not_missing_but_a_stopped_stre
     # one for each slot not past its mark (under Citus, every worker's)
     assert findings and {(f["user_id"], f["finding"]) for f in findings} == {(None, "stream_behind")}
     assert all(f["detail"]["slot_name"].startswith("audit_") for f in findings)
+
+
+def test_another_tools_slot_is_not_waited_on(live):
+    """A logical slot that is not the consumer's (a DBA's, read by nobody) feeds
+    nothing into the history: a batch that finds an entry missing waits only
+    for the consumer's slot, and the stream is not reported behind."""
+    other = f"dba_{live.info.dbname}"
+    live.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", (other,))
+    try:
+        target = entries(live, "alice")[1]
+        live.execute("DELETE FROM audit.entries WHERE entry_id = %s", (target["entry_id"],))
+        findings = _run(live, stream_wait=2).findings
+    finally:
+        live.execute("SELECT pg_drop_replication_slot(%s)", (other,))
+    assert [(f["user_id"], f["finding"]) for f in findings] == [("alice", "entries_missing_from_history")]
 
 
 def test_a_missing_entry_is_still_found_while_the_stream_runs(streamed, stream):  # noqa: F811

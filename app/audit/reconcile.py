@@ -5,7 +5,8 @@ The history trails the ledger by whatever the stream has not applied yet, so
 an entry missing from it is only a finding once the stream is shown to have
 passed it: for the accounts a batch finds short, the reconciler reads their
 last seqs, marks every node's WAL after that read (audit.stream_barrier),
-waits until every slot has confirmed past its node's mark, and checks them
+waits until each of the audit consumer's slots (`slot`, named per node as
+`rewards audit run` names them) has confirmed past its node's mark, and checks them
 again requiring only the entries up to those seqs. A stream that does not get
 there in `stream_wait` seconds is itself the finding (`stream_behind`), and
 from then on the run does not wait again.
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.audit import stream
 from app.ledger import queries
 from app.ledger.client import Call, Ledger, Shape
 
@@ -60,8 +62,8 @@ def _barrier() -> Call[dict]:
     return Call(queries.STREAM_BARRIER)
 
 
-def _behind(marks: dict[str, str]) -> Call[dict]:
-    return Call(queries.STREAM_BEHIND, {"marks": json.dumps(marks)}, shape=Shape.MANY)
+def _behind(marks: dict[str, str], slots: list[str]) -> Call[dict]:
+    return Call(queries.STREAM_BEHIND, {"marks": json.dumps(marks), "slots": slots}, shape=Shape.MANY)
 
 
 MISSING = "entries_missing_from_history"
@@ -71,8 +73,8 @@ class _Confirmation:
     """Waits for the stream to deliver what a batch found missing; once it
     has failed to, says so once and stops waiting."""
 
-    def __init__(self, ledger: Ledger, wait: float) -> None:
-        self.ledger, self.wait = ledger, wait
+    def __init__(self, ledger: Ledger, slots: list[str], wait: float) -> None:
+        self.ledger, self.slots, self.wait = ledger, slots, wait
         self.stalled: list[dict[str, Any]] | None = None
 
     def confirmed_seqs(self, user_ids: list[str]) -> list[int] | None:
@@ -83,7 +85,7 @@ class _Confirmation:
         seqs = {row["user_id"]: row["last_seq"] for row in self.ledger(_last_seqs(user_ids))}
         marks = self.ledger(_barrier())["marks"]
         deadline = time.monotonic() + self.wait
-        while behind := self.ledger(_behind(marks)):
+        while behind := self.ledger(_behind(marks, self.slots)):
             if time.monotonic() >= deadline:
                 self.stalled = behind
                 return None
@@ -96,13 +98,14 @@ def _repair_history(user_id: str) -> Call[dict]:
 
 
 def reconcile(conninfo: str, batch_size: int = 500, repair: bool = False, pause: float = 0.0,
-              progress=None, stream_wait: float = 30.0) -> Report:
+              progress=None, stream_wait: float = 30.0, slot: str = stream.DEFAULT_SLOT) -> Report:
     """Each batch is its own short transaction; `pause` seconds between batches
     leaves room for live traffic on a busy database."""
     report = Report()
     after = ""
+    slots = [node.slot for node in stream.discover(conninfo, slot)]
     with Ledger.connect(conninfo) as ledger:
-        confirmation = _Confirmation(ledger, stream_wait)
+        confirmation = _Confirmation(ledger, slots, stream_wait)
         total = ledger(_count_accounts())["accounts"]
         while True:
             users = [r["user_id"] for r in ledger(_accounts_after(after, batch_size))]

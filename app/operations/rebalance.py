@@ -182,6 +182,6 @@ def post_check(settings: Settings, ledger: Ledger, before: dict[str, int], slot:
     after = counts(ledger)
     caught_up = all(stream.wait_applied(node, f"rebalance post-check of {node.slot}", timeout)
                     for node in stream.discover(settings.local_conninfo("rewards_audit_writer"), slot))
-    report = reconcile.reconcile(settings.superuser_conninfo())
+    report = reconcile.reconcile(settings.superuser_conninfo(), slot=slot)
     return PostCheck(before=before, after=after, history_caught_up=caught_up,
                      accounts_checked=report.accounts_checked, findings=len(report.findings))
