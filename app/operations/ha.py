@@ -192,9 +192,10 @@ def _start_keeper(settings: Settings, node: Node) -> None:
 
 def _stop_keeper(settings: Settings, node: Node) -> None:
     """The keeper stopped (fast) and taken out of supervisord. A fast stop that
-    has not ended in FAST_STOP_SECONDS (seen: a primary's walsender waiting on
-    a standby that is going away) is made an immediate one, which the next
-    start recovers from the WAL, instead of waiting out supervisord's bound."""
+    has not ended in FAST_STOP_SECONDS (a primary with a process that still
+    waits for a standby that is gone: see `down`) is made an immediate one,
+    which the next start recovers from the WAL, instead of waiting out
+    supervisord's bound."""
     stopper = threading.Thread(target=Supervisor.of(settings).remove, args=(keeper_program(settings, node).name,))
     stopper.start()
     stopper.join(FAST_STOP_SECONDS)
@@ -214,10 +215,26 @@ def kill_node(settings: Settings, node: Node, keep_down: bool = False) -> None:
     pid = supervisor.pid(name)
     if pid is None:
         raise HAError(f"the {node.name} keeper is not running")
-    os.killpg(os.getpgid(pid), signal.SIGKILL)
-    if keep_down:
-        # Whatever supervisord started again in the meantime is stopped.
-        supervisor.remove(name)
+    group = os.getpgid(pid)
+    if not keep_down:
+        os.killpg(group, signal.SIGKILL)
+        return
+    # Killed first and taken out of supervisord after, the keeper would be
+    # started again in between (autorestart), bring its PostgreSQL up as the
+    # primary and then get a fast stop. So the group is frozen (SIGSTOP: it
+    # does nothing more, as a machine that died), supervisord is told to stop
+    # the program (its SIGINT waits, undelivered), and only once supervisord
+    # counts it as stopping, so that its exit is not one to restart, is the
+    # group killed.
+    os.killpg(group, signal.SIGSTOP)
+    stopper = threading.Thread(target=supervisor.remove, args=(name,))
+    stopper.start()
+    try:
+        _wait(f"supervisord stopping the {node.name} keeper",
+              lambda: supervisor.status(name).state in ("STOPPING", "STOPPED", "ABSENT"), 30, [])
+    finally:
+        os.killpg(group, signal.SIGKILL)
+        stopper.join()
 
 
 def restart_node(settings: Settings, node: Node) -> None:
@@ -410,9 +427,22 @@ def up(settings: Settings) -> None:
     cluster._let_api_log_in(settings)
 
 
+def _waits_for_a_standby(settings: Settings, node: Node) -> bool:
+    with psycopg.connect(node_conninfo(settings, node), autocommit=True, row_factory=dict_row) as conn:
+        return bool(conn.execute(queries.HA_NODE_ROLE).fetchone()["synchronous_standby_names"])
+
+
 def down(settings: Settings) -> None:
-    """Stop the standby, the primary, then the monitor (the monitor last, so it
-    does not see its nodes go and fail over)."""
+    """Stop the standby, then the primary once its commits no longer wait for
+    the standby, then the monitor (last, so it does not see its nodes go and
+    fail over).
+
+    The primary is stopped only after the monitor has turned its synchronous
+    replication off (wait_primary, once the standby is seen gone): a commit
+    waiting for the standby then is released. A backend gives its wait up when
+    the fast stop ends it, but pg_cron's launcher (1.4, which commits every
+    minute here) does not, and waits on for a standby that will not come back:
+    the fast stop never ends."""
     running = [n for n in nodes(settings) if (n.pg_data / "PG_VERSION").exists()]
     current = None
     try:
@@ -420,8 +450,15 @@ def down(settings: Settings) -> None:
     except psycopg.Error:
         pass
     running.sort(key=lambda n: current is not None and n.port == current.port)
-    for node in (*running, monitor(settings)):
+    for node in running:
+        if current is not None and node.port == current.port and len(running) > 1:
+            try:
+                _wait("the primary's synchronous replication turned off",
+                      lambda node=node: not _waits_for_a_standby(settings, node), 60, [])
+            except HAError:
+                log.warning("the %s primary still waits for its standby; stopping it anyway", node.name)
         _stop_keeper(settings, node)
+    _stop_keeper(settings, monitor(settings))
 
 
 # --- For operators: status and a planned switchover -------------------------
