@@ -5,8 +5,9 @@
 -- ledger, filled from the ledger's WAL by logical decoding (`rewards audit
 -- run`), partitioned by month with pg_partman. Rows are keyed by the ledger's
 -- own ids, so the at-least-once stream lands exactly once. audit.notifications
--- is the outbox the notification sender drains; the consumer fills it in the
--- same transaction as the history, so ledger writes never wait for either.
+-- is the outbox the notification sender drains; a trigger fills it as entries
+-- reach the history (in the same transaction), so ledger writes never wait
+-- for either.
 --
 -- The last of the current-state files applied in the order that SCHEMA_FILES in
 -- app/operations/migrate.py names: it reads ledger types and functions, and its
@@ -572,6 +573,46 @@ END;
 $$;
 
 -- ===========================================================================
+-- Triggers
+-- ===========================================================================
+
+-- An entry's notification, queued in the outbox as the entry reaches the
+-- history, by whichever path: the stream (`rewards audit run`), the backfill
+-- after the consumer made its slot again (an invalidated slot, a failover, a
+-- new node) or the reconciler's repair. This is the one place a notification
+-- is made, so every path makes the same one, and it is made once per entry:
+-- a row already in the history is skipped by its insert's ON CONFLICT DO
+-- NOTHING and fires nothing (an entry streamed again after its delivered
+-- notification was forgotten is not notified twice), and the outbox is keyed
+-- by the entry too.
+CREATE FUNCTION audit._queue_notification()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    INSERT INTO audit.notifications (user_id, entry_id, kind, payload)
+    VALUES (NEW.user_id, NEW.entry_id, NEW.kind, jsonb_build_object(
+        'id', NEW.user_id || ':' || NEW.entry_id,  -- the receiver drops repeats on it
+        'type', 'points.' || NEW.kind,
+        'user_id', NEW.user_id,
+        'entry_id', NEW.entry_id,
+        'amount', NEW.amount,
+        'balance', jsonb_build_object('available', NEW.available_after, 'reserved', NEW.reserved_after),
+        'reservation_id', NEW.reservation_id,
+        'created_at', NEW.created_at))
+    ON CONFLICT DO NOTHING;
+    RETURN NULL;
+END;
+$$;
+
+-- The kinds the app's notification service hears about.
+CREATE TRIGGER entries_queue_notification
+    AFTER INSERT ON audit.entries
+    FOR EACH ROW WHEN (NEW.kind IN ('credit', 'debit', 'commit', 'expire', 'mature', 'lapse'))
+    EXECUTE FUNCTION audit._queue_notification();
+
+-- ===========================================================================
 -- Ownership: every object belongs to rewards_owner, as in the ledger schema
 -- ===========================================================================
 
@@ -589,6 +630,7 @@ ALTER PROCEDURE audit.apply_history_retention(integer) OWNER TO rewards_owner;
 ALTER PROCEDURE audit.expire_notifications(bigint, integer) OWNER TO rewards_owner;
 ALTER FUNCTION audit.repair_history(text) OWNER TO rewards_owner;
 ALTER FUNCTION audit.backfill() OWNER TO rewards_owner;
+ALTER FUNCTION audit._queue_notification() OWNER TO rewards_owner;
 
 -- ===========================================================================
 -- Seed rows

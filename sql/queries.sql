@@ -170,11 +170,6 @@ VALUES (
     %(expires_at)s::timestamptz, %(event_at)s::timestamptz, %(committed_at)s::timestamptz, %(lsn)s::pg_lsn)
 ON CONFLICT DO NOTHING;
 
--- name: audit_insert_notification
-INSERT INTO audit.notifications (user_id, entry_id, kind, payload)
-VALUES (%(user_id)s, %(entry_id)s, %(kind)s, %(payload)s::jsonb)
-ON CONFLICT DO NOTHING;
-
 -- name: audit_save_progress
 INSERT INTO audit.stream_progress (slot_name, lsn, committed_at, applied_at)
 VALUES (%(slot)s, %(lsn)s::pg_lsn, %(committed_at)s::timestamptz, now())

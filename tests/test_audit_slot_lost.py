@@ -3,11 +3,13 @@ invalidates its slot (wal_status 'lost'), and the consumer, on its next poll
 after the failure, makes the slot again, backfills from the ledger what the
 history lacks, and says so in its log and its metrics. Shown for real on a
 cluster of this module's own with a 1 MB limit, WAL written until the slot is
-lost."""
+lost. Every entry gets its notification once, the ones the backfill copied
+as the streamed ones."""
 
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime
 import logging
 import shutil
 import tempfile
@@ -93,4 +95,17 @@ def test_an_invalidated_slot_is_made_again_and_the_history_backfilled(own_cluste
         in_ledger = admin.execute("SELECT entry_id FROM ledger.entries ORDER BY 1").fetchall()
         in_history = admin.execute("SELECT entry_id FROM audit.entries ORDER BY 1").fetchall()
         assert len(in_ledger) == 3 * 6 and in_history == in_ledger
+        # Streamed or backfilled, each entry's notification, once, and the same one.
+        ledger_rows = admin.execute("SELECT * FROM ledger.entries ORDER BY entry_id").fetchall()
+        columns = [column.name for column in admin.execute("SELECT * FROM ledger.entries LIMIT 0").description]
+        notified = admin.execute("SELECT entry_id, kind, payload FROM audit.notifications ORDER BY entry_id").fetchall()
+        assert [(entry_id, kind) for entry_id, kind, _ in notified] == [
+            (row[columns.index("entry_id")], "credit") for row in ledger_rows]
+        for row, (_, _, payload) in zip(ledger_rows, notified):
+            entry = dict(zip(columns, row))
+            assert payload | {"created_at": datetime.fromisoformat(payload["created_at"])} == {
+                "id": f"{entry['user_id']}:{entry['entry_id']}", "type": "points.credit",
+                "user_id": entry["user_id"], "entry_id": entry["entry_id"], "amount": entry["amount"],
+                "balance": {"available": entry["available_after"], "reserved": entry["reserved_after"]},
+                "reservation_id": None, "created_at": entry["created_at"]}
     stream.close()

@@ -37,9 +37,6 @@ from app.ledger.errors import AlreadyExists, LedgerError, NotFound, Overloaded, 
 
 log = logging.getLogger("rewards.audit")
 
-# Entry kinds the app's notification service hears about.
-NOTIFIED_KINDS = frozenset({"credit", "debit", "commit", "expire", "mature", "lapse"})
-
 # The tables whose changes become history. The slot is peeked for the whole
 # ledger schema but these (sql/queries.sql, peek_changes): every other table
 # reaching the consumer is one it does not understand.
@@ -229,25 +226,24 @@ class Stream:
         return applied
 
     def _apply(self, target: Ledger, batch: list[Transaction]) -> int:
-        entries, events, notifications = [], [], []
+        entries, events = [], []
         for txn in batch:
             for change in txn.changes:
                 row = _row(change)
                 stamp = {"committed_at": txn.committed_at, "lsn": txn.commit_lsn}
                 if (change["schema"], change["table"]) == ("ledger", "entries"):
                     entries.append(row | stamp | {"metadata": _metadata(row["metadata"])})
-                    if row["kind"] in NOTIFIED_KINDS:
-                        notifications.append(_notification(row))
                 elif (change["schema"], change["table"]) == ("ledger", "reservations"):
                     event_at = row["created_at"] if row["status"] == "open" else row["ended_at"]
                     events.append({key: row[key] for key in (
                         "user_id", "reservation_id", "status", "amount", "committed_amount", "reason",
                         "expires_at")} | stamp | {"event_at": event_at})
         last = batch[-1]
+        # An entry new to the history queues its notification as it lands
+        # (audit._queue_notification), in this transaction.
         with target.transaction():
             for query, rows in ((queries.AUDIT_INSERT_ENTRY, entries),
-                                (queries.AUDIT_INSERT_RESERVATION_EVENT, events),
-                                (queries.AUDIT_INSERT_NOTIFICATION, notifications)):
+                                (queries.AUDIT_INSERT_RESERVATION_EVENT, events)):
                 if rows:
                     target.many(query, rows)
             target(_save_progress(self.slot, last.commit_lsn, last.committed_at))
@@ -294,21 +290,6 @@ def _age_seconds(timestamp: str) -> float:
     if committed.utcoffset() is None:
         committed = committed.replace(tzinfo=timezone.utc)
     return max(0.0, (datetime.now(timezone.utc) - committed).total_seconds())
-
-
-def _notification(entry: dict[str, Any]) -> dict[str, Any]:
-    payload = {
-        "id": f"{entry['user_id']}:{entry['entry_id']}",  # the receiver dedupes on this
-        "type": f"points.{entry['kind']}",
-        "user_id": entry["user_id"],
-        "entry_id": entry["entry_id"],
-        "amount": entry["amount"],
-        "balance": {"available": entry["available_after"], "reserved": entry["reserved_after"]},
-        "reservation_id": entry["reservation_id"],
-        "created_at": entry["created_at"],
-    }
-    return {"user_id": entry["user_id"], "entry_id": entry["entry_id"], "kind": entry["kind"],
-            "payload": json.dumps(payload)}
 
 
 def discover(target: str, slot: str) -> list[Stream]:
