@@ -67,8 +67,7 @@ class GroupCommit:
     async def credit(self, credit: calls.Credit, pending_seconds: int | None = None,
                      expiry_seconds: int | None = None) -> Outcome:
         """What ledger.credit answers for this credit (or raises), once committed.
-        A credit of pending or expiring points (a lot) goes alone: ledger.credit_many
-        makes none."""
+        A credit with pending or expiry terms goes alone (calls.Credit)."""
         if not self.enabled or pending_seconds is not None or expiry_seconds is not None:
             return await self._alone(credit, pending_seconds, expiry_seconds)
         if self._queued >= self.max_queued:

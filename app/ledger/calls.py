@@ -65,7 +65,10 @@ def credit(user_id: str, key: str, amount: int, reason: str, action_source: str 
 
 @dataclass(frozen=True, slots=True)
 class Credit:
-    """One credit as ledger.credit takes it, as an item of `credit_many`."""
+    """One credit as ledger.credit takes it, as an item of `credit_many`: a plain
+    credit. ledger.credit_many makes no lots, so a credit with pending or expiry
+    terms is a single `credit` (group commit sends it alone; a bulk grant's
+    items take no terms): the limit, stated here once for the code."""
 
     user_id: str
     key: str

@@ -77,6 +77,8 @@ def test_refusals_are_per_item_and_the_others_go_through(api, user):
     {"items": [_item("bad user")]},
     {"items": [_item("u", key="a b")]},
     {"items": [_item("u", extra=True)]},
+    {"items": [_item("u", pending_seconds=60)]},    # plain credits only: no lot terms (README)
+    {"items": [_item("u", expiry_seconds=3600)]},
     {"items": [_item("u")], "extra": 1},
     {"items": [_item("u"), {"user_id": "u", "amount": 1, "reason": "x"}]},
     {"items": [_item("u", metadata={"text": "nul\u0000"})]},
