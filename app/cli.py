@@ -365,6 +365,15 @@ def _cluster_status(args: argparse.Namespace) -> int:
     return 1 if state.problems else 0
 
 
+def _cluster_place_anchors(args: argparse.Namespace) -> int:
+    settings = load()
+    if citus.status(settings).citus is None:
+        raise Refused("a single node has no shards to anchor budgets to (its anchors are fixed ranges)")
+    missing = citus.place_budget_anchors(settings)
+    print(f"budget anchors placed: one per shard of ledger.accounts ({missing} without)")
+    return 1 if missing else 0
+
+
 def _print_ha(report: dict) -> None:
     print(f"pg_auto_failover formation {report['formation']}, monitor {report['monitor']}: "
           f"primary {report['primary'] or '-'}")
@@ -643,6 +652,9 @@ def _parser() -> argparse.ArgumentParser:
     rebalance_cmd.add_argument("--slot", default=stream.DEFAULT_SLOT, help=slot_help)
     rebalance_cmd.add_argument("--json", action="store_true", help="the result as one JSON document")
     rebalance_cmd.set_defaults(func=_cluster_rebalance)
+    cluster_commands.add_parser(
+        "place-anchors", help="one budget anchor per shard of ledger.accounts again, after a shard split "
+                              "(`cluster status` says when)").set_defaults(func=_cluster_place_anchors)
     drain_cmd = cluster_commands.add_parser(
         "drain", help="move every shard off a node, then remove it with its audit slot (and a local worker's folder)")
     drain_cmd.add_argument("node", help="HOST:PORT as `rewards cluster status` shows it")

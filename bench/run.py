@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psycopg
@@ -31,7 +32,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.ledger import queries  # noqa: E402
+from app.ledger import calls, queries  # noqa: E402
+from app.ledger.client import Ledger  # noqa: E402
 from app.settings import load  # noqa: E402
 from bench import serve  # noqa: E402
 
@@ -42,6 +44,7 @@ TPCB_DB = "rewards_tpcb"
 USERS = 100_000
 SCRIPTS = {
     "credit": "credit.sql",
+    "action claim (rules)": "action.sql",
     "debit": "debit.sql",
     "reserve+commit": "reserve_commit.sql",
     "balance read": "balance.sql",
@@ -65,6 +68,14 @@ def prepare_ledger(settings, database: str = LEDGER_DB, users: int = USERS) -> N
         funded = conn.execute(_QUERIES["funded_accounts"]).fetchone()[0]
         if funded != users // clients * clients:
             raise SystemExit(f"{funded} of {users} bench accounts were funded")
+        # What bench/action.sql earns by: a rule with caps it stays under and
+        # a campaign in its window, so each claim evaluates all of them.
+        now = datetime.now(timezone.utc)
+        Ledger(conn)(calls.put_rule("bench", "ad_view", fixed_points=10, daily_cap=1_000_000,
+                                    lifetime_cap=1_000_000_000))
+        Ledger(conn)(calls.put_campaign("bench", None, "bench double", now - timedelta(days=1),
+                                        now + timedelta(days=1), multiplier_percent=200,
+                                        action_types=["ad_view"]))
         conn.execute(_QUERIES["vacuum_analyze"])
 
 

@@ -1070,6 +1070,43 @@ BEGIN
 END;
 $$;
 
+-- PUBLIC executes no routine of the project's schemas, on any node. Under
+-- Citus a function is created on a worker (when it is distributed, or a node
+-- is added) with PostgreSQL's default EXECUTE for PUBLIC, and only its
+-- explicit grants follow it there. Run after every migration, in a
+-- transaction of its own (app.operations.migrate: what a migration changed on
+-- the workers stays locked until it commits), and after adding a node
+-- (app.operations.nodes). On a worker with the DDL propagation off: Citus
+-- refuses DDL from a worker.
+CREATE FUNCTION ledger._close_routines_to_public()
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_revoke constant text := $revoke$
+        DO $do$
+        BEGIN
+            PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', 'off', true);
+            REVOKE ALL ON ALL ROUTINES IN SCHEMA ledger, rules, api, audit FROM PUBLIC;
+        END
+        $do$
+    $revoke$;
+    v_failures text;
+BEGIN
+    EXECUTE v_revoke;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        RETURN;
+    END IF;
+    SELECT string_agg(format('%s:%s: %s', r.nodename, r.nodeport, r.result), '; ') INTO v_failures
+    FROM pg_catalog.run_command_on_workers(v_revoke) AS r
+    WHERE NOT r.success;
+    IF v_failures IS NOT NULL THEN
+        RAISE EXCEPTION 'could not revoke PUBLIC''s EXECUTE on the workers: %', v_failures;
+    END IF;
+END;
+$$;
+
 -- Runs `CALL p_procedure(NULL, p_batch_size)` on every node of the cluster at
 -- once (run_command_on_all_nodes, over Citus' own connections as the calling
 -- superuser) and adds up the counts the calls return: the way a scheduled job
@@ -1847,6 +1884,8 @@ REVOKE ALL ON ALL TABLES IN SCHEMA ledger FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA ledger FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA ledger FROM PUBLIC;
 REVOKE ALL ON ALL PROCEDURES IN SCHEMA ledger FROM PUBLIC;
+-- And of what later migrations create: EXECUTE only where they grant it.
+ALTER DEFAULT PRIVILEGES IN SCHEMA ledger REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
 -- Not even the owner may rewrite history (it is the superuser, whom privileges
 -- do not bind: the append-only triggers refuse it all the same).
 REVOKE UPDATE, DELETE, TRUNCATE ON ledger.entries FROM CURRENT_USER;
@@ -1891,6 +1930,8 @@ COMMENT ON PROCEDURE ledger.expire_reservations(bigint, integer) IS
 'Expire every open reservation past its deadline, committing every batch_size; returns how many it expired. Under Citus each node expires its own shards'' reservations (ledger._expire_local_shards), all at once. Run each minute by pg_cron; CALL it by hand at any time.';
 COMMENT ON PROCEDURE ledger._expire_local_shards(bigint, integer) IS
 'Expire the overdue reservations held on this node (its shards under Citus), in transactions of this node alone; ledger.expire_reservations runs it, under Citus on every node.';
+COMMENT ON FUNCTION ledger._close_routines_to_public() IS
+'Revoke PUBLIC''s EXECUTE on every routine of ledger, rules, api and audit, on every node (Citus gives it on the workers to what it creates there). Run by the superuser.';
 COMMENT ON FUNCTION ledger._local_tables(regclass) IS
 'The tables on this node holding the given table''s rows: its shards placed here under Citus, else the table itself.';
 COMMENT ON PROCEDURE ledger.expire_idempotency_keys(bigint, integer) IS

@@ -374,6 +374,15 @@ SELECT citus_set_node_property(%(host)s, %(port)s, 'shouldhaveshards', %(holds)s
 -- Returns the node's id, the one it already has when it is registered.
 SELECT citus_add_node(%(host)s, %(port)s) AS nodeid;
 
+-- name: close_routines_to_public
+-- After a migration and after a node is added: Citus made the functions on
+-- the workers executable by PUBLIC.
+SELECT ledger._close_routines_to_public();
+
+-- name: routines_closable
+-- Whether the database has ledger._close_routines_to_public (revision 0030 on).
+SELECT to_regprocedure('ledger._close_routines_to_public()') IS NOT NULL AS present;
+
 -- name: citus_version
 SELECT extversion AS version FROM pg_extension WHERE extname = 'citus';
 
@@ -409,6 +418,20 @@ FROM pg_replication_slots WHERE slot_type = 'logical';
 -- name: cluster_slots
 -- A command (node_slots) on every active node, over Citus' own connections.
 SELECT nodeid, success, result FROM run_command_on_all_nodes(%(command)s);
+
+-- name: budget_anchors_missing
+-- The shards of ledger.accounts with no budget anchor of their own range: split
+-- since rules._place_budget_anchors ran (a move keeps ranges). The anchors
+-- read apart first: a reference table joins no local catalog.
+WITH anchors AS MATERIALIZED (SELECT hash_min, hash_max FROM rules.budget_anchors)
+SELECT count(*) AS missing FROM pg_catalog.pg_dist_shard s
+WHERE s.logicalrelid = 'ledger.accounts'::regclass
+  AND NOT EXISTS (SELECT FROM anchors a
+                  WHERE a.hash_min = s.shardminvalue::integer AND a.hash_max = s.shardmaxvalue::integer);
+
+-- name: place_budget_anchors
+-- One anchor per shard of ledger.accounts again, in one transaction.
+SELECT rules._place_budget_anchors();
 
 -- name: write_functions_distribution
 -- How each write function is distributed (pg_dist_object): by which argument,

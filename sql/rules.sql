@@ -155,7 +155,8 @@ CREATE TABLE rules.budget_anchors (
 
 -- A slice of a campaign's budget (a sharded counter): what the claims of its
 -- anchor's users may still take without a refill. reclaimed: what the last
--- gathering took back (rules._gather_budget reads it).
+-- gathering took back (the gatherings of rules.refill_budget_slice and
+-- rules.put_campaign read it).
 CREATE TABLE rules.budget_slices (
     anchor       text NOT NULL,
     campaign_id  bigint NOT NULL,
@@ -344,69 +345,6 @@ BEGIN
             USING v_anchor, p_campaign_id, v_granted;
     END IF;
     RETURN v_granted;
-END;
-$$;
-
--- Take every slice's points of a campaign back; answers how many. Call with
--- the budget row locked.
-CREATE FUNCTION rules._gather_budget(p_campaign_id bigint)
-RETURNS bigint
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_total bigint := 0;
-    v_part bigint;
-BEGIN
-    -- reclaimed = remaining reads the value before the update, which is what
-    -- RETURNING cannot give.
-    FOR v_part IN
-        UPDATE rules.budget_slices SET reclaimed = remaining, remaining = 0
-        WHERE campaign_id = p_campaign_id AND remaining > 0
-        RETURNING reclaimed
-    LOOP
-        v_total := v_total + v_part;
-    END LOOP;
-    RETURN v_total;
-END;
-$$;
-
--- Set (or drop, p_budget NULL) a campaign's budget: the slices are gathered
--- back, what was awarded stays awarded (a budget below it, or none once it
--- paid, is refused), the
--- rest is unallocated again and the budget no longer exhausted. Call with the campaign's
--- change serialized (rules.put_campaign's lock).
-CREATE FUNCTION rules._set_budget(p_campaign_id bigint, p_budget bigint)
-RETURNS void
-LANGUAGE plpgsql
-AS $$
-DECLARE
-    v_budget rules.campaign_budgets;
-    v_awarded bigint;
-BEGIN
-    -- One connection per node for the statements below, which touch the
-    -- budget's reference row and many shards in one transaction.
-    PERFORM pg_catalog.set_config('citus.multi_shard_modify_mode', 'sequential', true);
-    UPDATE rules.campaign_budgets SET unallocated = unallocated WHERE campaign_id = p_campaign_id
-    RETURNING * INTO v_budget;
-    IF NOT FOUND THEN
-        IF p_budget IS NOT NULL THEN
-            INSERT INTO rules.campaign_budgets (campaign_id, budget, unallocated)
-            VALUES (p_campaign_id, p_budget, p_budget);
-        END IF;
-        RETURN;
-    END IF;
-    v_awarded := v_budget.budget - v_budget.unallocated - rules._gather_budget(p_campaign_id);
-    IF v_awarded > 0 AND (p_budget IS NULL OR p_budget < v_awarded) THEN
-        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', COLUMN = 'budget',
-            MESSAGE = format('invalid budget: the campaign has paid %s points already', v_awarded);
-    END IF;
-    IF p_budget IS NULL THEN
-        DELETE FROM rules.budget_slices WHERE campaign_id = p_campaign_id;
-        DELETE FROM rules.campaign_budgets WHERE campaign_id = p_campaign_id;
-        RETURN;
-    END IF;
-    UPDATE rules.campaign_budgets SET budget = p_budget, unallocated = p_budget - v_awarded, exhausted = false
-    WHERE campaign_id = p_campaign_id;
 END;
 $$;
 
@@ -822,6 +760,9 @@ DECLARE
     v_old jsonb;
     v_new jsonb;
     v_id text;
+    v_budget rules.campaign_budgets;
+    v_gathered bigint;
+    v_awarded bigint;
 BEGIN
     PERFORM rules.check_change(p_actor, p_enabled);
     v_campaign := ROW(p_campaign_id, p_name, p_starts_at, p_ends_at, p_multiplier_percent, p_bonus_points,
@@ -852,7 +793,39 @@ BEGIN
             updated_at = v_now
         WHERE campaign_id = p_campaign_id;
     END IF;
-    PERFORM rules._set_budget(v_campaign.campaign_id, p_budget);
+    -- The budget: its slices are gathered back, what was awarded stays
+    -- awarded (a budget below it, or none once it paid, is refused), the rest
+    -- is unallocated again and the budget no longer exhausted. One connection
+    -- per node: the budget's reference row and many shards in one transaction.
+    PERFORM pg_catalog.set_config('citus.multi_shard_modify_mode', 'sequential', true);
+    UPDATE rules.campaign_budgets SET unallocated = unallocated WHERE campaign_id = v_campaign.campaign_id
+    RETURNING * INTO v_budget;
+    IF NOT FOUND THEN
+        IF p_budget IS NOT NULL THEN
+            INSERT INTO rules.campaign_budgets (campaign_id, budget, unallocated)
+            VALUES (v_campaign.campaign_id, p_budget, p_budget);
+        END IF;
+    ELSE
+        -- reclaimed = remaining keeps the value before the update, which
+        -- RETURNING alone cannot give.
+        WITH gathered AS (
+            UPDATE rules.budget_slices SET reclaimed = remaining, remaining = 0
+            WHERE campaign_id = v_campaign.campaign_id AND remaining > 0
+            RETURNING reclaimed
+        )
+        SELECT coalesce(sum(reclaimed), 0) INTO v_gathered FROM gathered;
+        v_awarded := v_budget.budget - v_budget.unallocated - v_gathered;
+        IF v_awarded > 0 AND (p_budget IS NULL OR p_budget < v_awarded) THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', COLUMN = 'budget',
+                MESSAGE = format('invalid budget: the campaign has paid %s points already', v_awarded);
+        ELSIF p_budget IS NULL THEN
+            DELETE FROM rules.budget_slices WHERE campaign_id = v_campaign.campaign_id;
+            DELETE FROM rules.campaign_budgets WHERE campaign_id = v_campaign.campaign_id;
+        ELSE
+            UPDATE rules.campaign_budgets SET budget = p_budget, unallocated = p_budget - v_awarded, exhausted = false
+            WHERE campaign_id = v_campaign.campaign_id;
+        END IF;
+    END IF;
     v_operation := CASE WHEN p_campaign_id IS NULL THEN 'create' ELSE 'change' END;
     v_old := CASE WHEN p_campaign_id IS NOT NULL THEN to_jsonb(v_before) END;
     v_new := to_jsonb(v_campaign);
@@ -933,14 +906,19 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_anchor constant text := rules._budget_anchor(p_user_id);
+    v_hash constant integer := hashtext(p_user_id);
     v_slices constant bigint := (SELECT count(*) FROM rules.budget_anchors);
+    v_anchor text;
     v_unallocated bigint;
     v_slice rules.budget_slices;
+    v_gathered bigint;
     v_need bigint;
     v_give bigint;
     v_exhausted boolean := false;
 BEGIN
+    -- rules._budget_anchor's lookup, written out: this runs as its caller,
+    -- who may execute no private helper.
+    SELECT anchor INTO v_anchor FROM rules.budget_anchors WHERE v_hash BETWEEN hash_min AND hash_max;
     IF p_points IS NULL OR p_points < 1 OR v_anchor IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', COLUMN = 'points',
             MESSAGE = 'invalid points: a refill needs a user id and a positive number of points';
@@ -964,7 +942,14 @@ BEGIN
     END IF;
     v_need := p_points - coalesce(v_slice.remaining, 0);
     IF v_unallocated < v_need THEN
-        v_unallocated := v_unallocated + rules._gather_budget(p_campaign_id);
+        -- Every slice back (as a budget's change does, rules.put_campaign).
+        WITH gathered AS (
+            UPDATE rules.budget_slices SET reclaimed = remaining, remaining = 0
+            WHERE campaign_id = p_campaign_id AND remaining > 0
+            RETURNING reclaimed
+        )
+        SELECT coalesce(sum(reclaimed), 0) INTO v_gathered FROM gathered;
+        v_unallocated := v_unallocated + v_gathered;
         v_need := p_points;  -- this slice was gathered too
     END IF;
     IF v_unallocated <= v_need THEN
@@ -1065,6 +1050,8 @@ SELECT rules._place_budget_anchors();
 REVOKE ALL ON ALL TABLES IN SCHEMA rules FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA rules FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA rules FROM PUBLIC;
+-- And of what later migrations create: EXECUTE only where they grant it.
+ALTER DEFAULT PRIVILEGES IN SCHEMA rules REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
 -- Nobody rewrites the history, the owner included (privileges do not bind
 -- the superuser; the functions never do it).
 REVOKE UPDATE, DELETE, TRUNCATE ON rules.changes FROM CURRENT_USER;
@@ -1096,15 +1083,17 @@ TO rewards_api;
 GRANT SELECT, INSERT, UPDATE ON rules.rules, rules.campaigns TO rewards_api;
 GRANT SELECT, INSERT, UPDATE, DELETE ON rules.campaign_budgets, rules.budget_slices TO rewards_api;
 GRANT SELECT ON rules.budget_anchors TO rewards_api;
--- The refill and a budget's change, which run as the API's role (above).
-GRANT EXECUTE ON FUNCTION rules.refill_budget_slice(bigint, text, bigint), rules.budget_report(bigint),
-    rules._budget_anchor(text), rules._gather_budget(bigint), rules._set_budget(bigint, bigint) TO rewards_api;
+-- The refill, which runs as the API's role (above).
+GRANT EXECUTE ON FUNCTION rules.refill_budget_slice(bigint, text, bigint), rules.budget_report(bigint) TO rewards_api;
 GRANT SELECT, INSERT ON rules.changes TO rewards_api;
 GRANT SELECT ON rules.change_history TO rewards_api;
 GRANT USAGE ON SEQUENCE rules.campaigns_campaign_id_seq, rules.changes_change_id_seq TO rewards_api;
--- Auditors read the history.
+-- Auditors read the history: the view, and under Citus its table too, whose
+-- shard the view's query reads as the auditor (a view's owner's rights do not
+-- reach a shard on another node, or on this one under Citus). The view shows
+-- every column of the table.
 GRANT USAGE ON SCHEMA rules TO rewards_auditor;
-GRANT SELECT ON rules.change_history TO rewards_auditor;
+GRANT SELECT ON rules.change_history, rules.changes TO rewards_auditor;
 
 -- ===========================================================================
 -- Comments

@@ -6,6 +6,7 @@ shard of the users it serves)."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -13,6 +14,8 @@ import pytest
 from app.ledger import calls
 from app.ledger.client import Ledger
 from app.ledger.errors import InvalidArgument, Overloaded
+from app.operations import citus
+from tests.conftest import SETTINGS
 from tests.ledger import unreconciled_accounts
 from tests.test_earning import _together, act, campaign, rule
 
@@ -33,22 +36,22 @@ def _report(conn, campaign_id: int):
 
 def test_a_storm_of_claims_pays_the_budget_exactly_and_the_last_points_once(api_db, db, database):
     rule(api_db, "ad_view", fixed_points=10)
-    promo = campaign(api_db, "storm", bonus_points=7, budget=100)
-    results = _together(database, lambda conn, i: [_claim(conn, f"user-{i}-{n}", f"imp-{i}-{n}") for n in range(3)],
+    promo = campaign(api_db, "storm", bonus_points=7, budget=1000)
+    results = _together(database, lambda conn, i: [_claim(conn, f"user-{i}-{n}", f"imp-{i}-{n}") for n in range(15)],
                         count=16)
     claims = [r for batch in results for r in batch]
-    assert all(r["status"] == "ok" and r["base_points"] == 10 for r in claims)
+    assert len(claims) == 240 and all(r["status"] == "ok" and r["base_points"] == 10 for r in claims)
     paid = [r["campaign_points"] or 0 for r in claims]
-    # 48 claims of 7 would be 336: the budget bounds them, to the last point
-    # (100 is no multiple of 7, so some claim got less than 7, and said so).
-    assert sum(paid) == 100 and max(paid) == 7
+    # 240 claims of 7 would be 1680: the budget bounds them, to the last point
+    # (1000 is no multiple of 7, so some claim got less than 7, and said so).
+    assert sum(paid) == 1000 and max(paid) == 7
     assert all(r["budget_exhausted"] for r in claims if (r["campaign_points"] or 0) < 7)
     report = _report(api_db, promo.campaign_id)
-    assert (report.budget, report.awarded, report.left_points) == (100, 100, 0)
+    assert (report.budget, report.awarded, report.left_points) == (1000, 1000, 0)
     # The ledger agrees: the campaign's points are in the entries, once each.
     credited = db.execute("SELECT sum((metadata->'earning'->>'campaign_points')::bigint) AS n FROM ledger.entries"
                           " WHERE metadata->'earning'->>'campaign_id' = %s", [str(promo.campaign_id)]).fetchone()
-    assert credited["n"] == 100
+    assert credited["n"] == 1000
     assert unreconciled_accounts(db) == []
 
 
@@ -82,3 +85,32 @@ def test_what_is_left_when_a_campaign_ends_is_reported(api_db, db):
     ended = _report(api_db, promo.campaign_id)
     assert (ended.ended, ended.awarded, ended.left_points) == (True, 20, 980)
     assert _report(api_db, 10**9) is None
+
+
+def test_a_split_shard_is_reported_until_its_anchors_are_placed(topology, api_db, db, database):
+    if not topology.citus:
+        pytest.skip("shards are split under Citus only (a single node's anchors are fixed ranges)")
+    settings = dataclasses.replace(SETTINGS, database=database)
+    assert citus.status(settings).budget_anchors_missing == 0
+    shard = db.execute("""SELECT s.shardid, s.shardminvalue::integer AS lo, s.shardmaxvalue::integer AS hi,
+                                 p.groupid FROM pg_dist_shard s JOIN pg_dist_placement p USING (shardid)
+                          WHERE s.logicalrelid = 'ledger.accounts'::regclass ORDER BY 2 LIMIT 1""").fetchone()
+    middle = (shard["lo"] + shard["hi"]) // 2
+    node = db.execute("SELECT nodeid FROM pg_dist_node WHERE groupid = %s", [shard["groupid"]]).fetchone()["nodeid"]
+    db.execute("SELECT citus_split_shard_by_split_points(%s, ARRAY[%s], ARRAY[%s, %s], 'block_writes')",
+               [shard["shardid"], str(middle), node, node])
+    state = citus.status(settings)
+    assert state.budget_anchors_missing == 2 and "rewards cluster place-anchors" in state.problems[-1]
+    assert citus.place_budget_anchors(settings) == 0
+    assert citus.status(settings).problems == []
+    # A user of each half claims on a budget: each draws from a slice on its own shard.
+    rule(api_db, "ad_view", fixed_points=10)
+    campaign(api_db, "after-split", bonus_points=5, budget=100)
+    users = {}
+    for n in range(2000):
+        hashed = db.execute("SELECT hashtext(%s) AS h", [f"u{n}"]).fetchone()["h"]
+        if shard["lo"] <= hashed <= shard["hi"]:
+            users.setdefault(hashed <= middle, f"u{n}")
+        if len(users) == 2:
+            break
+    assert [act(api_db, user, f"imp-{user}")["campaign_points"] for user in users.values()] == [5, 5]

@@ -1,9 +1,15 @@
 """The API's role executes the public functions and can do nothing else."""
 
+import re
+from pathlib import Path
+
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from tests.ledger import balance, commit, credit, debit, release, reserve
+
+QUERIES = Path(__file__).resolve().parent.parent / "sql" / "queries.sql"
 
 PUBLIC_CALLS = [
     "SELECT * FROM ledger.credit('alice', 'p1', 10, 'x', NULL, NULL, '{}')",
@@ -29,6 +35,9 @@ REFUSED = [
     "SELECT nextval('ledger.entries_entry_id_seq')",
     "SELECT ledger._lock_account('alice')",
     "SELECT ledger._invalid('a', 'b')",
+    "SELECT rules._budget_anchor('alice')",
+    "SELECT rules._claim_budget(1, 'alice', 10)",
+    "SELECT rules._place_budget_anchors()",
     "CALL ledger.expire_reservations()",
 ]
 
@@ -70,3 +79,64 @@ def test_public_write_functions_run_as_the_owner_not_a_superuser(db):
     assert len(owners) == 5
     assert all(row["rolname"] == "rewards_owner" and row["prosecdef"] for row in owners)
     assert db.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'rewards_owner'").fetchone()["rolsuper"] is False
+
+
+ROLES = ("rewards_api", "rewards_auditor", "rewards_audit_writer", "rewards_notifier")
+SCHEMAS = ["ledger", "rules", "api", "audit"]
+# What the login roles may execute, on this node: a function in the project's
+# schemas that the role can reach (USAGE on its schema) and run.
+EXECUTABLE = """
+SELECT r.rolname AS role, format('%%s.%%s', n.nspname, p.proname) AS function
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace, pg_roles r
+WHERE n.nspname = ANY (%(schemas)s) AND r.rolname = ANY (%(roles)s)
+  AND has_schema_privilege(r.oid, n.oid, 'USAGE') AND has_function_privilege(r.oid, p.oid, 'EXECUTE')
+ORDER BY 1, 2"""
+# Granted to PUBLIC, whether or not a schema's USAGE hides it today.
+PUBLIC_EXECUTE = """
+SELECT format('%%s.%%s', n.nspname, p.proname) AS function
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = ANY (%(schemas)s)
+  AND EXISTS (SELECT FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+              WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE')"""
+# The API's role runs the public functions the code calls (sql/queries.sql),
+# and besides them only these: the field checks its administration calls,
+# SECURITY DEFINER so that they may use the ledger's helpers, and the first
+# api.authenticate, for API processes of before authenticate_v2.
+API_BESIDES_QUERIES = {"rules.check_change", "rules.check_rule", "rules.check_campaign", "api.authenticate"}
+
+
+def _executable(topology, database: str) -> dict[str, list[dict]]:
+    """Node by node (the coordinator and every worker: a delegated call runs
+    on a worker, as its caller), what each role may execute, and PUBLIC."""
+    found = {}
+    for node in topology.nodes:
+        with psycopg.connect(node.superuser_conninfo(database), row_factory=dict_row) as conn:
+            args = {"schemas": SCHEMAS, "roles": list(ROLES)}
+            rows = conn.execute(EXECUTABLE, args).fetchall()
+            rows += [{"role": "PUBLIC", **row} for row in conn.execute(PUBLIC_EXECUTE, args).fetchall()]
+            found[f"{node.pg_host or node.socket_dir}:{node.pg_port}"] = rows
+    return found
+
+
+def test_no_role_can_execute_a_private_helper_on_any_node(topology, database):
+    for node, rows in _executable(topology, database).items():
+        private = [row for row in rows if row["function"].split(".")[1].startswith("_")]
+        assert private == [], node
+
+
+def test_public_executes_nothing_of_the_project_on_any_node(topology, database):
+    for node, rows in _executable(topology, database).items():
+        assert [row for row in rows if row["role"] == "PUBLIC"] == [], node
+
+
+def test_the_api_role_executes_only_what_the_code_calls(topology, database):
+    called = set(re.findall(r"\b((?:ledger|rules|api|audit)\.[a-z][a-z0-9_]*)\(", QUERIES.read_text()))
+    for node, rows in _executable(topology, database).items():
+        api = {row["function"] for row in rows if row["role"] == "rewards_api"}
+        assert "rules.act" in api and "ledger.credit" in api, node
+        assert api - called - API_BESIDES_QUERIES == set(), node
+
+
+def test_the_auditor_executes_only_the_chain_check(topology, database):
+    for node, rows in _executable(topology, database).items():
+        assert {row["function"] for row in rows if row["role"] == "rewards_auditor"} == {"audit.verify_chain"}, node

@@ -17,9 +17,10 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from app.audit import history, reconcile
+from app.ledger import calls
 from app.ledger.client import Ledger
 from tests.conftest import SETTINGS
-from tests.ledger import commit, credit, debit, entries, reserve, tamper
+from tests.ledger import age_lots, commit, credit, debit, entries, reserve, tamper
 from tests.test_audit_stream import EveryNode, stream  # noqa: F401  (the fixture)
 
 
@@ -246,3 +247,19 @@ def test_after_retention_drops_a_month_the_books_still_agree(db):
     finally:
         stream.drop_slot()
         stream.close()
+
+
+def test_settled_lots_stream_and_reconcile_like_any_entry(db, stream):  # noqa: F811
+    """The entry kinds the lots added (mature, lapse) reach the history and agree."""
+    credit(db, "dora", "c1", 40, pending=60, expiry=120)
+    age_lots(db, "dora", 90)
+    assert Ledger(db)(calls.settle_lots(100)).settled == 1
+    age_lots(db, "dora", 30)
+    assert Ledger(db)(calls.settle_lots(100)).settled == 1
+    while stream.poll():
+        pass
+    assert [e["kind"] for e in entries(db, "dora")] == ["credit", "mature", "lapse"]
+    kinds = db.execute("SELECT kind FROM audit.entries WHERE user_id = 'dora' ORDER BY seq").fetchall()
+    assert [k["kind"] for k in kinds] == ["credit", "mature", "lapse"]
+    report = _run(db)
+    assert report.accounts_checked == 1 and report.findings == []

@@ -149,11 +149,16 @@ class Status:
     nodes: list[Node]
     skew: Skew | None
     functions: list[Function]
+    budget_anchors_missing: int = 0  # shards of ledger.accounts without one
 
     @property
     def problems(self) -> list[str]:
         """What makes `cluster status` fail, one line each."""
         found = [f"ledger.{f.name} is not delegated: {f.why_not()}" for f in self.functions if not f.delegated]
+        if self.budget_anchors_missing:
+            found.append(f"{self.budget_anchors_missing} shards of ledger.accounts have no budget anchor (split "
+                         "since the anchors were placed): claims on a budgeted campaign fail for their users; "
+                         "run `rewards cluster place-anchors`")
         found += [f"node {n.host}:{n.port} did not answer: {n.error}" for n in self.nodes if n.error]
         if self.citus and not self.nodes:
             found.append("no node is registered in pg_dist_node: run `rewards db up` with REWARDS_CITUS=on")
@@ -182,7 +187,17 @@ def status(settings: Settings) -> Status:
         nodes = [_node(row, slots.get(row["nodeid"])) for row in ledger(Call(queries.CLUSTER_NODES,
                                                                               shape=Shape.MANY))]
         functions = write_functions(ledger)
-    return Status(citus=version["version"], nodes=nodes, skew=skew(nodes), functions=functions)
+        missing = ledger(Call(queries.BUDGET_ANCHORS_MISSING))["missing"]
+    return Status(citus=version["version"], nodes=nodes, skew=skew(nodes), functions=functions,
+                  budget_anchors_missing=missing)
+
+
+def place_budget_anchors(settings: Settings) -> int:
+    """One budget anchor per shard of ledger.accounts again (after a split);
+    answers how many shards still have none (0)."""
+    with Ledger.connect(settings.superuser_conninfo()) as ledger:
+        ledger(Call(queries.PLACE_BUDGET_ANCHORS, shape=Shape.NONE))
+        return ledger(Call(queries.BUDGET_ANCHORS_MISSING))["missing"]
 
 
 def _node(row: dict, slot_answer: dict | None) -> Node:

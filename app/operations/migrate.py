@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
+from app.ledger import queries
 from app.ledger.errors import translated
 from app.settings import PROJECT_ROOT
 
@@ -40,6 +41,17 @@ def upgrade(conninfo: str, revision: str = "head") -> None:
 
     with _driver_errors():
         command.upgrade(_config(conninfo), revision)
+    close_routines_to_public(conninfo)
+
+
+def close_routines_to_public(conninfo: str) -> None:
+    """PUBLIC executes none of the project's functions, on any node: Citus
+    creates a function on a worker with PostgreSQL's default EXECUTE for PUBLIC
+    (ledger._close_routines_to_public). After the migration has committed:
+    inside it, the workers' copies of what it changed are locked by it."""
+    with translated(), psycopg.connect(conninfo, autocommit=True) as conn:
+        if conn.execute(queries.ROUTINES_CLOSABLE).fetchone()[0]:
+            conn.execute(queries.CLOSE_ROUTINES_TO_PUBLIC)
 
 
 def current(conninfo: str) -> None:
@@ -86,3 +98,4 @@ def build_fresh(conninfo: str) -> None:
         for path in SCHEMA_FILES:
             with conn.cursor() as cursor:
                 cursor.execute((PROJECT_ROOT / path).read_text())
+    close_routines_to_public(conninfo)

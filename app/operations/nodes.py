@@ -127,6 +127,8 @@ def _add(settings: Settings, ledger: Ledger, node: Address, slot: str, folder: s
     try:
         # Citus has made the project's roles there now: each must log in.
         _reachable_as_every_role(settings, ledger, node, there["roles"], now=True)
+        # and the functions, each executable by PUBLIC there until this.
+        ledger(Call(queries.CLOSE_ROUTINES_TO_PUBLIC, shape=Shape.NONE))
         node_slot = _make_slot(settings, node, nodeid, slot)
     except LedgerError as exc:
         ledger(Call(queries.CITUS_REMOVE_NODE, node.params, shape=Shape.NONE))
