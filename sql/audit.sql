@@ -204,8 +204,9 @@ $$;
 
 -- What is wrong with each of the given accounts: one row per finding, none
 -- when all agree, in the order of the accounts given and, for each, in the
--- order below. Checks that the balance equals what its entries sum to and its
--- holds equal its open reservations, that its hash chain verifies (the rule of
+-- order below. Checks that the balance (pending and owed points included)
+-- equals what its entries sum to and its holds equal its open reservations,
+-- that its hash chain verifies (the rule of
 -- ledger.verify_chain, entry by entry), and that the history holds exactly its
 -- entries: every history row is one of them, and every entry is in the
 -- history but those the history cannot hold yet or any more; and that its
@@ -251,24 +252,28 @@ BEGIN
     -- The ledger side of each account, in one pushed-down query of its rows.
     accounts AS MATERIALIZED (
         SELECT a.user_id, a.available, a.reserved, a.lifetime_earned, a.last_seq, a.last_entry_hash,
-               a.pending, a.expiring,
+               a.pending, a.expiring, a.owed,
                s.available AS entries_available, s.reserved AS entries_reserved, s.earned AS entries_earned,
-               s.pending AS entries_pending,
+               s.pending AS entries_pending, s.owed AS entries_owed,
                s.last_seq AS entries_last_seq, s.entries, s.last_hash, s.first_broken_entry_id,
                s.first_broken_seq, h.held, l.pending AS lots_pending, l.expiring AS lots_expiring
         FROM ledger.accounts a
         LEFT JOIN (
             SELECT c.user_id, sum(c.available_delta) AS available, sum(c.reserved_delta) AS reserved,
-                   sum(c.earned) AS earned, sum(c.pending) AS pending, max(c.seq) AS last_seq, count(*) AS entries,
+                   sum(c.earned) AS earned, sum(c.pending) AS pending, sum(c.owed) AS owed, max(c.seq) AS last_seq,
+                   count(*) AS entries,
                    (array_agg(c.hash ORDER BY c.seq DESC))[1] AS last_hash,
                    (array_agg(c.entry_id ORDER BY c.seq) FILTER (WHERE c.broken))[1] AS first_broken_entry_id,
                    (array_agg(c.seq ORDER BY c.seq) FILTER (WHERE c.broken))[1] AS first_broken_seq
             FROM (
                 SELECT e.user_id, e.entry_id, e.seq, e.available_delta, e.reserved_delta, e.hash,
                        CASE WHEN e.kind = 'credit' THEN e.amount ELSE 0 END AS earned,
-                       -- a pending credit's points wait until their 'mature' entry
+                       -- a pending credit's points wait until their 'mature' entry, or
+                       -- their refund cancels them
                        CASE e.kind WHEN 'credit' THEN e.amount - e.available_delta
-                                   WHEN 'mature' THEN -e.amount ELSE 0 END AS pending,
+                                   WHEN 'mature' THEN -e.amount WHEN 'cancel' THEN -e.amount ELSE 0 END AS pending,
+                       -- what refunds found spent, until later credits pay it off
+                       CASE e.kind WHEN 'owed' THEN e.amount WHEN 'repay' THEN -e.amount ELSE 0 END AS owed,
                        -- ledger.verify_chain's rule, entry by entry: its position, its link, its hash
                        (e.seq <> row_number() OVER w
                         OR e.prev_hash <> coalesce(lag(e.hash) OVER w,
@@ -308,16 +313,17 @@ BEGIN
                jsonb_build_object(
                    'account', jsonb_build_object('available', a.available, 'reserved', a.reserved,
                                                  'lifetime_earned', a.lifetime_earned, 'last_seq', a.last_seq,
-                                                 'pending', a.pending),
+                                                 'pending', a.pending, 'owed', a.owed),
                    'entries', jsonb_build_object('available', coalesce(a.entries_available, 0),
                                                  'reserved', coalesce(a.entries_reserved, 0),
                                                  'lifetime_earned', coalesce(a.entries_earned, 0),
                                                  'last_seq', coalesce(a.entries_last_seq, 0),
-                                                 'pending', coalesce(a.entries_pending, 0))) AS detail
+                                                 'pending', coalesce(a.entries_pending, 0),
+                                                 'owed', coalesce(a.entries_owed, 0))) AS detail
         FROM batch b LEFT JOIN accounts a ON a.user_id = b.user_id
-        WHERE (a.available, a.reserved, a.lifetime_earned, a.last_seq, a.pending) IS DISTINCT FROM
+        WHERE (a.available, a.reserved, a.lifetime_earned, a.last_seq, a.pending, a.owed) IS DISTINCT FROM
               (coalesce(a.entries_available, 0), coalesce(a.entries_reserved, 0), coalesce(a.entries_earned, 0),
-               coalesce(a.entries_last_seq, 0), coalesce(a.entries_pending, 0))
+               coalesce(a.entries_last_seq, 0), coalesce(a.entries_pending, 0), coalesce(a.entries_owed, 0))
         UNION ALL
         SELECT b.position, 2, b.user_id, 'reserved_differs_from_open_reservations',
                jsonb_build_object('reserved', a.reserved, 'open_reservations', coalesce(a.held, 0))
@@ -609,7 +615,8 @@ $$;
 -- The kinds the app's notification service hears about.
 CREATE TRIGGER entries_queue_notification
     AFTER INSERT ON audit.entries
-    FOR EACH ROW WHEN (NEW.kind IN ('credit', 'debit', 'commit', 'expire', 'mature', 'lapse'))
+    FOR EACH ROW WHEN (NEW.kind IN ('credit', 'debit', 'commit', 'expire', 'mature', 'lapse',
+                                    'cancel', 'reversal', 'owed', 'write_off', 'repay'))
     EXECUTE FUNCTION audit._queue_notification();
 
 -- ===========================================================================

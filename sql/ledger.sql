@@ -94,13 +94,17 @@ BEGIN
     RETURN p_seq > 0
         AND octet_length(p_hash) = 32 AND octet_length(p_prev_hash) = 32
         -- only what the database does on its own comes without a key: a hold's
-        -- expiry, pending points maturing, a lot's points lapsing
-        AND (p_idempotency_key IS NULL) = (p_kind IN ('expire', 'mature', 'lapse'))
-        -- only credits carry a verified action, as a (source, external id) pair
+        -- expiry, pending points maturing, a lot's points lapsing, owed points
+        -- paid off; and the parts of a refund, whose key keeps its record
+        AND (p_idempotency_key IS NULL) = (p_kind IN ('expire', 'mature', 'lapse', 'repay',
+                                                       'cancel', 'reversal', 'owed', 'write_off'))
+        -- only credits carry a verified action, as a (source, external id)
+        -- pair, and the parts of its refund name it, always
         AND (p_action_source IS NULL) = (p_action_external_id IS NULL)
-        AND (p_action_source IS NULL OR p_kind = 'credit')
+        AND CASE WHEN p_kind IN ('cancel', 'reversal', 'owed', 'write_off') THEN p_action_source IS NOT NULL
+                 ELSE p_action_source IS NULL OR p_kind = 'credit' END
         -- the reservations' kinds, and only they, belong to a reservation
-        AND (p_reservation_id IS NULL) = (p_kind IN ('credit', 'debit', 'mature', 'lapse'))
+        AND (p_reservation_id IS NULL) = (p_kind NOT IN ('reserve', 'commit', 'release', 'expire'))
         AND CASE p_kind
             -- a pending credit moves nothing into `available` until it matures
             WHEN 'credit'  THEN p_available_delta IN (p_amount, 0) AND p_reserved_delta = 0
@@ -113,6 +117,14 @@ BEGIN
                                 AND p_available_delta + p_amount = -p_reserved_delta
             WHEN 'release' THEN p_available_delta = p_amount AND p_reserved_delta = -p_amount
             WHEN 'expire'  THEN p_available_delta = p_amount AND p_reserved_delta = -p_amount
+            -- a refund: its pending points cancelled, its available ones taken
+            -- back, and what the user already spent owed, or written off;
+            -- owed points paid off by the points a later credit makes available
+            WHEN 'cancel'    THEN p_available_delta = 0 AND p_reserved_delta = 0
+            WHEN 'reversal'  THEN p_available_delta = -p_amount AND p_reserved_delta = 0
+            WHEN 'owed'      THEN p_available_delta = 0 AND p_reserved_delta = 0
+            WHEN 'write_off' THEN p_available_delta = 0 AND p_reserved_delta = 0
+            WHEN 'repay'     THEN p_available_delta = -p_amount AND p_reserved_delta = 0
             ELSE false
         END;
 END;
@@ -135,6 +147,9 @@ CREATE TABLE ledger.settings (
     max_batch_items      integer NOT NULL DEFAULT 1000,
     -- the longest a credit may stay pending, or last before its points expire
     max_lot_term         interval NOT NULL DEFAULT interval '10 years',
+    -- what a refund does with the points the user already spent (ledger.refund):
+    -- 'owe' them (later credits pay them off first) or 'write_off' the loss
+    refund_shortfall     text NOT NULL DEFAULT 'owe',
     CONSTRAINT settings_singleton CHECK (singleton),
     CONSTRAINT settings_max_amount_positive CHECK (max_amount > 0),
     CONSTRAINT settings_ttl_positive CHECK (max_reservation_ttl >= interval '1 second'),
@@ -142,6 +157,7 @@ CREATE TABLE ledger.settings (
     CONSTRAINT settings_reason_positive CHECK (max_reason_length > 0),
     CONSTRAINT settings_batch_items_positive CHECK (max_batch_items > 0),
     CONSTRAINT settings_lot_term_positive CHECK (max_lot_term >= interval '1 day'),
+    CONSTRAINT settings_refund_shortfall CHECK (refund_shortfall IN ('owe', 'write_off')),
     -- A key must outlive every retry of its call, and a hold's retries last as
     -- long as the hold: at least a day, and longer than the longest hold.
     CONSTRAINT settings_idempotency_retention_outlives_retries CHECK (
@@ -163,6 +179,9 @@ CREATE TABLE ledger.accounts (
     pending          bigint NOT NULL DEFAULT 0,
     -- the part of `available` that expires: what the matured lots still hold
     expiring         bigint NOT NULL DEFAULT 0,
+    -- points refunds took back that the user had already spent: the points
+    -- later credits make available pay this off first (ledger._repay)
+    owed             bigint NOT NULL DEFAULT 0,
     CONSTRAINT accounts_pkey PRIMARY KEY (user_id),
     CONSTRAINT accounts_user_id_format CHECK (length(user_id) BETWEEN 1 AND 64 AND user_id !~ '[^A-Za-z0-9._:-]'),
     CONSTRAINT accounts_available_nonnegative CHECK (available >= 0),
@@ -170,7 +189,7 @@ CREATE TABLE ledger.accounts (
     -- One constraint for the rest: each CHECK is rebuilt for every UPDATE statement.
     CONSTRAINT accounts_counters_valid CHECK (
         lifetime_earned >= 0 AND last_seq >= 0 AND octet_length(last_entry_hash) = 32
-        AND pending >= 0 AND expiring BETWEEN 0 AND available
+        AND pending >= 0 AND expiring BETWEEN 0 AND available AND owed >= 0
     )
 ) WITH (fillfactor = 80);  -- room for HOT updates: only the row changes, never its key
 
@@ -181,7 +200,8 @@ CREATE TABLE ledger.entries (
     -- position in the account's chain: 1, 2, 3, ... with no gaps
     seq                 bigint NOT NULL,
     kind                text NOT NULL,
-    -- credit/debit/reserve/release/expire/mature/lapse: the points moved; commit: the points spent
+    -- commit: the points spent; every other kind: the points moved (cancel, owed,
+    -- write_off: the points of a refund that move nothing in `available`)
     amount              bigint NOT NULL,
     available_delta     bigint NOT NULL,
     reserved_delta      bigint NOT NULL,
@@ -192,7 +212,8 @@ CREATE TABLE ledger.entries (
     action_source       text,
     action_external_id  text,
     metadata            jsonb NOT NULL DEFAULT '{}',
-    -- NULL only for expiries, which the database does on its own
+    -- NULL for what the database does on its own and for a refund's parts
+    -- (its key keeps a record)
     idempotency_key     text,
     created_at          timestamptz NOT NULL,
     prev_hash           bytea NOT NULL,
@@ -281,7 +302,7 @@ CREATE TABLE ledger.idempotency_keys (
     created_at       timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT idempotency_keys_pkey PRIMARY KEY (user_id, idempotency_key),
     CONSTRAINT idempotency_keys_operation CHECK (
-        operation IN ('credit', 'debit', 'reserve', 'commit', 'release', 'action')
+        operation IN ('credit', 'debit', 'reserve', 'commit', 'release', 'action', 'refund')
     )
 );
 
@@ -295,9 +316,10 @@ CREATE UNIQUE INDEX entries_idempotency_key_once
     ON ledger.entries (user_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 
--- A verified action earns points once per user, ever.
+-- A verified action earns points once per user, ever (its credit), and is
+-- refunded at most once (each part of the refund once).
 CREATE UNIQUE INDEX entries_action_once
-    ON ledger.entries (user_id, action_source, action_external_id)
+    ON ledger.entries (user_id, action_source, action_external_id, kind)
     WHERE action_source IS NOT NULL;
 
 -- What the expiry job scans: only open reservations, by deadline.
@@ -330,7 +352,7 @@ CREATE INDEX lots_expiring_at
 -- (reserved ones are out of their lots until the hold returns them).
 CREATE VIEW ledger.balances AS
     SELECT a.user_id, a.available, a.reserved, a.lifetime_earned, a.last_seq, a.updated_at,
-           a.pending, n.expires_at AS next_expiry_at, n.points AS next_expiry_amount
+           a.pending, n.expires_at AS next_expiry_at, n.points AS next_expiry_amount, a.owed
     FROM ledger.accounts a
     LEFT JOIN LATERAL (
         SELECT l.expires_at, sum(l.remaining)::bigint AS points
@@ -719,15 +741,17 @@ BEGIN
         SELECT FROM ledger.entries
         WHERE user_id = p_user_id
           AND action_source = p_action_source
-          AND action_external_id = p_action_external_id);
+          AND action_external_id = p_action_external_id
+          AND kind = 'credit');
 END;
 $$;
 
 -- The credit's entry, and its lot when it is pending for p_pending_seconds
 -- or expires after p_expiry_seconds: what ledger._apply_credit (for
 -- ledger.credit and ledger.credit_many) and rules.act (points computed from
--- the rules) both write. Call only with the account locked, its arguments
--- checked and the action found new.
+-- the rules) both write. Points available at once pay off what the account
+-- owes first (ledger._repay; the answer's balance is after it). Call only with
+-- the account locked, its arguments checked and the action found new.
 CREATE FUNCTION ledger._credit_entry(
     p_account ledger.accounts,
     p_idempotency_key text,
@@ -744,6 +768,7 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     v_entry ledger.entries;
+    v_result ledger.result;
 BEGIN
     v_entry := ledger._append_entry(
         p_account, 'credit', p_amount, CASE WHEN p_pending_seconds IS NULL THEN p_amount ELSE 0 END, 0,
@@ -751,7 +776,11 @@ BEGIN
     IF p_pending_seconds IS NOT NULL OR p_expiry_seconds IS NOT NULL THEN
         PERFORM ledger._open_lot(v_entry, p_pending_seconds, p_expiry_seconds);
     END IF;
-    RETURN ledger._entry_result(v_entry);
+    v_result := ledger._entry_result(v_entry);
+    IF p_account.owed > 0 AND p_pending_seconds IS NULL THEN
+        v_result.available := (ledger._repay(p_account.user_id, v_entry.entry_id, p_amount)).available;
+    END IF;
+    RETURN v_result;
 END;
 $$;
 
@@ -793,8 +822,9 @@ BEGIN
     END IF;
     v_result := ledger._credit_entry(p_account, p_idempotency_key, p_amount, p_reason, p_action_source,
                                      p_action_external_id, p_metadata, p_pending_seconds, p_expiry_seconds);
-    IF v_lot THEN
-        -- the entry does not hold the lot's terms, so its key keeps a record
+    IF v_lot OR p_account.owed > 0 THEN
+        -- the entry does not hold the lot's terms, or the balance after the
+        -- owed points it paid off, so its key keeps a record
         RETURN ledger._remember(p_idempotency_key, 'credit', v_request, v_result);
     END IF;
     -- the entry is the key's record (ledger._replay reads it)
@@ -843,7 +873,9 @@ $$;
 
 -- Mature a lot whose pending period is over (a 'mature' entry: its points
 -- become available), then lapse what it holds if its expiry has passed (a
--- 'lapse' entry). Does what is due and nothing else; returns the account after.
+-- 'lapse' entry); points that matured and did not lapse pay off what the
+-- account owes first (ledger._repay). Does what is due and nothing else;
+-- returns the account after.
 CREATE FUNCTION ledger._settle_lot(p_account ledger.accounts, p_lot ledger.lots)
 RETURNS ledger.accounts
 LANGUAGE plpgsql
@@ -851,6 +883,7 @@ AS $$
 DECLARE
     v_account ledger.accounts := p_account;
     v_lot ledger.lots := p_lot;
+    v_matured boolean := false;
 BEGIN
     IF NOT v_lot.matured AND v_lot.available_at <= now() THEN
         PERFORM ledger._append_entry(v_account, 'mature', v_lot.amount, v_lot.amount, 0, NULL,
@@ -865,6 +898,7 @@ BEGIN
             expiring = expiring + v_lot.remaining
         WHERE user_id = v_account.user_id
         RETURNING * INTO v_account;
+        v_matured := true;
     END IF;
     IF v_lot.matured AND v_lot.remaining > 0 AND v_lot.expires_at <= now() THEN
         UPDATE ledger.lots SET remaining = 0 WHERE user_id = v_lot.user_id AND lot_id = v_lot.lot_id;
@@ -874,6 +908,8 @@ BEGIN
         PERFORM ledger._append_entry(v_account, 'lapse', v_lot.remaining, -v_lot.remaining, 0, NULL,
                                      'points expired', jsonb_build_object('lot_id', v_lot.lot_id), NULL);
         SELECT * INTO v_account FROM ledger.accounts WHERE user_id = v_account.user_id;
+    ELSIF v_matured AND v_account.owed > 0 THEN
+        v_account := ledger._repay(v_account.user_id, v_lot.entry_id, v_lot.amount);
     END IF;
     RETURN v_account;
 END;
@@ -961,6 +997,41 @@ BEGIN
         UPDATE ledger.accounts SET expiring = expiring + v_back WHERE user_id = p_user_id;
         v_left := v_left - v_back;
     END LOOP;
+END;
+$$;
+
+-- Pay off what the account owes (accounts.owed, left by refunds) from
+-- p_points that the credit p_entry_id has just made available: taken from its
+-- lot when that expires, else from the points without expiry, as a 'repay'
+-- entry. Call only with the account locked, after the entries that made the
+-- points available; returns the account after.
+CREATE FUNCTION ledger._repay(p_user_id text, p_entry_id bigint, p_points bigint)
+RETURNS ledger.accounts
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_account ledger.accounts;
+    v_pay bigint;
+    v_from_lot integer;
+BEGIN
+    SELECT * INTO v_account FROM ledger.accounts WHERE user_id = p_user_id;
+    v_pay := least(v_account.owed, p_points);
+    IF v_pay <= 0 THEN
+        RETURN v_account;
+    END IF;
+    UPDATE ledger.lots SET remaining = remaining - v_pay
+    WHERE user_id = p_user_id AND entry_id = p_entry_id AND matured AND expires_at IS NOT NULL
+      AND remaining >= v_pay;
+    GET DIAGNOSTICS v_from_lot = ROW_COUNT;
+    UPDATE ledger.accounts SET
+        owed = owed - v_pay,
+        expiring = expiring - CASE WHEN v_from_lot > 0 THEN v_pay ELSE 0 END
+    WHERE user_id = p_user_id
+    RETURNING * INTO v_account;
+    PERFORM ledger._append_entry(v_account, 'repay', v_pay, -v_pay, 0, NULL, 'owed points paid off',
+                                 jsonb_build_object('paid_by_entry_id', p_entry_id), NULL);
+    SELECT * INTO v_account FROM ledger.accounts WHERE user_id = p_user_id;
+    RETURN v_account;
 END;
 $$;
 
@@ -1606,6 +1677,133 @@ BEGIN
 END;
 $$;
 
+-- A refund of a verified action (a purchase returned, an ad view charged
+-- back): what its credit earned is reversed, by entries that name the action
+-- and the credit (metadata.refund_of_entry_id). A pending credit's points are
+-- cancelled ('cancel'). Of an available one, what it earned less what of it
+-- lapsed is taken back ('reversal'): first what its own lot still holds (or,
+-- for a plain credit, points without expiry), then others in the order a
+-- redemption spends them; what the user already spent is owed ('owed', paid
+-- off first by the points later credits make available) or, with
+-- settings.refund_shortfall 'write_off', recorded as lost ('write_off'). The
+-- answer's amount is what was reversed in all, entry_id the last entry. The
+-- key keeps a record (the answer spans entries); refusals write only that.
+CREATE FUNCTION ledger.refund(
+    p_user_id text,
+    p_idempotency_key text,
+    p_action_source text,
+    p_action_external_id text,
+    p_reason text,
+    p_metadata jsonb DEFAULT '{}'
+)
+RETURNS ledger.result
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_settings ledger.settings := ledger._settings();
+    v_account ledger.accounts;
+    v_request jsonb;
+    v_result ledger.result;
+    v_credit ledger.entries;
+    v_lot ledger.lots;
+    v_entry ledger.entries;
+    v_metadata jsonb;
+    v_due bigint;
+    v_take bigint;
+    v_own bigint;
+BEGIN
+    PERFORM ledger._check_request(v_settings, p_user_id, p_idempotency_key, p_reason, p_metadata);
+    IF NOT ledger._is_name(p_action_source) THEN
+        PERFORM ledger._invalid('action_source', 'must be 1-64 characters of A-Z a-z 0-9 . _ : -');
+    END IF;
+    IF NOT ledger._is_token(p_action_external_id) THEN
+        PERFORM ledger._invalid('action_external_id', 'must be 1-255 visible ASCII characters');
+    END IF;
+
+    v_account := ledger._lock_account(p_user_id);
+    v_request := jsonb_build_array(p_action_source, p_action_external_id, p_reason, p_metadata);
+    v_result := ledger._replay(v_account, p_idempotency_key, 'refund', v_request);
+    IF v_result.status IS NOT NULL THEN
+        RETURN v_result;
+    END IF;
+
+    SELECT * INTO v_credit FROM ledger.entries
+    WHERE user_id = p_user_id AND action_source = p_action_source AND action_external_id = p_action_external_id
+      AND kind = 'credit';
+    IF NOT FOUND THEN
+        RETURN ledger._remember(p_idempotency_key, 'refund', v_request,
+                                ledger._refusal('action_not_found', v_account));
+    END IF;
+    IF EXISTS (SELECT FROM ledger.entries
+               WHERE user_id = p_user_id AND action_source = p_action_source
+                 AND action_external_id = p_action_external_id
+                 AND kind IN ('cancel', 'reversal', 'owed', 'write_off')) THEN
+        RETURN ledger._remember(p_idempotency_key, 'refund', v_request,
+                                ledger._refusal('action_already_refunded', v_account));
+    END IF;
+    -- as a redemption does: the credit's lot may be due to mature or lapse
+    IF v_account.pending > 0 OR v_account.expiring > 0 THEN
+        v_account := ledger._settle_due(v_account);
+    END IF;
+
+    v_metadata := p_metadata || jsonb_build_object('refund_of_entry_id', v_credit.entry_id);
+    SELECT * INTO v_lot FROM ledger.lots WHERE user_id = p_user_id AND entry_id = v_credit.entry_id;
+    IF FOUND AND NOT v_lot.matured THEN
+        -- closed: it will never mature, and holds nothing
+        UPDATE ledger.lots SET matured = true, remaining = 0 WHERE user_id = p_user_id AND lot_id = v_lot.lot_id;
+        UPDATE ledger.accounts SET pending = pending - v_lot.amount WHERE user_id = p_user_id
+        RETURNING * INTO v_account;
+        v_due := v_lot.amount;
+        v_entry := ledger._append_entry(v_account, 'cancel', v_due, 0, 0, NULL, p_reason, v_metadata, NULL,
+                                        p_action_source, p_action_external_id);
+    ELSE
+        v_due := v_credit.amount;
+        IF v_lot.lot_id IS NOT NULL THEN
+            v_due := v_due - coalesce((SELECT sum(e.amount) FROM ledger.entries e
+                                       WHERE e.user_id = p_user_id AND e.kind = 'lapse'
+                                         AND e.metadata ->> 'lot_id' = v_lot.lot_id::text), 0);
+        END IF;
+        IF v_due = 0 THEN
+            RETURN ledger._remember(p_idempotency_key, 'refund', v_request,
+                                    ledger._refusal('action_points_expired', v_account));
+        END IF;
+        v_take := least(v_due, v_account.available);
+        IF v_take > 0 THEN
+            IF v_lot.expires_at IS NOT NULL THEN
+                v_own := least(v_lot.remaining, v_take);
+                UPDATE ledger.lots SET remaining = remaining - v_own
+                WHERE user_id = p_user_id AND lot_id = v_lot.lot_id;
+                UPDATE ledger.accounts SET expiring = expiring - v_own WHERE user_id = p_user_id
+                RETURNING * INTO v_account;
+            ELSE
+                v_own := least(v_take, v_account.available - v_account.expiring);
+            END IF;
+            IF v_take > v_own THEN
+                PERFORM ledger._draw_lots(v_account, v_take - v_own);
+                SELECT * INTO v_account FROM ledger.accounts WHERE user_id = p_user_id;
+            END IF;
+            v_entry := ledger._append_entry(v_account, 'reversal', v_take, -v_take, 0, NULL, p_reason, v_metadata,
+                                            NULL, p_action_source, p_action_external_id);
+            SELECT * INTO v_account FROM ledger.accounts WHERE user_id = p_user_id;
+        END IF;
+        IF v_due > v_take AND v_settings.refund_shortfall = 'write_off' THEN
+            v_entry := ledger._append_entry(v_account, 'write_off', v_due - v_take, 0, 0, NULL, p_reason,
+                                            v_metadata, NULL, p_action_source, p_action_external_id);
+        ELSIF v_due > v_take THEN
+            UPDATE ledger.accounts SET owed = owed + (v_due - v_take) WHERE user_id = p_user_id
+            RETURNING * INTO v_account;
+            v_entry := ledger._append_entry(v_account, 'owed', v_due - v_take, 0, 0, NULL, p_reason, v_metadata,
+                                            NULL, p_action_source, p_action_external_id);
+        END IF;
+    END IF;
+    v_result := ledger._entry_result(v_entry);
+    v_result.amount := v_due;
+    RETURN ledger._remember(p_idempotency_key, 'refund', v_request, v_result);
+END;
+$$;
+
 -- Ends every open reservation whose deadline has passed, in batches of
 -- batch_size, each its own transaction (ledger._expire_local_shards).
 -- Not SECURITY DEFINER: PostgreSQL refuses COMMIT in such procedures. pg_cron
@@ -1679,7 +1877,7 @@ BEGIN
     -- table by its own filter, and through the view the lots would be read
     -- from every shard.
     SELECT a.user_id, a.available, a.reserved, a.lifetime_earned, a.last_seq, a.updated_at,
-           a.pending, n.expires_at, n.points
+           a.pending, n.expires_at, n.points, a.owed
     INTO v_balance
     FROM ledger.accounts a
     LEFT JOIN LATERAL (
@@ -1693,7 +1891,7 @@ BEGIN
     WHERE a.user_id = p_user_id;
     IF NOT FOUND THEN
         -- A user who never had points reads as zeros; reads create nothing.
-        v_balance := ROW(p_user_id, 0, 0, 0, 0, NULL, 0, NULL, NULL)::ledger.balances;
+        v_balance := ROW(p_user_id, 0, 0, 0, 0, NULL, 0, NULL, NULL, 0)::ledger.balances;
     END IF;
     RETURN v_balance;
 END;
@@ -1904,6 +2102,7 @@ GRANT EXECUTE ON FUNCTION
     ledger.reserve(text, text, bigint, integer, text, jsonb),
     ledger.commit_reservation(text, text, bigint, bigint, text, jsonb),
     ledger.release_reservation(text, text, bigint, text, jsonb),
+    ledger.refund(text, text, text, text, text, jsonb),
     ledger.balance(text),
     ledger.entries_page(text, bigint, integer),
     ledger.reservation(text, bigint),
@@ -1926,6 +2125,8 @@ COMMENT ON FUNCTION ledger.commit_reservation(text, text, bigint, bigint, text, 
 'Spend a held reservation, all of it or amount (<= held; the rest returns to available). Status: ok | reservation_not_found | reservation_committed | reservation_released | reservation_expired | amount_exceeds_reservation | idempotency_key_reused. Invalid arguments raise 22023.';
 COMMENT ON FUNCTION ledger.release_reservation(text, text, bigint, text, jsonb) IS
 'Return a held reservation to available. Status: ok | reservation_not_found | reservation_committed | reservation_released | reservation_expired | idempotency_key_reused. Invalid arguments raise 22023.';
+COMMENT ON FUNCTION ledger.refund(text, text, text, text, text, jsonb) IS
+'Reverse what a verified action earned. Args: user_id, idempotency_key, action_source, action_external_id, reason, metadata. Pending points are cancelled; available ones taken back (its lot first); what the user already spent is owed (paid off by later credits first) or, with settings.refund_shortfall write_off, written off. Status: ok (amount: points reversed) | idempotency_key_reused | action_not_found | action_already_refunded | action_points_expired. Invalid arguments raise 22023.';
 COMMENT ON PROCEDURE ledger.expire_reservations(bigint, integer) IS
 'Expire every open reservation past its deadline, committing every batch_size; returns how many it expired. Under Citus each node expires its own shards'' reservations (ledger._expire_local_shards), all at once. Run each minute by pg_cron; CALL it by hand at any time.';
 COMMENT ON PROCEDURE ledger._expire_local_shards(bigint, integer) IS
@@ -1939,7 +2140,7 @@ COMMENT ON PROCEDURE ledger.expire_idempotency_keys(bigint, integer) IS
 COMMENT ON PROCEDURE ledger._expire_local_idempotency_keys(bigint, integer) IS
 'Forget the expired idempotency records held on this node (its shards under Citus), in transactions of this node alone; ledger.expire_idempotency_keys runs it, under Citus on every node.';
 COMMENT ON FUNCTION ledger.balance(text) IS
-'The account''s available, reserved, lifetime earned and pending points and its next expiry (date and points); zeros for a user who never had any.';
+'The account''s available, reserved, lifetime earned and pending points, its next expiry (date and points) and the points it owes after refunds; zeros for a user who never had any.';
 COMMENT ON PROCEDURE ledger.settle_lots(bigint, integer) IS
 'Make available the pending points whose period is over and expire what remains of lots past their expiry, as ledger entries, committing every batch_size; returns how many lots it settled. Under Citus each node its own shards'' (ledger._settle_local_lots), all at once. Each minute by pg_cron; CALL it by hand at any time.';
 COMMENT ON PROCEDURE ledger._settle_local_lots(bigint, integer) IS
@@ -1986,6 +2187,7 @@ BEGIN
             'ledger.reserve(text, text, bigint, integer, text, jsonb)',
             'ledger.commit_reservation(text, text, bigint, bigint, text, jsonb)',
             'ledger.release_reservation(text, text, bigint, text, jsonb)',
+            'ledger.refund(text, text, text, text, text, jsonb)',
             'ledger._expire_one(text, bigint)',
             'ledger._settle_one(text, bigint)',
             'ledger.balance(text)',

@@ -38,6 +38,10 @@ SELECT * FROM ledger.commit_reservation(%(user_id)s, %(key)s, %(reservation_id)s
 SELECT * FROM ledger.release_reservation(%(user_id)s, %(key)s, %(reservation_id)s,
                                          %(reason)s, %(metadata)s);
 
+-- name: refund
+SELECT * FROM ledger.refund(%(user_id)s, %(key)s, %(action_source)s, %(action_external_id)s,
+                            %(reason)s, %(metadata)s);
+
 -- name: balance
 SELECT * FROM ledger.balance(%(user_id)s);
 

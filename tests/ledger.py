@@ -93,14 +93,16 @@ def unreconciled_accounts(conn: psycopg.Connection) -> list[dict[str, Any]]:
                       coalesce(sum(reserved_delta), 0) AS reserved,
                       coalesce(sum(amount) FILTER (WHERE kind = 'credit'), 0) AS earned,
                       coalesce(sum(amount - available_delta) FILTER (WHERE kind = 'credit'), 0)
-                      - coalesce(sum(amount) FILTER (WHERE kind = 'mature'), 0) AS pending,
+                      - coalesce(sum(amount) FILTER (WHERE kind IN ('mature', 'cancel')), 0) AS pending,
+                      coalesce(sum(amount) FILTER (WHERE kind = 'owed'), 0)
+                      - coalesce(sum(amount) FILTER (WHERE kind = 'repay'), 0) AS owed,
                       coalesce(max(seq), 0) AS last_seq
                FROM ledger.entries e WHERE e.user_id = a.user_id) s ON true
            LEFT JOIN LATERAL (
                SELECT coalesce(sum(amount), 0) AS held
                FROM ledger.reservations r WHERE r.user_id = a.user_id AND r.status = 'open') h ON true
-           WHERE (a.available, a.reserved, a.lifetime_earned, a.last_seq, a.pending)
-                 IS DISTINCT FROM (s.available, s.reserved, s.earned, s.last_seq, s.pending)
+           WHERE (a.available, a.reserved, a.lifetime_earned, a.last_seq, a.pending, a.owed)
+                 IS DISTINCT FROM (s.available, s.reserved, s.earned, s.last_seq, s.pending, s.owed)
               OR a.reserved <> h.held"""
     ).fetchall()
 

@@ -14,6 +14,7 @@ def test_credit_adds_points_and_returns_the_entry(db):
     assert balance(db, "alice") | {"updated_at": None} == {
         "user_id": "alice", "available": 100, "reserved": 0, "lifetime_earned": 100,
         "last_seq": 1, "updated_at": None, "pending": 0, "next_expiry_at": None, "next_expiry_amount": None,
+        "owed": 0,
     }
 
 
@@ -85,6 +86,7 @@ def test_balance_of_an_unknown_user_is_zero_and_creates_nothing(db):
     assert balance(db, "nobody") == {
         "user_id": "nobody", "available": 0, "reserved": 0, "lifetime_earned": 0,
         "last_seq": 0, "updated_at": None, "pending": 0, "next_expiry_at": None, "next_expiry_amount": None,
+        "owed": 0,
     }
     assert row_counts(db) == before
 

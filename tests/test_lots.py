@@ -48,7 +48,8 @@ def test_a_plain_credit_makes_no_lot(db):
     assert _lots(db, "alice") == []
     assert balance(db, "alice") | {"updated_at": None} == {
         "user_id": "alice", "available": 100, "reserved": 0, "lifetime_earned": 100, "last_seq": 1,
-        "updated_at": None, "pending": 0, "next_expiry_at": None, "next_expiry_amount": None}
+        "updated_at": None, "pending": 0, "next_expiry_at": None, "next_expiry_amount": None,
+        "owed": 0}
 
 
 def test_pending_points_show_and_cannot_be_spent_until_they_mature(db):
@@ -94,7 +95,7 @@ def test_redemptions_spend_the_soonest_expiry_first_across_lots(db):
     assert _lots(db, "alice") == [(40, 25, True), (30, 0, True), (20, 0, True)]
     assert balance(db, "alice") | {"updated_at": None, "next_expiry_at": None} == {
         "user_id": "alice", "available": 125, "reserved": 0, "lifetime_earned": 190, "last_seq": 7,
-        "updated_at": None, "pending": 0, "next_expiry_at": None, "next_expiry_amount": 25}
+        "updated_at": None, "pending": 0, "next_expiry_at": None, "next_expiry_amount": 25, "owed": 0}
     _reconciled(db, "alice")
 
 

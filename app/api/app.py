@@ -17,8 +17,9 @@ from app.api import lifeline
 from app.api.accounts.controllers import AccountsController
 from app.api.bulk.controllers import BulkCreditsController
 from app.api.actions.controllers import report_action
-from app.api.callbacks.controllers import callback
+from app.api.callbacks.controllers import callback, refund_callback
 from app.api.callbacks.verification import SourceCache
+from app.api.refunds.controllers import refund
 from app.api.admin.controllers import AdminController
 from app.api.dependencies import DEPENDENCIES
 from app.api.frontdoor import FrontDoor
@@ -64,8 +65,8 @@ def create_litestar(settings: Settings) -> Litestar:
             await app.state.rate_limiter.close()
 
     return Litestar(
-        route_handlers=[AccountsController, report_action, callback, AdminController, healthz, readyz,
-                        prometheus_metrics,
+        route_handlers=[AccountsController, report_action, refund, callback, refund_callback, AdminController,
+                        healthz, readyz, prometheus_metrics,
                         # Bulk bodies are larger than any single request's.
                         Router("/", route_handlers=[BulkCreditsController],
                                request_max_body_size=settings.max_bulk_body_bytes)],

@@ -26,6 +26,7 @@ CAUSES: dict[str, tuple[int, str]] = {
     "signature-invalid": (401, "The callback's signature does not verify"),
     "signature-stale": (401, "The callback's timestamp is outside the accepted window"),
     "not-found": (404, "No such resource"),
+    "action-not-found": (404, "The user has no credit of this action"),
     "callback-source-unknown": (404, "No such callback source"),
     "unknown-user": (422, "The ledger knows no such user"),
     "method-not-allowed": (405, "Method not allowed"),
@@ -36,6 +37,8 @@ CAUSES: dict[str, tuple[int, str]] = {
     "action-claimed": (409, "This action was reported for another user"),
     "cap-reached": (409, "The user has earned the most this action type allows"),
     "not-eligible": (422, "No enabled rule earns points for this action"),
+    "action-already-refunded": (409, "This action has already been refunded"),
+    "action-points-expired": (409, "Every point this action earned has expired"),
     "reservation-not-open": (409, "The reservation has already ended"),
     "amount-exceeds-reservation": (409, "The amount is more than the reservation holds"),
     "idempotency-key-reused": (422, "The idempotency key was used for a different request"),
@@ -58,6 +61,9 @@ REFUSALS: dict[Status, str] = {
     Status.RESERVATION_RELEASED: "reservation-not-open",
     Status.RESERVATION_EXPIRED: "reservation-not-open",
     Status.AMOUNT_EXCEEDS_RESERVATION: "amount-exceeds-reservation",
+    Status.ACTION_NOT_FOUND: "action-not-found",
+    Status.ACTION_ALREADY_REFUNDED: "action-already-refunded",
+    Status.ACTION_POINTS_EXPIRED: "action-points-expired",
 }
 
 

@@ -126,6 +126,16 @@ def release_reservation(user_id: str, key: str, reservation_id: int, reason: str
         "metadata": _json(metadata)}, Outcome)
 
 
+def refund(user_id: str, key: str, action_source: str, action_external_id: str, reason: str = "refund",
+           metadata: dict[str, Any] | None = None) -> Call[Outcome]:
+    """Reverse what the action (source, external id) earned this user: pending
+    points cancelled, available ones taken back, spent ones owed (or written
+    off, by ledger.settings.refund_shortfall). `amount` is what was reversed."""
+    return Call(queries.REFUND, {
+        "user_id": _user(user_id), "key": key, "action_source": action_source,
+        "action_external_id": action_external_id, "reason": reason, "metadata": _json(metadata)}, Outcome)
+
+
 def action_key(source: str, external_id: str) -> str:
     """What rules.action_claims is keyed (and, under Citus, distributed) by:
     neither part may hold a space, so the pair reads back unambiguously."""

@@ -25,6 +25,11 @@ class Status(StrEnum):
     RESERVATION_RELEASED = "reservation_released"
     RESERVATION_EXPIRED = "reservation_expired"
     AMOUNT_EXCEEDS_RESERVATION = "amount_exceeds_reservation"
+    # ledger.refund: no credit of this action for the user; refunded already;
+    # every point it earned has expired
+    ACTION_NOT_FOUND = "action_not_found"
+    ACTION_ALREADY_REFUNDED = "action_already_refunded"
+    ACTION_POINTS_EXPIRED = "action_points_expired"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +98,8 @@ class Balance:
     pending: int
     next_expiry_at: datetime | None
     next_expiry_amount: int | None
+    # what refunds took back that the user had already spent (later credits pay it off)
+    owed: int = 0
 
 
 @dataclass(frozen=True, slots=True)

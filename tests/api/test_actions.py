@@ -87,6 +87,55 @@ def test_a_rule_set_with_lot_terms_earns_pending_points(api, user, action_type):
     assert (balance["available"], balance["pending"]) == (0, 10)
 
 
+def _keys_and_entries(api, user):
+    with api.db() as db:
+        return db.execute("SELECT (SELECT count(*) FROM ledger.idempotency_keys WHERE user_id = %(u)s) AS keys,"
+                          " (SELECT count(*) FROM ledger.entries WHERE user_id = %(u)s) AS entries",
+                          {"u": user}).fetchone()
+
+
+def test_a_refund_reverses_an_action_and_what_was_spent_is_owed(api, user, action_type):
+    _rule(api, action_type, points_per_unit=1, unit_value=100)
+    refund = {"user_id": user, "source": "adnet", "external_id": f"{action_type}-1", "reason": "returned"}
+    with api.client("earn") as http:
+        assert post(http, "/v1/actions", _action(user, action_type, f"{action_type}-1", value=5000)).status_code == 201
+    with api.client() as http:
+        assert post(http, f"/v1/accounts/{user}/debits", {"amount": 30, "reason": "gift"}).status_code == 201
+    with api.client("earn") as http:
+        first = post(http, "/v1/refunds", refund, key="rf1")
+        again = post(http, "/v1/refunds", refund, key="rf1")
+        twice = _problem(post(http, "/v1/refunds", refund, key="rf2"), 409, "action-already-refunded")
+        _problem(post(http, "/v1/refunds", refund | {"external_id": "never"}, key="rf3"), 404, "action-not-found")
+        _problem(post(http, "/v1/refunds", refund | {"reason": "other"}, key="rf1"), 422, "idempotency-key-reused")
+        _problem(post(http, "/v1/refunds", refund | {"amount": 5}, key="rf4"), 400, "validation")
+    assert first.status_code == 201, first.text
+    assert first.json()["amount"] == 50 and first.json()["balance"] == {"available": 0, "reserved": 0}
+    assert again.headers["Idempotent-Replayed"] == "true" and again.json() == first.json()
+    assert twice["balance"]["available"] == 0
+    with api.client("read") as reader:
+        balance = reader.get(f"/v1/accounts/{user}/balance").json()
+        kinds = [e["kind"] for e in reader.get(f"/v1/accounts/{user}/entries").json()["items"]]
+    assert balance["owed"] == 30 and kinds[:2] == ["owed", "reversal"]
+    with api.client() as http:
+        paid = post(http, f"/v1/accounts/{user}/credits", {"amount": 40, "reason": "welcome back"})
+    assert paid.json()["balance"]["available"] == 10
+
+
+def test_a_key_limited_to_sources_refunds_only_their_actions(api, user, action_type):
+    _rule(api, action_type, fixed_points=10)
+    store_key = _key(api, "store refunds", ["points:earn"], sources=["store"])
+    with api.client("earn") as http:
+        assert post(http, "/v1/actions", _action(user, action_type, f"{action_type}-1")).status_code == 201
+    before = _keys_and_entries(api, user)
+    with httpx.Client(base_url=api.base_url, headers={"Authorization": f"Bearer {store_key}"}) as http:
+        body = _problem(post(http, "/v1/refunds", {"user_id": user, "source": "adnet",
+                                                   "external_id": f"{action_type}-1"}), 403, "source-not-allowed")
+    assert body["field"] == "source"
+    assert _keys_and_entries(api, user) == before
+    with api.client("read") as reader:
+        assert reader.get(f"/v1/accounts/{user}/balance").json()["available"] == 10
+
+
 def test_refusals_are_problems_and_write_only_their_key(api, user, action_type):
     _rule(api, action_type, fixed_points=10, lifetime_cap=10)
     with api.client("earn") as http:

@@ -48,10 +48,10 @@ def known_user(api, user) -> str:
 
 
 def _call(api, source: str, secret: str, body: bytes, timestamp: int | None = None,
-          header: str | None = None) -> httpx.Response:
+          header: str | None = None, path: str = "") -> httpx.Response:
     timestamp = int(time.time()) if timestamp is None else timestamp
     with api.client(None) as http:
-        return http.post(f"/v1/callbacks/{source}", content=body, headers={
+        return http.post(f"/v1/callbacks/{source}{path}", content=body, headers={
             "Content-Type": "application/json",
             signatures.HEADER: header if header is not None else signatures.sign(secret, timestamp, body)})
 
@@ -94,6 +94,24 @@ def test_a_signed_callback_earns_once_as_an_action_would(api, source, action_typ
         done = post(http, "/v1/actions", {"user_id": known_user, "source": name, "external_id": "imp-1",
                                           "type": action_type})
     _refused(done, 409, "action-already-credited")
+
+
+def test_a_signed_refund_callback_reverses_the_action_once(api, source, action_type, known_user):
+    name, secret = source
+    assert _call(api, name, secret, _body(known_user, action_type, "o-1")).status_code == 201
+    body = json.dumps({"user_id": known_user, "external_id": "o-1", "reason": "returned"}).encode()
+    _refused(_call(api, name, "not the secret", body, path="/refunds"), 401, "signature-invalid")
+    first = _call(api, name, secret, body, path="/refunds")
+    assert first.status_code == 201, first.text
+    assert first.json()["amount"] == 10 and first.json()["balance"] == {"available": 1, "reserved": 0}
+    again = _call(api, name, secret, body, path="/refunds")
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.json() == first.json()
+    written = _written(api, known_user)
+    _refused(_call(api, name, secret, json.dumps({"user_id": known_user, "external_id": "o-2"}).encode(),
+                   path="/refunds"), 404, "action-not-found")
+    _refused(_call(api, name, secret, _body(known_user, action_type, "o-3"), path="/refunds"), 400, "validation")
+    assert _written(api, known_user)["entries"] == written["entries"]
 
 
 def test_every_refusal_is_a_problem_and_writes_nothing(api, source, action_type, known_user):

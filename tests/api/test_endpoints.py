@@ -20,7 +20,7 @@ def test_credit_then_read_balance_and_entries(api, user):
         assert balance.status_code == 200
         assert balance.json() | {"updated_at": None} == {
             "user_id": user, "available": 120, "pending": 0, "reserved": 0, "lifetime_earned": 120,
-            "next_expiry": None, "updated_at": None}
+            "next_expiry": None, "updated_at": None, "owed": 0}
 
         entries = http.get(f"/v1/accounts/{user}/entries").json()
         assert [e["kind"] for e in entries["items"]] == ["credit"]

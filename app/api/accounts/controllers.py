@@ -47,7 +47,7 @@ NO_BODY_COMMIT = CommitRequest()
 NO_BODY_RELEASE = ReleaseRequest()
 
 
-def _answer(outcome: Outcome, rate_limit: Decision, status_code: int, body: Callable[[Outcome], B]) -> Response[B]:
+def answer(outcome: Outcome, rate_limit: Decision, status_code: int, body: Callable[[Outcome], B]) -> Response[B]:
     headers = rate_limit.headers()
     if outcome.replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -86,7 +86,7 @@ class AccountsController(Controller):
         outcome = await credits.credit(calls.Credit(user_id, idempotency_key, data.amount, data.reason,
                                                     metadata=data.metadata, **action_arguments(data.action)),
                                        pending_seconds=data.pending_seconds, expiry_seconds=data.expiry_seconds)
-        return _answer(outcome, rate_limit, 201, EntryCreated.of)
+        return answer(outcome, rate_limit, 201, EntryCreated.of)
 
     @post("/debits", guards=[scope_and_token("points:redeem", "redeem")], dto=StrictJson[DebitRequest],
           return_dto=None, status_code=201, summary="Spend points at once",
@@ -94,7 +94,7 @@ class AccountsController(Controller):
     async def debit(self, ledger: AsyncLedger, rate_limit: Decision, user_id: UserId,
                     idempotency_key: IdempotencyKey, data: DebitRequest) -> Response[EntryCreated]:
         outcome = await ledger(calls.debit(user_id, idempotency_key, data.amount, data.reason, data.metadata))
-        return _answer(outcome, rate_limit, 201, EntryCreated.of)
+        return answer(outcome, rate_limit, 201, EntryCreated.of)
 
     @post("/reservations", guards=[scope_and_token("points:redeem", "redeem")], dto=StrictJson[ReservationRequest],
           return_dto=None, status_code=201, summary="Hold points for a redemption",
@@ -103,7 +103,7 @@ class AccountsController(Controller):
                       idempotency_key: IdempotencyKey, data: ReservationRequest) -> Response[ReservationCreated]:
         outcome = await ledger(calls.reserve(user_id, idempotency_key, data.amount, data.ttl_seconds,
                                              data.reason, data.metadata))
-        return _answer(outcome, rate_limit, 201, ReservationCreated.of)
+        return answer(outcome, rate_limit, 201, ReservationCreated.of)
 
     @post("/reservations/{reservation_id:int}/commit", guards=[scope_and_token("points:redeem", "redeem")],
           dto=StrictJson[CommitRequest], return_dto=None, status_code=200,
@@ -114,7 +114,7 @@ class AccountsController(Controller):
                      idempotency_key: IdempotencyKey, data: CommitRequest = NO_BODY_COMMIT) -> Response[ReservationEnded]:
         outcome = await ledger(calls.commit_reservation(user_id, idempotency_key, reservation_id, data.amount,
                                                         data.reason, data.metadata))
-        return _answer(outcome, rate_limit, 200, lambda o: ReservationEnded.of(o, reservation_id, "committed"))
+        return answer(outcome, rate_limit, 200, lambda o: ReservationEnded.of(o, reservation_id, "committed"))
 
     @post("/reservations/{reservation_id:int}/release", guards=[scope_and_token("points:redeem", "redeem")],
           dto=StrictJson[ReleaseRequest], return_dto=None, status_code=200,
@@ -125,7 +125,7 @@ class AccountsController(Controller):
                       data: ReleaseRequest = NO_BODY_RELEASE) -> Response[ReservationEnded]:
         outcome = await ledger(calls.release_reservation(user_id, idempotency_key, reservation_id, data.reason,
                                                          data.metadata))
-        return _answer(outcome, rate_limit, 200, lambda o: ReservationEnded.of(o, reservation_id, "released"))
+        return answer(outcome, rate_limit, 200, lambda o: ReservationEnded.of(o, reservation_id, "released"))
 
     @get("/reservations/{reservation_id:int}", guards=[scope_and_token("points:read", "read")],
          summary="One reservation", responses=documented("forbidden", "not-found"))
@@ -146,6 +146,7 @@ class AccountsController(Controller):
         return Response(AccountBalance(
             user_id=user_id, available=found.available, pending=found.pending, reserved=found.reserved,
             lifetime_earned=found.lifetime_earned, next_expiry=next_expiry, updated_at=found.updated_at,
+            owed=found.owed,
         ), headers=rate_limit.headers())
 
     @get("/entries", guards=[scope_and_token("points:read", "read")], summary="Ledger entries, newest first",

@@ -138,6 +138,8 @@ class AccountBalance(Struct):
     lifetime_earned: int
     next_expiry: NextExpiry | None
     updated_at: datetime | None
+    # points refunds took back that were already spent: later credits pay them off first
+    owed: int = 0
 
 
 class Entry(Struct):

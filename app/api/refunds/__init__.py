@@ -1,0 +1,1 @@
+"""Refunds: POST /v1/refunds reverses what a verified action earned."""
