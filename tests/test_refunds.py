@@ -68,12 +68,18 @@ def test_a_refund_takes_back_the_actions_own_lot_first_then_in_spending_order(db
     credit(db, "alice", "c1", 50, expiry=3600)                                        # soonest expiry
     credit(db, "alice", "c2", 40, source="store", external_id="o-1", expiry=7200)     # the refunded one
     credit(db, "alice", "c3", 10)                                                     # no expiry
-    debit(db, "alice", "d1", 60)  # the first lot's 50, then 10 of the refunded one
-    assert _lots(db, "alice") == [(50, 0), (40, 30)]
+    debit(db, "alice", "d1", 20)  # from the soonest lot
+    assert _lots(db, "alice") == [(50, 30), (40, 40)]
     done = refund(db, "alice", "r1", "o-1")
-    assert (done["amount"], done["available"]) == (40, 0)
-    assert _lots(db, "alice") == [(50, 0), (40, 0)]  # its own 30, then 10 without expiry
+    assert (done["amount"], done["available"]) == (40, 40)
+    assert _lots(db, "alice") == [(50, 30), (40, 0)]  # its own points, not the soonest lot's
     assert _refund_entries(db, "alice") == [("reversal", 40, -40)]
+    debit(db, "alice", "d2", 35)  # the soonest lot's 30, then 5 without expiry
+    credit(db, "alice", "c4", 20, source="store", external_id="o-2", expiry=7200)
+    debit(db, "alice", "d3", 15)  # 15 of the new lot
+    refund(db, "alice", "r2", "o-2")  # its own 5, then 5 without expiry, then 10 owed
+    assert _lots(db, "alice")[2] == (20, 0)
+    assert (balance(db, "alice")["available"], balance(db, "alice")["owed"]) == (0, 10)
     _reconciled(db, "alice")
 
 
