@@ -39,8 +39,9 @@ class Api:
         return psycopg.connect(self.settings.superuser_conninfo(), autocommit=True, row_factory=dict_row)
 
 
-# Generous user buckets so storms of 50 reach the ledger; tests of the limits
-# themselves use the earn bucket, 50/s with a burst of 60.
+# Generous user buckets so storms of 50 reach the ledger: 50 credits a second
+# for each user, with a burst of 60. Tests of a limit itself start an API with
+# a bucket of its own, too small for the machine's speed to matter.
 RATES = {"REWARDS_RATE_USER_EARN": "50/60", "REWARDS_RATE_USER_REDEEM": "200/200",
          "REWARDS_RATE_API_KEY": "100000/100000", "REWARDS_RATE_GLOBAL": "100000/100000"}
 

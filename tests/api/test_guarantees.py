@@ -1,11 +1,15 @@
 """The ledger's guarantees, through HTTP: one effect per key, no overspending,
 rate limits that trigger and recover, and serving on while Redis is away."""
 
+import dataclasses
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from app.operations import processes
-from tests.api.conftest import post
+from tests.api.conftest import api_env, post
 
 
 def _storm(api, count, request):
@@ -47,9 +51,22 @@ def test_a_redemption_storm_never_overspends(api, user):
         assert http.get(f"/v1/accounts/{user}/balance").json()["available"] == 100 - 9 * (100 // 9)
 
 
-def test_the_user_earn_limit_triggers_and_recovers(api, user):
-    # The test API allows each user 50 credits a second with a burst of 60: 200
-    # at once cannot all fit, however slow the machine.
+@pytest.fixture
+def earn_limited_api(api):
+    """The same database behind an API whose users may each earn 10 times at
+    once, then once a second: 200 credits cannot all fit however slowly the
+    machine sends them, short of 190 s."""
+    port = processes.free_port()
+    settings = dataclasses.replace(api.settings, api_port=port, redis_prefix=f"earn-{uuid.uuid4().hex[:8]}")
+    processes.api_up(settings, env=api_env(settings, REWARDS_RATE_USER_EARN="1/10"), workers=1)
+    try:
+        yield dataclasses.replace(api, settings=settings, base_url=f"http://127.0.0.1:{port}")
+    finally:
+        processes.api_down(settings)
+
+
+def test_the_user_earn_limit_triggers_and_recovers(earn_limited_api, user):
+    api = earn_limited_api
     answers = _storm(api, 20, lambda http, i: [
         post(http, f"/v1/accounts/{user}/credits", {"amount": 1, "reason": "x"}) for _ in range(10)])
     answers = [a for batch in answers for a in batch]
