@@ -2,7 +2,7 @@
 (what `make run` started, with the settings of the environment) under the
 bank-style load of bench/bank.py, then every check of bench/verify.py.
 
-    uv run python bench/chaos.py [--faults pgbouncer,postgres,redis,consumer,api-worker]
+    uv run python bench/chaos.py [--faults pgbouncer,postgres,redis,consumer,api-worker[,primary,primary-lost]]
         [--clients 16] [--accounts 500] [--warmup 10] [--settle 15] [--heal-timeout 60]
         [--out bench/out/chaos] [--plot bench/chaos.png]
 
@@ -10,8 +10,11 @@ Each fault kills one process the way a crash would (SIGKILL; PostgreSQL gets
 SIGQUIT, its immediate stop) and then nothing is done: the harness only watches
 until the process is back and answers (healed), for at most `--heal-timeout`
 seconds. Past that it runs `rewards up` itself, so the next fault meets a whole
-service, and reports the fault as not healed. With REWARDS_HA=on the primary
-kill is added (`primary`).
+service, and reports the fault as not healed. With REWARDS_HA=on two faults are
+added: the primary node killed (`primary`: supervisord starts its keeper again,
+on the same node) and the primary's machine lost (`primary-lost`: kept down
+40 s, so that the standby takes over, then back; healed once the promoted
+standby takes writes through PgBouncer).
 
 Per fault it reports what the clients saw (HTTP attempts by status, from the
 kill to the next fault), how long after the kill writes succeeded again, and
@@ -32,6 +35,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -165,6 +169,40 @@ def _kill_primary(settings: Settings) -> list[int]:
     return pids
 
 
+# How long a lost primary's machine stays away: past the failover, so that the
+# standby has taken over before it comes back.
+LOST_FOR_SECONDS = 40.0
+
+
+def _lose_primary(settings: Settings) -> list[int]:
+    """The primary's machine lost: its keeper, the keeper's children and its
+    PostgreSQL killed (SIGKILL) and kept down, so that the standby is promoted;
+    LOST_FOR_SECONDS later the machine is back (its keeper started again, as
+    its boot would) and rejoins as the standby. The pid reported is the lost
+    postmaster's."""
+    from app.operations import ha  # noqa: PLC0415
+
+    node = _primary_node(settings)
+    pids = _postmaster_of(node.pg_data)
+    ha.kill_node(settings, node, keep_down=True)
+    threading.Timer(LOST_FOR_SECONDS, ha.restart_node, (settings, node)).start()
+    return pids
+
+
+def _failed_over(settings: Settings, killed: list[int]) -> bool:
+    """Another node is the primary and takes writes through PgBouncer (the lost
+    machine rejoins as its standby when it is back, after the fault's window
+    began: `rewards ha status` shows it)."""
+    from app.operations import ha  # noqa: PLC0415
+
+    try:
+        node = _primary_node(settings)
+        return (_back(_postmaster_of(node.pg_data), killed) and ha.bouncer_target(settings) == node.port
+                and _answers(settings.bouncer_conninfo()))
+    except (psycopg.Error, StopIteration):
+        return False
+
+
 def _primary_healed(settings: Settings, killed: list[int]) -> bool:
     """Another node takes writes through PgBouncer, and the lost one is back as
     its synchronous standby."""
@@ -195,7 +233,11 @@ FAULTS = {fault.name: fault for fault in (
           lambda s, killed: len(set(api_workers(s)) - set(killed)) == s.api_workers),
     Fault("primary", "the primary node killed (keeper, its children and PostgreSQL: SIGKILL)",
           _kill_primary, _primary_healed),
+    Fault("primary-lost", f"the primary's machine lost (killed and kept down {LOST_FOR_SECONDS:.0f} s: a failover)",
+          _lose_primary, _failed_over),
 )}
+# The faults only a REWARDS_HA=on service has.
+HA_FAULTS = frozenset({"primary", "primary-lost"})
 
 
 # --- A run --------------------------------------------------------------------
@@ -346,7 +388,8 @@ def main() -> int:
     parser.add_argument("--plot", type=Path, default=Path(__file__).resolve().parent / "out" / "chaos.png")
     args = parser.parse_args()
     settings = load()
-    names = args.faults.split(",") if args.faults else [name for name in FAULTS if settings.ha or name != "primary"]
+    names = args.faults.split(",") if args.faults else [name for name in FAULTS
+                                                        if settings.ha or name not in HA_FAULTS]
     unknown = [name for name in names if name not in FAULTS]
     if unknown:
         print(f"chaos: no fault {', '.join(unknown)} (known: {', '.join(FAULTS)})", file=sys.stderr)
