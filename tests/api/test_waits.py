@@ -64,8 +64,10 @@ def test_a_request_blocked_on_a_lock_answers_within_the_lock_timeout(api, locked
     started = time.monotonic()
     with api.client() as http:
         body = _refused(post(http, f"/v1/accounts/{locked}/debits", {"amount": 5, "reason": "gift"}), "overloaded")
-    assert time.monotonic() - started < 1.0  # lock_timeout is 500ms
+    # Refused by lock_timeout (500 ms), which the detail names, not after the
+    # holder lets go (30 s); the bound leaves a loaded machine its slack.
     assert "lock_timeout" in body["detail"]
+    assert time.monotonic() - started < 10
     assert _balance(api, locked) == 10
 
 
