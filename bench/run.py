@@ -101,7 +101,8 @@ def pgbench(settings, dbname: str, args: list[str], through_bouncer: bool = Fals
         target = ["-h", str(settings.socket_dir), "-p", str(settings.pg_port), "-U", settings.pg_superuser, dbname]
     done = subprocess.run([str(settings.pg_bin / "pgbench"), *args, *target], capture_output=True, text=True,
                           env=env)
-    if done.returncode and not (aborts_ok and done.returncode == 2 and "tps = " in done.stdout):
+    finished = "transactions actually processed" in done.stdout
+    if done.returncode and not (aborts_ok and done.returncode == 2 and finished):
         raise subprocess.CalledProcessError(done.returncode, done.args, done.stdout, done.stderr)
     return done
 
@@ -120,9 +121,13 @@ def measure(settings, args: list[str], dbname: str, clients: int, seconds: int, 
                            for fields in map(str.split, log.read_text().splitlines()) if fields[2].isdigit())
     text = done.stdout
     out.write_text(text + done.stderr)
-    result = {"tps": float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", text).group(1)),
+    # A run that finished no transaction (every client still connecting, or
+    # aborted) prints neither its rate nor its latency.
+    tps, mean = (re.search(pattern, text) for pattern in (r"tps = ([\d.]+) \(without initial connection time\)",
+                                                          r"latency average = ([\d.]+) ms"))
+    result = {"tps": float(tps.group(1)) if tps else 0.0,
               "transactions": int(re.search(r"number of transactions actually processed: (\d+)", text).group(1)),
-              "mean_ms": float(re.search(r"latency average = ([\d.]+) ms", text).group(1)),
+              **({"mean_ms": float(mean.group(1))} if mean else {}),
               "aborted_clients": len(re.findall(r"^client \d+ aborted", done.stderr, re.MULTILINE))}
     if latencies:
         result |= {f"p{q}_ms": latencies[min(len(latencies) - 1, len(latencies) * q // 100)] for q in (50, 95, 99)}

@@ -108,6 +108,8 @@ def main() -> int:
                 points.append(point)
                 print(f"{workload} at {connections}: {point['per_s']:.0f}/s, p99 {point.get('p99_ms', 0):.1f} ms, "
                       f"{point['errors']} errors, load {point['load_average']:.1f}", file=sys.stderr)
+                if args.json:  # after every point: a run cut short keeps what it measured
+                    _write(args.json, args, base, started_load, points)
 
     print(f"\n{args.seconds} s a point; API {args.workers} processes; {args.users} accounts; bulk of "
           f"{args.bulk_items}; load average {started_load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n")
@@ -119,13 +121,15 @@ def main() -> int:
               f"{p.get('p99_ms', 0):.2f} | {p['errors']} | {p['api_cpu_ms']:.3f} | "
               f"{p['postgres_cpu_ms'] + p['workers_cpu_ms']:.3f} | {p['pgbouncer_cpu_ms']:.3f} | "
               f"{p['machine_cpu_ms']:.3f} |")
-    if args.json:
-        args.json.write_text(json.dumps({
-            "seconds": args.seconds, "api_workers": args.workers, "users": args.users,
-            "bulk_items": args.bulk_items, "cores": os.cpu_count(), "citus": base.citus,
-            "citus_workers": len(citus.local_workers(base)), "api_server": base.api_server,
-            "load_average": {"start": started_load, "end": os.getloadavg()}, "points": points}, indent=2))
     return 0
+
+
+def _write(path: Path, args, base, started_load: tuple, points: list[dict]) -> None:
+    path.write_text(json.dumps({
+        "seconds": args.seconds, "api_workers": args.workers, "users": args.users,
+        "bulk_items": args.bulk_items, "cores": os.cpu_count(), "citus": base.citus,
+        "citus_workers": len(citus.local_workers(base)), "api_server": base.api_server,
+        "load_average": {"start": started_load, "end": os.getloadavg()}, "points": points}, indent=2))
 
 
 if __name__ == "__main__":
