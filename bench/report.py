@@ -63,7 +63,8 @@ def _plot(path: Path, series: dict[str, list[dict]], fields: list[tuple[str, str
     connections = sorted({p["connections"] for points in series.values() for p in points})
     for axis, (field, label) in zip(axes[0], fields):
         for workload, points in series.items():
-            shown = [p for p in points if field in p and p[field] > 0]
+            # A point that finished no operation has a rate of 0 and no cost an operation.
+            shown = [p for p in points if p["operations"] and p.get(field, 0) > 0]
             axis.plot([p["connections"] for p in shown], [p[field] for p in shown], marker="o", label=workload)
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
@@ -204,8 +205,11 @@ def _model_section(sweep: dict, operating: dict[str, dict], cluster: dict[str, d
         lines.append("- PostgreSQL's CPU on the single node is what the worker holding the user spends (a call "
                      "is delegated whole to that worker); **the coordinator's own cost is not in this model**: "
                      "no Citus run was given (`--citus-sweep`), so coordinator nodes show as 0;")
-    lines.append("- figures from a loaded, shared machine inflate every CPU cost (caches, context switches): "
-                 "read the counts as an upper bound of this code's needs, not a quote.")
+    lines.append("- figures from a loaded, shared machine inflate every CPU cost (caches, context switches), "
+                 "and each part's CPU includes its background work (the audit stream's logical decoding, Citus' "
+                 "maintenance daemon, pg_cron) spread over the operations measured, which at a loaded machine's "
+                 "few operations a second weighs most on the Citus nodes: read the counts as an upper bound of "
+                 "this code's needs, not a quote.")
     lines += ["", "| workload | target per s | API cores | API processes | PgBouncer processes | Redis processes | "
               "coordinator cores | coordinator nodes | worker cores | worker nodes | API nodes |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
