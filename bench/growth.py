@@ -2,74 +2,49 @@
 a third worker is added and the shards are rebalanced onto it, as a DBA does it.
 
     REWARDS_CITUS=on REWARDS_CITUS_WORKERS=2 make run
-    uv run python bench/growth.py [--clients 16] [--accounts 2000] [--before 30] [--after 30]
+    uv run python bench/growth.py [--clients 16] [--accounts 2000] [--before 30] [--after 30] [--keep]
 
 On the running cluster's service database (the one the DBA's commands work on):
 an API of its own (2 processes, rate limits out of the way), the audit consumer
-`make run` started, then `--before` seconds of load, a third local worker
-added and the shards rebalanced onto it while the load goes on, and `--after`
-seconds more. The move is driven here as Citus is driven by hand (the worker
-made as `make run` makes its workers, `citus_add_node`, `citus_rebalance_start`
-and its status until finished): written while `rewards cluster add-node
---local` and `rewards cluster rebalance --wait` were being built. Then every request must have been answered with a
-success or a business 409 (a 429, if any, retried), and bench/verify.py's
-checks must hold. Prints throughput and p50/p99 before, during and after the
-move as a Markdown table, keeps the record in bench/out/growth.json and draws
-bench/growth.png: requests/s and p99 per second, the move's start and end
-marked. Exit 1 on any problem. The cluster keeps its third worker.
+`make run` started, then `--before` seconds of load, the DBA's commands run
+while the load goes on (`rewards cluster add-node --local`, then `rewards
+cluster rebalance --wait` with its post-check), and `--after` seconds more.
+Then every request must have been answered with a success or a business 409 (a
+429, if any, retried), and bench/verify.py's checks must hold. Prints
+throughput and p50/p99 before, during and after the move as a Markdown table,
+keeps the record in bench/out/growth.json and draws bench/growth.png:
+requests/s and p99 per second, the move's start and end marked. Exit 1 on any
+problem. Once the load has stopped, the new worker is drained away again
+(`rewards cluster drain`), so that the next run starts from the same two
+workers; `--keep` keeps it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psycopg
-from psycopg import sql
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.ledger import queries  # noqa: E402
-from app.ledger.client import Call, Ledger, Shape  # noqa: E402
-from app.operations import citus, cluster  # noqa: E402
-from app.settings import Settings, load  # noqa: E402
+from app.operations import citus  # noqa: E402
+from app.settings import PROJECT_ROOT, load  # noqa: E402
 from bench import serve  # noqa: E402
 from bench.bank import Load, Run  # noqa: E402
 from bench.verify import verify  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
-_QUERIES = queries.named(BENCH / "queries.sql")
-REBALANCE_START, REBALANCE_STATUS = _QUERIES["rebalance_start"], _QUERIES["rebalance_status"]
 MOVE_STARTED, NODE_ADDED, MOVE_ENDED = "move started", "node added", "move ended"
 
 
-def add_local_worker(settings: Settings) -> Settings:
-    """Without the DBA's command: one more local worker, as `make run` makes
-    its workers, with the service database and the extension, registered."""
-    node = citus.worker_settings(settings, len(citus.local_workers(settings)) + 1)
-    cluster.start_node(node)
-    with psycopg.connect(node.superuser_conninfo("postgres"), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(node.database)))
-    with Ledger.connect(node.superuser_conninfo()) as ledger:
-        ledger(Call(queries.CREATE_CITUS, shape=Shape.NONE))
-    with Ledger.connect(settings.superuser_conninfo()) as ledger:
-        ledger(Call(queries.CITUS_ADD_NODE, {"host": str(node.socket_dir), "port": node.pg_port}))
-    return node
-
-
-def rebalance(settings: Settings) -> None:
-    """Without the DBA's command: citus_rebalance_start, then its status every
-    second until it is done."""
-    with Ledger.connect(settings.superuser_conninfo()) as ledger:
-        ledger(Call(REBALANCE_START))
-        while (state := ledger(Call(REBALANCE_STATUS)))["state"] not in ("finished", "failed", "cancelled"):
-            print(f"rebalance {state['state']}: {state['tasks']}", file=sys.stderr)
-            time.sleep(1)
-    if state["state"] != "finished":
-        raise SystemExit(f"the rebalance ended {state['state']}: {state['tasks']}")
+def cluster_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """`rewards cluster ...` on the cluster of this environment; its progress
+    and refusals go to stderr, as a DBA would see them."""
+    return subprocess.run([sys.executable, "-m", "app.cli", "cluster", *args], cwd=PROJECT_ROOT,
+                          stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
 
 
 def phases(run: Run) -> dict[str, dict]:
@@ -127,6 +102,7 @@ def main() -> int:
     parser.add_argument("--before", type=float, default=30)
     parser.add_argument("--after", type=float, default=30)
     parser.add_argument("--workers", type=int, default=2, help="API processes")
+    parser.add_argument("--keep", action="store_true", help="keep the new worker afterwards (not drained)")
     args = parser.parse_args()
     settings = load()
     workers = citus.local_workers(settings)
@@ -134,23 +110,35 @@ def main() -> int:
         raise SystemExit("needs the local Citus cluster: REWARDS_CITUS=on REWARDS_CITUS_WORKERS=2 make run")
 
     key = serve.api_key(settings, settings.database, "growth-bench")
+    problems: list[str] = []
     with serve.api(settings, settings.database, workers=args.workers) as (url, _):
         load_ = Load(url, key, clients=args.clients, accounts=args.accounts)
         load_.start()
         time.sleep(args.before)
         load_.mark(MOVE_STARTED)
-        add_local_worker(settings)
+        added = cluster_command("add-node", "--local", "--json")
         load_.mark(NODE_ADDED)
-        rebalance(settings)
+        if added.returncode == 0:
+            moved = cluster_command("rebalance", "--wait")
+            print(moved.stdout, file=sys.stderr)
+            if moved.returncode != 0:
+                problems.append(f"rewards cluster rebalance --wait exited {moved.returncode}")
+        else:
+            problems.append(f"rewards cluster add-node --local exited {added.returncode}")
         load_.mark(MOVE_ENDED)
         time.sleep(args.after)
         run = load_.finish()
     run.save(BENCH / "out" / "growth.json")
     plot(run, BENCH / "growth.png")
 
-    problems = run.problems(allowed=frozenset({409, 429}))
+    problems += run.problems(allowed=frozenset({409, 429}))
     verdict = verify(run, settings.superuser_conninfo())
     problems += verdict.problems
+    if added.returncode == 0 and not args.keep:
+        node = json.loads(added.stdout)
+        drained = cluster_command("drain", f"{node['host']}:{node['port']}")
+        if drained.returncode != 0:
+            problems.append(f"rewards cluster drain exited {drained.returncode}")
     print(f"\n{args.clients} clients on {args.accounts} accounts, API {args.workers} processes; the move took "
           f"{run.marks[MOVE_ENDED] - run.marks[MOVE_STARTED]:.0f} s (the node added after "
           f"{run.marks[NODE_ADDED] - run.marks[MOVE_STARTED]:.0f} s)\n")

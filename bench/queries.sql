@@ -17,13 +17,6 @@ SELECT entry_id
 FROM audit.entries
 WHERE user_id = ANY(%(users)s);
 
--- name: rebalance_start
--- bench/growth.py, without the DBA's command: Citus' background rebalance.
-SELECT citus_rebalance_start() AS job_id;
-
--- name: rebalance_status
-SELECT state, details -> 'task_state_counts' AS tasks FROM citus_rebalance_status();
-
 -- bench/run.py: how many bench accounts bench/fund.sql funded.
 -- name: funded_accounts
 SELECT count(*) FROM ledger.accounts WHERE user_id LIKE 'bench-%' AND available > 0;
