@@ -14,11 +14,14 @@ or `give_up` seconds have passed (then it is lost). A few answered requests are
 sent once more on purpose, as by a client that never saw the answer: the
 replay must return the same answer.
 
-Per HTTP attempt it records when it was sent, the latency and the status; per
-request, the operation, the account, the key, the body and the final answer
-(every acknowledged result). `Run.timeline()` has attempts per second with
-p50/p99 and the errors by status, `Run.problems()` what a client would call a
-failure, and bench/verify.py checks the record against the database.
+Per HTTP attempt it records when it was sent, the latency and the status (and
+why, for one sent again: the transport error, or the problem's type and
+detail); per request, the operation, the account, the key, the body and the
+final answer (every acknowledged result). `Run.timeline()` has attempts per
+second with p50/p99 and the errors by status, `Run.problems()` what a client
+would call a failure (a 503 refusing overload that a retry then answered is
+none: `Run.overloaded_then_answered()` lists those with the API's reason), and
+bench/verify.py checks the record against the database.
 
 Used by bench/growth.py, the growth-under-load test and `make chaos`; run on
 its own it drives any API (`--verify` then checks the service database).
@@ -45,6 +48,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from app.api.problems import TYPE_PREFIX  # noqa: E402 (importable once the project is on the path)
+
 RETRIED = frozenset({0, 429, 502, 503, 504})  # 0: no answer at all
 BUSINESS_REFUSALS = frozenset({409})
 RESERVATION_TTL_SECONDS = 3600  # longer than any run: nothing expires under the load
@@ -55,7 +60,7 @@ class Attempt:
     sent: float        # seconds since the run started
     latency: float     # seconds
     status: int        # 0: no answer (connection refused or dropped, timeout)
-    error: str | None = None
+    error: str | None = None    # no answer: why; an answer retried: its problem's type and detail
 
 
 @dataclass
@@ -79,6 +84,18 @@ class Request:
         """From the first send to the answer kept, retries and waits included."""
         last = self.attempts[-1]
         return last.sent + last.latency - self.attempts[0].sent
+
+
+OVERLOADED = TYPE_PREFIX + "overloaded"
+
+
+def _refused_as_overloaded(attempt: Attempt) -> bool:
+    """A 503 the API sent as its early refusal of overload (lock_timeout,
+    statement_timeout, no connection or no group free in time, too many
+    requests in flight): the call was rolled back or never sent (or, for a
+    timeout that fell just after the commit, is remembered under its key),
+    so a retry under the same key gets the one answer the request has."""
+    return attempt.status == 503 and (attempt.error or "").partition(" ")[0] == OVERLOADED
 
 
 def _percentile(values: list[float], share: float) -> float:
@@ -133,6 +150,8 @@ class Run:
                 "retried": sum(len(r.attempts) > 1 for r in self.requests),
                 "replayed": sum(r.replay_of is not None for r in self.requests),
                 "lost": sum(r.status is None for r in self.requests),
+                "overloaded_then_answered": sum(_refused_as_overloaded(a) for r in self.requests
+                                                if r.status is not None for a in r.attempts),
                 "attempt_statuses": dict(sorted(Counter(str(a.status) for a in attempts).items())),
                 "final": dict(sorted(finals.items())),
                 "request_p50_ms": statistics.median(answered) if answered else None,
@@ -142,11 +161,18 @@ class Run:
         """What a client would call a failure: an attempt answered with a status
         neither a success nor `allowed` (0 for no answer), a request never
         answered, a final refusal that is not a business one, a replay that got
-        another answer than the original."""
+        another answer than the original. A request refused as overloaded and
+        then answered on a retry did not fail (overloaded_then_answered() has
+        them); one that was never answered did, as did a 503 saying the
+        database was unavailable."""
         found = []
-        bad = Counter((r.op, a.status) for r in self.requests for a in r.attempts
-                      if not (200 <= a.status < 300 or a.status in allowed))
-        found += [f"{n} {op} attempts answered {status or 'nothing'}" for (op, status), n in sorted(bad.items())]
+        bad = [(r.op, a) for r in self.requests for a in r.attempts
+               if not (200 <= a.status < 300 or a.status in allowed
+                       or (_refused_as_overloaded(a) and r.status is not None))]
+        why = {(op, a.status): a.error for op, a in reversed(bad)}  # the first one's
+        found += [f"{n} {op} attempts answered {status or 'nothing'}" + (f" (first: {why[op, status]})"
+                                                                         if why[op, status] else "")
+                  for (op, status), n in sorted(Counter((op, a.status) for op, a in bad).items())]
         lost = [r for r in self.requests if r.status is None]
         if lost:
             found.append(f"{len(lost)} requests never answered, e.g. {lost[0].op} {lost[0].user} {lost[0].key}")
@@ -160,6 +186,15 @@ class Run:
                     found.append(f"replay of {original.op} {original.key} answered {request.status} "
                                  f"{request.answer}, first {original.status} {original.answer}")
         return found
+
+    def overloaded_then_answered(self) -> list[str]:
+        """Attempts refused as overloaded whose request a retry then answered,
+        by operation and the API's reason: not failures, but where the load
+        met the limits (bench/verify.py checks that each took effect once)."""
+        seen = Counter((r.op, a.error.partition(" ")[2]) for r in self.requests
+                       if r.status is not None for a in r.attempts if _refused_as_overloaded(a))
+        return [f"{n} {op} attempts answered 503 ({reason}), then retried and answered"
+                for (op, reason), n in sorted(seen.items())]
 
     def as_json(self) -> dict:
         return {"started_at": self.started_at, "summary": self.summary(), "marks": self.marks,
@@ -176,6 +211,12 @@ def _body(response: httpx.Response) -> dict:
         return response.json()
     except ValueError:  # not JSON: kept as text, for the record
         return {"text": response.text}
+
+
+def _why(response: httpx.Response) -> str:
+    """A retried answer's problem type and detail, for the record."""
+    body = _body(response)
+    return f"{body.get('type', '-')} {body.get('detail') or body.get('text') or body.get('title', '')}".strip()
 
 
 class Load:
@@ -276,10 +317,11 @@ class Load:
                 request.attempts.append(Attempt(sent, self.now() - sent, 0, f"{type(exc).__name__}: {exc}"))
                 wait = None
             else:
-                request.attempts.append(Attempt(sent, self.now() - sent, response.status_code))
                 if response.status_code not in RETRIED:
+                    request.attempts.append(Attempt(sent, self.now() - sent, response.status_code))
                     request.status, request.answer = response.status_code, _body(response)
                     break
+                request.attempts.append(Attempt(sent, self.now() - sent, response.status_code, _why(response)))
                 wait = response.headers.get("Retry-After")
             if self.now() - first > self.give_up:
                 break  # lost: status stays None
@@ -313,6 +355,8 @@ def main() -> int:
         verdict = verify.verify(run, settings.superuser_conninfo())
         print("\n".join(verdict.lines()))
         problems += verdict.problems
+    for note in run.overloaded_then_answered():
+        print(f"not a problem: {note}", file=sys.stderr)
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
     print(f"record in {args.out}; {'no problem' if not problems else f'{len(problems)} problems'}")

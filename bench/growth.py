@@ -145,6 +145,8 @@ def main() -> int:
     print(table(run))
     print(f"\n{json.dumps(run.summary())}\n")
     print("\n".join(verdict.lines()))
+    for note in run.overloaded_then_answered():
+        print(f"not a problem: {note}", file=sys.stderr)
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
     return 1 if problems else 0

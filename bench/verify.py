@@ -5,7 +5,9 @@ clients were told, account by account for the run's accounts:
   and the amount it was answered with; no entry exists that no acknowledged
   request made (a refusal, a lost request or a retry that took effect twice);
 - every retried or replayed request came to one effect, the replay to the
-  first answer (Run.problems() holds the answers, this the effects);
+  first answer (Run.problems() holds the answers, this the effects): a request
+  refused as overloaded (503) and answered on a retry is no failure of the
+  client's, but its effect is checked here as every retry's is;
 - every balance equals the sum of its entries and what the acknowledged
   answers add up to, and none is below zero;
 - the audit history holds every entry exactly once (waiting for the consumer);
@@ -65,7 +67,8 @@ def verify(run: Run, conninfo: str, audit_wait: float = 60.0) -> Verdict:
         by_key[(row["user_id"], row["idempotency_key"])].append(row)
     verdict.counts = {"entries": len(rows), "acknowledged": len(acknowledged), "accounts": len(accounts),
                       "retried": sum(len(r.attempts) > 1 for r in run.requests),
-                      "replayed": len(run.requests) - len(originals), "history": len(history)}
+                      "replayed": len(run.requests) - len(originals), "history": len(history),
+                      "overloaded_then_answered": run.summary()["overloaded_then_answered"]}
 
     once = []
     for request in acknowledged:

@@ -15,7 +15,8 @@ import pytest
 from psycopg.rows import dict_row
 
 from app.operations import cluster
-from app.settings import load
+from app.operations.processes import free_port
+from app.settings import Settings, load
 from tests.databases import Topology
 
 SETTINGS = load()
@@ -85,3 +86,20 @@ def api_db(database: str) -> Iterator[psycopg.Connection]:
     conninfo = SETTINGS.api_conninfo(database)
     with psycopg.connect(conninfo, autocommit=True, row_factory=dict_row) as conn:
         yield conn
+
+
+@pytest.fixture(scope="session")
+def own_cluster() -> Iterator[Settings]:
+    """A Citus cluster of the tests' own (tests/clusters.py), one for
+    tests/test_cluster.py and tests/test_cluster_growth.py, which run one after
+    the other: its start-up and its stop are minutes on a loaded machine. A
+    coordinator and two workers, a free port for a third, few shards a table,
+    its own PgBouncer. Built in the Citus pass of `make test` only: it is the
+    same cluster in both passes."""
+    if not Topology.of(SETTINGS).citus:
+        pytest.skip("a Citus cluster of the tests' own is built in the Citus pass of `make test`")
+    from tests.clusters import SHARDS_PER_TABLE, local_cluster  # noqa: PLC0415 (it imports SETTINGS from here)
+
+    with local_cluster(workers=2, spare_ports=1, shards_per_table=SHARDS_PER_TABLE, bouncer_port=free_port(),
+                       audit_metrics_port=0) as settings:
+        yield settings

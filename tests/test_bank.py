@@ -1,14 +1,17 @@
 """The bank-style HTTP load (bench/bank.py) and its verifier (bench/verify.py)
 on whichever topology the suite runs: clients against an API and an audit
 consumer of the test's own, and every check holds; then the verifier sees a
-lost history row and an answer the database does not match."""
+lost history row and an answer the database does not match. What counts as a
+client's failure, a 503 retried and answered or not, is told from a record
+alone."""
 
 from __future__ import annotations
 
 import psycopg
 
+from app.api.problems import TYPE_PREFIX
 from bench import serve
-from bench.bank import Load
+from bench.bank import OVERLOADED, Attempt, Load, Request, Run
 from bench.verify import verify
 from tests.conftest import SETTINGS
 
@@ -35,3 +38,36 @@ def test_a_bank_s_clients_get_answers_the_database_holds(database):
                              "every balance equals its entries and the answers",
                              "the audit history holds every entry once", "the reconciler finds nothing"}
     assert failed["the audit history holds every entry once"] == [f"entry {gone}: 0 times in the history"]
+
+
+def _commit(*attempts: tuple[int, str | None], answered: bool = True) -> Run:
+    """A run of one commit, sent once per (status, why) and answered by the last
+    unless it was lost."""
+    request = Request("commit", "u-1", "k-1", "/v1/accounts/u-1/reservations/7/commit", {"amount": 5},
+                      attempts=[Attempt(float(i), 0.1, status, why) for i, (status, why) in enumerate(attempts)])
+    if answered:
+        request.status, request.answer = attempts[-1][0], {"entry_id": 1}
+    return Run(started_at=0.0, seconds=len(attempts), clients=1, users=["u-1"], requests=[request], marks={})
+
+
+TIMEOUT = f"{OVERLOADED} the database did not finish the call within statement_timeout"
+
+
+def test_a_request_refused_as_overloaded_and_answered_on_its_retry_did_not_fail():
+    run = _commit((503, TIMEOUT), (503, TIMEOUT), (200, None))
+    assert run.problems() == []
+    assert run.overloaded_then_answered() == [
+        "2 commit attempts answered 503 (the database did not finish the call within statement_timeout), "
+        "then retried and answered"]
+    assert run.summary()["overloaded_then_answered"] == 2
+
+
+def test_a_503_is_still_a_failure_when_no_retry_was_answered_or_the_database_was_unavailable():
+    lost = _commit((503, TIMEOUT), (503, TIMEOUT), answered=False)
+    assert lost.problems() == [f"2 commit attempts answered 503 (first: {TIMEOUT})",
+                               "1 requests never answered, e.g. commit u-1 k-1"]
+    assert lost.overloaded_then_answered() == []
+    down = f"{TYPE_PREFIX}unavailable the database did not answer"
+    assert _commit((503, down), (200, None)).problems() == [f"1 commit attempts answered 503 (first: {down})"]
+    assert _commit((502, "- <html>"), (200, None)).problems() == ["1 commit attempts answered 502 (first: - <html>)"]
+    assert _commit((500, None)).problems() == ["1 commit attempts answered 500", "1 commit requests ended in 500"]

@@ -1,8 +1,9 @@
-"""The DBA's commands that grow and shrink a Citus cluster, on a cluster of this
-module's own (tests/clusters.py: a coordinator and two workers, 6 shards a table
-so that a rebalance makes a few moves, not dozens; the audit consumer running as
-`rewards up` runs it): `rewards cluster add-node` (a local worker, and a server
-reached over TCP), `rebalance` and `drain`, and each of their refusals. The
+"""The DBA's commands that grow and shrink a Citus cluster, on the tests' own
+(own_cluster, tests/conftest.py: a coordinator and two workers, a few shards a
+table so that a rebalance makes a few moves, not dozens; tests/test_cluster.py
+ran on it first; here the audit consumer runs as `rewards up` runs it):
+`rewards cluster add-node` (a local worker, and a server reached over TCP),
+`rebalance` and `drain`, and each of their refusals; then `rewards down`. The
 growth without downtime is tested here too: a bank's clients (bench/bank.py)
 keep going through the API while the third worker joins and the shards move
 onto it, and afterwards every request was answered (a success, a business 409
@@ -31,9 +32,8 @@ from app.settings import Settings
 from bench import serve
 from bench.bank import Load
 from bench.verify import verify
-from tests.clusters import connect, local_cluster, rewards
+from tests.clusters import connect, rewards
 from tests.conftest import SETTINGS
-from tests.databases import Topology
 from tests.ledger import commit, credit, debit, reserve
 
 pytestmark = pytest.mark.citus
@@ -42,16 +42,13 @@ USERS = 40
 
 
 @pytest.fixture(scope="module")
-def coordinator() -> Iterator[Settings]:
-    """Two workers, a ledger with entries on both, and `rewards audit run`."""
-    if not Topology.of(SETTINGS).citus:
-        pytest.skip("growing a cluster is tested in the Citus pass of `make test`")
-    with local_cluster(workers=2, spare_ports=1, shards_per_table=6, bouncer_port=free_port(),
-                       audit_metrics_port=0) as settings:
-        processes.worker_up(settings, "audit")
-        with connect(settings) as conn:
-            _activity(conn, "before")
-        yield settings
+def coordinator(own_cluster: Settings) -> Settings:
+    """Two workers, a ledger with entries on both, and `rewards audit run`
+    (stopped with the rest by test_down_stops_the_coordinator_and_every_worker)."""
+    processes.worker_up(own_cluster, "audit")
+    with connect(own_cluster) as conn:
+        _activity(conn, "before")
+    return own_cluster
 
 
 @pytest.fixture
@@ -260,12 +257,13 @@ def test_a_third_worker_joins_under_load_and_nothing_is_lost(coordinator, conn):
 
 
 def _restart_with(server: Settings, conf: str, hba_first: str = "") -> None:
-    """Stop the server, give it `conf` (its test settings) and lines read first
-    in pg_hba.conf, start it again."""
+    """Stop the server, give it `conf` (its test settings) and lines read before
+    the project's pg_hba.conf, start it again. The lines go to a file of their
+    own (hba_file): starting a node writes pg_hba.conf anew."""
     Supervisor.of(server).remove(cluster.postgres_program(server, server).name)
-    cluster.write_owned(server, server.pg_data / "conf.d" / "90-test.conf", conf)
-    hba = server.pg_data / "pg_hba.conf"
-    cluster.write_owned(server, hba, hba_first + hba.read_text())
+    hba = server.pg_data / "test_hba.conf"
+    cluster.write_owned(server, hba, hba_first + cluster.PG_HBA)
+    cluster.write_owned(server, server.pg_data / "conf.d" / "90-test.conf", f"{conf}hba_file = '{hba}'\n")
     cluster.start_node(server)
 
 
@@ -332,13 +330,28 @@ def test_drain_of_a_node_not_in_the_cluster_is_refused(coordinator):
     assert message.startswith("rewards: no node 127.0.0.1:1 in the cluster (pg_dist_node); the workers are: ")
 
 
+def test_down_stops_the_coordinator_and_every_worker(coordinator):
+    """Last on the cluster: `make stop` (rewards down) stops the coordinator and
+    every worker, found in the data folder (without REWARDS_CITUS or
+    REWARDS_CITUS_WORKERS set)."""
+    done = rewards(coordinator, "down", REWARDS_CITUS="", REWARDS_CITUS_WORKERS="",
+                   REWARDS_API_PORT=str(free_port()), REWARDS_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    assert done.returncode == 0, done.stderr
+    workers = [citus.worker_settings(coordinator, i) for i in (1, 2)]
+    assert not any(cluster.is_running(node) for node in (coordinator, *workers))
+
+
 # --- A test's own database takes a node -----------------------------------------
 
-def test_a_clone_of_the_tests_template_takes_a_new_node(topology, database):
+def test_a_clone_of_the_tests_template_takes_a_new_node_once_nothing_stands_in_its_way(topology, database):
     """tests/databases.py points a clone's own database object in Citus'
     metadata at the clone (CREATE DATABASE ... TEMPLATE copies it naming the
     template); without that, citus_add_node fails on the new node with
-    "database rewards_test_template does not exist"."""
+    "database rewards_test_template does not exist". First, what the checks of
+    `rewards cluster add-node` cannot foresee fails inside citus_add_node as
+    it creates the distributed objects there (a schema ledger left on the
+    server by its superuser, in which their owner may not create): a refusal
+    in one line that registers nothing."""
     if not topology.citus:
         pytest.skip("a clone of the template is a Citus database only in the Citus pass of `make test`")
     server = dataclasses.replace(SETTINGS, data_dir=Path(tempfile.mkdtemp(prefix="test-clone-node-",
@@ -346,11 +359,20 @@ def test_a_clone_of_the_tests_template_takes_a_new_node(topology, database):
                                  pg_port=free_port(), pg_host=None, database=database, citus_workers=0)
     cluster.start_worker(server, server)
     try:
+        with psycopg.connect(server.superuser_conninfo(), autocommit=True) as there:
+            there.execute("CREATE SCHEMA ledger")
+        address = f"{server.socket_dir}:{server.pg_port}"
+        message = _refused(rewards(dataclasses.replace(SETTINGS, database=database), "cluster", "add-node", address))
+        assert message.startswith(f"rewards: Citus could not add {address}, so nothing was registered: ")
+        assert message.endswith("(SQLSTATE XX000); before it: permission denied for schema ledger"), message
+        with psycopg.connect(server.superuser_conninfo(), autocommit=True) as there:
+            there.execute("DROP SCHEMA ledger")
         with psycopg.connect(SETTINGS.superuser_conninfo(database), autocommit=True) as on_clone:
-            address = (str(server.socket_dir), server.pg_port)
-            on_clone.execute("SELECT citus_add_node(%s, %s)", address)
-            assert on_clone.execute("SELECT isactive FROM pg_dist_node WHERE nodename = %s AND nodeport = %s",
-                                    address).fetchone() == (True,)
-            on_clone.execute("SELECT citus_remove_node(%s, %s)", address)
+            assert on_clone.execute("SELECT count(*) FROM pg_dist_node WHERE nodeport = %s",
+                                    (server.pg_port,)).fetchone() == (0,)
+            on_clone.execute("SELECT citus_add_node(%s, %s)", (str(server.socket_dir), server.pg_port))
+            assert on_clone.execute("SELECT isactive FROM pg_dist_node WHERE nodeport = %s",
+                                    (server.pg_port,)).fetchone() == (True,)
+            on_clone.execute("SELECT citus_remove_node(%s, %s)", (str(server.socket_dir), server.pg_port))
     finally:
         cluster.delete_worker(server, server)

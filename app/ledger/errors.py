@@ -98,6 +98,25 @@ def translated(connections_busy: Callable[[], bool] = lambda: True) -> Iterator[
         raise error from exc
 
 
+@contextmanager
+def refused_by_the_server(what: str, warned: list[str]) -> Iterator[None]:
+    """Around a server function that checks its own preconditions and whose
+    transaction undoes what it did when it raises (citus_add_node): whatever the
+    server raised there, of any class, is a refusal that begins with `what` and
+    ends with the last of the warnings it sent meanwhile (`warned`, filled by
+    the caller's notice handler: Citus relays a node's own error as one). A
+    connection lost on the way (no SQLSTATE) stays what translated() made it."""
+    try:
+        yield
+    except (psycopg.Error, LedgerError) as exc:
+        raised = exc if isinstance(exc, psycopg.Error) else exc.__cause__
+        if not isinstance(raised, psycopg.Error) or raised.sqlstate is None:
+            raise
+        message = _line(raised.diag.message_primary or _first_line(raised))
+        said = f"; before it: {_line(warned[-1])}" if warned else ""
+        raise Refused(f"{what}: {message} (SQLSTATE {raised.sqlstate}){said}") from exc
+
+
 def item_error(sqlstate: str, message: str, column: str | None) -> LedgerError:
     """The exception an item of a call over many answered with (ledger.item_result):
     the one the same error raises from a single call."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from app.audit import stream
 from app.ledger import queries
 from app.ledger.client import Call, Ledger, Shape
-from app.ledger.errors import InUse, InvalidArgument, LedgerError, Refused
+from app.ledger.errors import InUse, InvalidArgument, LedgerError, Refused, refused_by_the_server
 from app.operations import citus, cluster, rebalance, requirements
 from app.settings import Settings
 
@@ -120,8 +120,12 @@ def _add(settings: Settings, ledger: Ledger, node: Address, slot: str, folder: s
         raise Refused(f"{node} is in the cluster already (pg_dist_node; see `rewards cluster status`)")
     there = _checked(settings, ledger, node)
     # Registered holding nothing, in one transaction: no rebalance can choose it
-    # before its slot exists.
-    with ledger.transaction():
+    # before its slot exists. citus_add_node also creates every distributed
+    # object there, which the checks above cannot foresee failing (a schema of
+    # the same name left there by another owner): then nothing stays registered.
+    with _warnings(ledger) as warned, \
+            refused_by_the_server(f"Citus could not add {node}, so nothing was registered", warned), \
+            ledger.transaction():
         nodeid = ledger(Call(queries.CITUS_ADD_NODE, node.params))["nodeid"]
         ledger(Call(queries.CITUS_NODE_HOLDS_SHARDS, {**node.params, "holds": False}))
     try:
@@ -170,9 +174,10 @@ def _reachable_as_every_role(settings: Settings, ledger: Ledger, node: Address, 
             raise Refused(_unreachable(settings, ledger, node, role, why))
 
 
-def _unreached(ledger: Ledger, node: Address, role: str | None) -> str | None:
-    """Why Citus cannot connect to the node as `role` (the session's user when
-    None); None when it can. Citus says why in a WARNING."""
+@contextmanager
+def _warnings(ledger: Ledger) -> Iterator[list[str]]:
+    """The messages of the warnings the server sends in the block: how Citus
+    reports what went wrong on another node."""
     warnings: list[str] = []
 
     def heard(diagnostic) -> None:
@@ -180,12 +185,18 @@ def _unreached(ledger: Ledger, node: Address, role: str | None) -> str | None:
 
     ledger.conn.add_notice_handler(heard)
     try:
-        with ledger.transaction():
-            if role:
-                ledger(Call(queries.ACT_AS, {"role": role}))
-            reached = ledger(Call(queries.NODE_REACHABLE, node.params))["reached"]
+        yield warnings
     finally:
         ledger.conn.remove_notice_handler(heard)
+
+
+def _unreached(ledger: Ledger, node: Address, role: str | None) -> str | None:
+    """Why Citus cannot connect to the node as `role` (the session's user when
+    None); None when it can. Citus says why in a WARNING."""
+    with _warnings(ledger) as warnings, ledger.transaction():
+        if role:
+            ledger(Call(queries.ACT_AS, {"role": role}))
+        reached = ledger(Call(queries.NODE_REACHABLE, node.params))["reached"]
     return None if reached else (warnings[-1] if warnings else "the connection failed")
 
 
