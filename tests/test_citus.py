@@ -133,7 +133,7 @@ def test_write_functions_are_distributed_by_their_user_argument(cdb):
            WHERE p.pronamespace = 'ledger'::regnamespace"""
     ).fetchall()
     by_name = {f["proname"]: f for f in functions}
-    for name in ("credit", "debit", "reserve", "commit_reservation", "release_reservation"):
+    for name in ("credit", "debit", "reserve", "commit_reservation", "release_reservation", "refund"):
         assert by_name[name]["distribution_argument_index"] == 0
         assert by_name[name]["force_delegation"] is True
 

@@ -74,9 +74,9 @@ def test_public_write_functions_run_as_the_owner_not_a_superuser(db):
            JOIN pg_roles r ON r.oid = p.proowner
            JOIN pg_namespace n ON n.oid = p.pronamespace
            WHERE n.nspname = 'ledger' AND p.proname IN ('credit', 'debit', 'reserve',
-                 'commit_reservation', 'release_reservation')"""
+                 'commit_reservation', 'release_reservation', 'refund')"""
     ).fetchall()
-    assert len(owners) == 5
+    assert len(owners) == 6
     assert all(row["rolname"] == "rewards_owner" and row["prosecdef"] for row in owners)
     assert db.execute("SELECT rolsuper FROM pg_roles WHERE rolname = 'rewards_owner'").fetchone()["rolsuper"] is False
 
