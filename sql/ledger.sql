@@ -1685,7 +1685,9 @@ $$;
 -- for a plain credit, points without expiry), then others in the order a
 -- redemption spends them; what the user already spent is owed ('owed', paid
 -- off first by the points later credits make available) or, with
--- settings.refund_shortfall 'write_off', recorded as lost ('write_off'). The
+-- settings.refund_shortfall 'write_off', recorded as lost ('write_off'). A
+-- refund that needs points an open reservation holds raises RLB02 (retry once
+-- the hold has ended): held points are not spent yet. The
 -- answer's amount is what was reversed in all, entry_id the last entry. The
 -- key keeps a record (the answer spans entries); refusals write only that.
 CREATE FUNCTION ledger.refund(
@@ -1768,6 +1770,16 @@ BEGIN
         IF v_due = 0 THEN
             RETURN ledger._remember(p_idempotency_key, 'refund', v_request,
                                     ledger._refusal('action_points_expired', v_account));
+        END IF;
+        IF v_due > v_account.available AND v_account.reserved > 0 THEN
+            -- What a reservation holds is not spent yet: counted as owed (or
+            -- written off) now, it would come back to the user when the hold
+            -- is released or committed for less. Refused, writing nothing, so
+            -- that the same request succeeds once the hold has ended.
+            RAISE EXCEPTION USING ERRCODE = 'RLB02',
+                MESSAGE = format('%s of the points to refund are held by open reservations:'
+                                 ' retry once they are committed, released or expired',
+                                 least(v_due - v_account.available, v_account.reserved));
         END IF;
         v_take := least(v_due, v_account.available);
         IF v_take > 0 THEN

@@ -81,7 +81,8 @@ CREATE TABLE rules.rules (
     CONSTRAINT rules_caps_positive CHECK (coalesce(daily_cap, 1) >= 1 AND coalesce(lifetime_cap, 1) >= 1),
     -- ledger.lots' terms: it matures before it expires
     CONSTRAINT rules_lot_terms CHECK (
-        coalesce(pending_seconds, 1) >= 1 AND coalesce(expiry_seconds, 1) > coalesce(pending_seconds, 0))
+        coalesce(pending_seconds, 1) >= 1
+        AND (expiry_seconds IS NULL OR expiry_seconds > coalesce(pending_seconds, 0)))
 );
 
 -- A promotion: inside [starts_at, ends_at) (by the action's occurred_at), an

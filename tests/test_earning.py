@@ -87,6 +87,15 @@ def test_a_rule_with_lot_terms_makes_each_credit_a_pending_and_expiring_lot(api_
     assert unreconciled_accounts(db) == []
 
 
+def test_a_rule_may_make_pending_points_that_never_expire(api_db, db):
+    made = rule(api_db, "purchase", fixed_points=7, pending_seconds=60)
+    assert (made.pending_seconds, made.expiry_seconds) == (60, None)
+    assert act(api_db, "alice", "o-1", "purchase", "store")["points"] == 7
+    lot = db.execute("SELECT * FROM ledger.lots WHERE user_id = 'alice'").fetchone()
+    assert (lot["amount"], lot["expires_at"], lot["matured"]) == (7, None, False)
+    assert balance(db, "alice")["pending"] == 7
+
+
 def test_no_rule_or_a_disabled_one_is_not_eligible_and_writes_only_the_key(api_db, db):
     rule(api_db, "ad_view", fixed_points=10)
     Ledger(api_db)(calls.enable_rule("test", "ad_view", False))

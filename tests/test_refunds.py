@@ -13,13 +13,14 @@ import pytest
 
 from app.ledger import calls
 from app.ledger.client import Ledger
-from app.ledger.errors import InvalidArgument
+from app.ledger.errors import InvalidArgument, Refused
 from tests.ledger import (
     age_lots,
     balance,
     credit,
     debit,
     entries,
+    release,
     reserve,
     row_counts,
     tamper,
@@ -95,10 +96,9 @@ def test_a_refund_of_a_plain_credit_takes_points_without_expiry_before_any_lot(d
 
 def test_points_already_spent_are_owed_and_later_credits_pay_them_off_first(db):
     credit(db, "alice", "c1", 100, source="store", external_id="o-1")
-    debit(db, "alice", "d1", 70)
-    held = reserve(db, "alice", "h1", 20)
+    debit(db, "alice", "d1", 90)
     done = refund(db, "alice", "r1", "o-1")
-    assert (done["status"], done["amount"], done["available"], done["reserved"]) == ("ok", 100, 0, 20)
+    assert (done["status"], done["amount"], done["available"], done["reserved"]) == ("ok", 100, 0, 0)
     assert _refund_entries(db, "alice") == [("reversal", 10, -10), ("owed", 90, 0)]
     assert balance(db, "alice")["owed"] == 90
     _reconciled(db, "alice")
@@ -115,7 +115,26 @@ def test_points_already_spent_are_owed_and_later_credits_pay_them_off_first(db):
     assert Ledger(db)(calls.settle_lots(100)).settled == 1
     assert (balance(db, "alice")["available"], balance(db, "alice")["owed"]) == (15, 0)
     assert [k for k, _, _ in _refund_entries(db, "alice")] == ["reversal", "owed", "repay", "repay", "repay"]
-    assert held["reservation_id"] is not None and balance(db, "alice")["reserved"] == 20
+    _reconciled(db, "alice")
+
+
+@pytest.mark.parametrize("shortfall", ["owe", "write_off"])
+def test_points_a_reservation_holds_are_not_refunded_as_spent(db, shortfall):
+    """Held points come back when the hold is released: owed or written off at
+    the refund, they would be counted twice. The refund is refused, writing
+    nothing (not even its key), and the same request succeeds after."""
+    db.execute("UPDATE ledger.settings SET refund_shortfall = %s", (shortfall,))
+    credit(db, "alice", "c1", 100, source="store", external_id="o-1", expiry=3600)
+    held = reserve(db, "alice", "h1", 60)
+    before = row_counts(db)
+    with pytest.raises(Refused, match="60 of the points to refund are held by open reservations"):
+        refund(db, "alice", "r1", "o-1")
+    assert row_counts(db) == before
+    release(db, "alice", "h2", held["reservation_id"])
+    done = refund(db, "alice", "r1", "o-1")
+    assert (done["status"], done["amount"], done["available"], done["replayed"]) == ("ok", 100, 0, False)
+    assert _refund_entries(db, "alice") == [("reversal", 100, -100)]
+    assert (balance(db, "alice")["owed"], _lots(db, "alice")) == (0, [(100, 0)])
     _reconciled(db, "alice")
 
 

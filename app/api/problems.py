@@ -10,7 +10,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.plugins.problem_details import ProblemDetailsException
 
-from app.ledger.errors import Fault, InvalidArgument, LedgerError, Overloaded, Unavailable
+from app.ledger.errors import Fault, InvalidArgument, LedgerError, Overloaded, Refused, Unavailable
 from app.ledger.results import ActionOutcome, ActionStatus, Outcome, Status
 
 log = logging.getLogger("rewards.api")
@@ -40,6 +40,7 @@ CAUSES: dict[str, tuple[int, str]] = {
     "action-already-refunded": (409, "This action has already been refunded"),
     "action-points-expired": (409, "Every point this action earned has expired"),
     "reservation-not-open": (409, "The reservation has already ended"),
+    "refused-for-now": (409, "The request cannot be done yet; the detail says what must happen first"),
     "amount-exceeds-reservation": (409, "The amount is more than the reservation holds"),
     "idempotency-key-reused": (422, "The idempotency key was used for a different request"),
     "rate-limited": (429, "Too many requests"),
@@ -111,6 +112,11 @@ def from_ledger_error(exc: LedgerError) -> ProblemDetailsException:
         return problem("overloaded", str(exc), headers={"Retry-After": "1"})
     if isinstance(exc, Unavailable):
         return problem("unavailable", "the database did not answer", headers={"Retry-After": "2"})
+    if isinstance(exc, Refused):
+        # A precondition that time settles (a refund's points held by a
+        # reservation, which ends by its deadline): nothing was written, not
+        # even the key, so the same request succeeds later.
+        return problem("refused-for-now", str(exc), headers={"Retry-After": "30"})
     if isinstance(exc, Fault):
         # A credit of a group commit that raised in the database, as it would
         # have alone (where it reaches the API's handler of unknown errors).

@@ -121,6 +121,27 @@ def test_a_refund_reverses_an_action_and_what_was_spent_is_owed(api, user, actio
     assert paid.json()["balance"]["available"] == 10
 
 
+def test_a_refund_needing_held_points_waits_for_the_hold_to_end(api, user, action_type):
+    _rule(api, action_type, fixed_points=50)
+    refund = {"user_id": user, "source": "adnet", "external_id": f"{action_type}-1", "reason": "returned"}
+    with api.client("earn") as http:
+        assert post(http, "/v1/actions", _action(user, action_type, f"{action_type}-1")).status_code == 201
+    with api.client() as http:
+        held = post(http, f"/v1/accounts/{user}/reservations", {"amount": 20, "ttl_seconds": 60, "reason": "checkout"})
+        assert held.status_code == 201, held.text
+    with api.client("earn") as http:
+        refused = post(http, "/v1/refunds", refund, key="rf1")
+        body = _problem(refused, 409, "refused-for-now")
+        assert "20 of the points to refund are held" in body["detail"] and refused.headers["retry-after"]
+    with api.client() as http:
+        released = post(http, f"/v1/accounts/{user}/reservations/{held.json()['reservation_id']}/release", {})
+        assert released.status_code == 200, released.text
+    with api.client("earn") as http:
+        done = post(http, "/v1/refunds", refund, key="rf1")  # the same key: the refusal kept nothing
+    assert done.status_code == 201, done.text
+    assert done.json()["amount"] == 50 and done.json()["balance"] == {"available": 0, "reserved": 0}
+
+
 def test_a_key_limited_to_sources_refunds_only_their_actions(api, user, action_type):
     _rule(api, action_type, fixed_points=10)
     store_key = _key(api, "store refunds", ["points:earn"], sources=["store"])
