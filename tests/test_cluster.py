@@ -148,7 +148,7 @@ def test_cluster_status_as_json(coordinator):
     assert probe["slot"] == "status_probe" and probe["plugin"] == "wal2json" and probe["lag_bytes"] >= 0
     assert probe["confirmed_flush_lsn"]
     assert [f["name"] for f in status["functions"]] == [
-        "commit_reservation", "credit", "credit_many", "debit", "release_reservation", "reserve"]
+        "commit_reservation", "credit", "credit_many", "debit", "refund", "release_reservation", "reserve"]
     assert all(f["delegated"] and f["distribution_argument"] == "p_user_id" for f in status["functions"])
     assert status["problems"] == []
     # The same, for a person.
