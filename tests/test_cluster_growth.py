@@ -231,7 +231,7 @@ def test_a_third_worker_joins_under_load_and_nothing_is_lost(coordinator, conn):
         with nodes.coordinator(coordinator) as ledger:
             stopped_job = rebalance.stop(ledger)
         again = rewards(coordinator, "cluster", "rebalance", "--stop")
-        done = rewards(coordinator, "cluster", "rebalance", "--wait", timeout=600)
+        done = rewards(coordinator, "cluster", "rebalance", "--wait", timeout=300)
         load.mark("move ended")
         time.sleep(2)
         run = load.finish()
@@ -294,7 +294,7 @@ def test_a_server_over_tcp_joins_takes_shards_and_leaves_only_once_the_consumer_
     node = json.loads(added.stdout)
     assert (node["host"], node["port"], node["folder"]) == ("127.0.0.1", port, None)
     assert (node["slot"], "wal2json") in _slots(prepared_server)
-    moved = rewards(coordinator, "cluster", "rebalance", "--wait", timeout=600)
+    moved = rewards(coordinator, "cluster", "rebalance", "--wait", timeout=300)
     assert moved.returncode == 0, (moved.stdout, moved.stderr)
     assert _shards_by_port(conn).get(port, 0) > 0
     _activity(conn, "tcp")
@@ -324,7 +324,7 @@ def test_a_server_over_tcp_joins_takes_shards_and_leaves_only_once_the_consumer_
 @RESUMED_REBALANCE_HANGS
 def test_drain_moves_every_shard_off_and_removes_the_node(coordinator, conn):
     worker = citus.worker_settings(coordinator, 3)
-    drained = rewards(coordinator, "cluster", "drain", f"{worker.socket_dir}:{worker.pg_port}", "--json", timeout=400)
+    drained = rewards(coordinator, "cluster", "drain", f"{worker.socket_dir}:{worker.pg_port}", "--json", timeout=300)
     assert drained.returncode == 0, (drained.stdout, drained.stderr)
     result = json.loads(drained.stdout)
     assert result["folder_deleted"] == str(worker.data_dir) and result["confirmed_lsn"] not in ("", "-")
