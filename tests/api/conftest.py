@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
@@ -81,17 +82,25 @@ def api(topology: Topology) -> Iterator[Api]:
         topology.drop(DATABASE)
 
 
+@contextmanager
+def another_api(api: Api, env: dict[str, str], **changes) -> Iterator[Api]:
+    """The same database and keys behind an API process of the test's own (one
+    worker, a free port), given `env` besides the test rates and the settings
+    `changes` (a redis_prefix of its own starts its buckets full)."""
+    settings = dataclasses.replace(api.settings, api_port=processes.free_port(), **changes)
+    processes.api_up(settings, env=api_env(settings, **env), workers=1)
+    try:
+        yield dataclasses.replace(api, settings=settings, base_url=f"http://127.0.0.1:{settings.api_port}")
+    finally:
+        processes.api_down(settings)
+
+
 @pytest.fixture(scope="session")
 def tiny_api(api: Api) -> Iterator[Api]:
     """The same database and keys behind an API that takes one request at a time."""
-    port = processes.free_port()
-    settings = dataclasses.replace(api.settings, api_port=port, max_in_flight=1, pool_max=1)
-    env = api_env(settings, REWARDS_MAX_IN_FLIGHT="1", REWARDS_POOL_MIN="1", REWARDS_POOL_MAX="1")
-    processes.api_up(settings, env=env, workers=1)
-    try:
-        yield dataclasses.replace(api, settings=settings, base_url=f"http://127.0.0.1:{port}")
-    finally:
-        processes.api_down(settings)
+    with another_api(api, {"REWARDS_MAX_IN_FLIGHT": "1", "REWARDS_POOL_MIN": "1", "REWARDS_POOL_MAX": "1"},
+                     max_in_flight=1, pool_max=1) as tiny:
+        yield tiny
 
 
 @pytest.fixture

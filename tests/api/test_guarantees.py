@@ -1,7 +1,6 @@
 """The ledger's guarantees, through HTTP: one effect per key, no overspending,
 rate limits that trigger and recover, and serving on while Redis is away."""
 
-import dataclasses
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -9,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from app.operations import processes
-from tests.api.conftest import api_env, post
+from tests.api.conftest import another_api, post
 
 
 def _storm(api, count, request):
@@ -56,13 +55,8 @@ def earn_limited_api(api):
     """The same database behind an API whose users may each earn 10 times at
     once, then once a second: 200 credits cannot all fit however slowly the
     machine sends them, short of 190 s."""
-    port = processes.free_port()
-    settings = dataclasses.replace(api.settings, api_port=port, redis_prefix=f"earn-{uuid.uuid4().hex[:8]}")
-    processes.api_up(settings, env=api_env(settings, REWARDS_RATE_USER_EARN="1/10"), workers=1)
-    try:
-        yield dataclasses.replace(api, settings=settings, base_url=f"http://127.0.0.1:{port}")
-    finally:
-        processes.api_down(settings)
+    with another_api(api, {"REWARDS_RATE_USER_EARN": "1/10"}, redis_prefix=f"earn-{uuid.uuid4().hex[:8]}") as limited:
+        yield limited
 
 
 def test_the_user_earn_limit_triggers_and_recovers(earn_limited_api, user):

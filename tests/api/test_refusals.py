@@ -1,6 +1,5 @@
 """Every refusal is RFC 9457 problem+json with a stable type, never a 500, never a write."""
 
-import dataclasses
 import time
 import uuid
 
@@ -9,8 +8,7 @@ import pytest
 
 from app.ledger import calls, keys
 from app.ledger.client import Ledger
-from app.operations import processes
-from tests.api.conftest import api_env, post
+from tests.api.conftest import another_api, post
 
 PROBLEM = "urn:rewards-ledger:problem:"
 
@@ -193,13 +191,8 @@ def lookup_limited_api(api):
     """The same database behind an API with a key-lookup bucket of its own: 10
     lookups, then one more each 100 s, so that however slowly the machine sends
     the test's requests, no lookup comes back within it."""
-    port = processes.free_port()
-    settings = dataclasses.replace(api.settings, api_port=port, redis_prefix=f"lookup-{uuid.uuid4().hex[:8]}")
-    processes.api_up(settings, env=api_env(settings, REWARDS_RATE_KEY_LOOKUP="0.01/10"), workers=1)
-    try:
-        yield dataclasses.replace(api, settings=settings, base_url=f"http://127.0.0.1:{port}")
-    finally:
-        processes.api_down(settings)
+    with another_api(api, {"REWARDS_RATE_KEY_LOOKUP": "0.01/10"}, redis_prefix=f"lookup-{uuid.uuid4().hex[:8]}") as limited:
+        yield limited
 
 
 def test_made_up_keys_are_refused_before_the_database_and_good_keys_still_work(lookup_limited_api, user):

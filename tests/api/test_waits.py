@@ -20,7 +20,7 @@ import pytest
 from app.ledger import keys
 from app.ledger.client import Ledger
 from app.operations import cluster, processes
-from tests.api.conftest import Api, api_env, post
+from tests.api.conftest import Api, another_api, api_env, post
 from tests.conftest import SETTINGS
 
 PROBLEM = "urn:rewards-ledger:problem:"
@@ -75,14 +75,8 @@ def test_a_request_blocked_on_a_lock_answers_within_the_lock_timeout(api, locked
 def narrow_api(api: Api) -> Iterator[Api]:
     """One pool connection per process, waited for 0.1 s: a request blocked on a
     lock (0.5 s) leaves none for the next."""
-    port = processes.free_port()
-    settings = dataclasses.replace(api.settings, api_port=port)
-    env = api_env(settings, REWARDS_POOL_MIN="1", REWARDS_POOL_MAX="1", REWARDS_POOL_WAIT_SECONDS="0.1")
-    processes.api_up(settings, env=env, workers=1)
-    try:
-        yield dataclasses.replace(api, settings=settings, base_url=f"http://127.0.0.1:{port}")
-    finally:
-        processes.api_down(settings)
+    with another_api(api, {"REWARDS_POOL_MIN": "1", "REWARDS_POOL_MAX": "1", "REWARDS_POOL_WAIT_SECONDS": "0.1"}) as narrow:
+        yield narrow
 
 
 def test_a_request_finding_every_connection_at_work_is_refused_as_overloaded(narrow_api, locked, user):
