@@ -73,8 +73,9 @@ class Settings:
     # --- The project's own PostgreSQL cluster ---------------------------------
     data_dir: Path = setting("REWARDS_DATA_DIR", None, "the cluster's data, socket and log folders",
                              lambda text: Path(text).resolve(), shown="`.data` in the clone")
-    pg_port: int = setting("REWARDS_PG_PORT", "54329", "the cluster's port (it listens on 127.0.0.1 and a Unix "
-                           "socket in `$REWARDS_DATA_DIR/run`)", int)
+    pg_port: int = setting("REWARDS_PG_PORT", "25432", "the cluster's port (it listens on 127.0.0.1 and a Unix "
+                           "socket in `$REWARDS_DATA_DIR/run`); keep it and the next ports under 32768, outside Linux's "
+                           "ephemeral range, where any outbound connection may already hold it", int)
     pg_os_user: str = setting("REWARDS_PG_OS_USER", "rewards", "OS user that runs PostgreSQL (created when missing)")
     pg_bin: Path = setting("REWARDS_PG_BIN", "/usr/lib/postgresql/15/bin", "PostgreSQL's programs", Path)
     pg_superuser: str = setting("REWARDS_PG_SUPERUSER", "postgres", "the cluster's superuser")

@@ -51,7 +51,7 @@ def test_the_file_is_the_database_tier_from_one_image():
     dockerfile = PROJECT_ROOT / build["context"] / build["dockerfile"]
     copied = re.findall(r"^COPY\s+(\S+)\s", dockerfile.read_text(), re.MULTILINE)
     assert copied and all((PROJECT_ROOT / build["context"] / source).is_file() for source in copied)
-    assert services["coordinator"]["ports"] == ["127.0.0.1:54329:5432"]
+    assert services["coordinator"]["ports"] == ["127.0.0.1:25432:5432"]
 
 
 def test_every_node_runs_postgres_with_the_settings_make_run_gives_a_citus_node(monkeypatch):

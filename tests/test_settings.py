@@ -24,7 +24,7 @@ def test_every_setting_is_read_from_its_own_variable():
 
 def test_defaults_apply_when_unset():
     settings = load({})
-    assert settings.pg_port == 54329 and settings.notify_url is None and settings.pg_host is None
+    assert settings.pg_port == 25432 and settings.notify_url is None and settings.pg_host is None
     assert settings.data_dir == PROJECT_ROOT / ".data" and settings.api_workers >= 1
 
 
