@@ -18,6 +18,8 @@ access_log = logging.getLogger("rewards.access")
 # Health answers must stay fast under overload: they skip the cap.
 UNCAPPED = frozenset({"/healthz", "/readyz", "/metrics"})
 
+CLIENT_CLOSED_REQUEST = 499
+
 
 def _overloaded_body() -> bytes:
     status, title = CAUSES["overloaded"]
@@ -39,7 +41,14 @@ class FrontDoor:
         started = time.perf_counter()
         given = next((value for name, value in scope["headers"] if name == b"x-request-id"), b"")
         request_id = given.decode("latin-1")[:128] or uuid.uuid4().hex
-        status = 500
+        status: int | None = None
+        client_left = False
+
+        async def receive_noting_departure() -> Message:
+            nonlocal client_left
+            message = await receive()
+            client_left = client_left or message["type"] == "http.disconnect"
+            return message
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -59,11 +68,19 @@ class FrontDoor:
             if capped:
                 self.in_flight += 1
             try:
-                await self.app(scope, receive, send_with_id)
+                await self.app(scope, receive_noting_departure, send_with_id)
             finally:
                 if capped:
                     self.in_flight -= 1
         finally:
+            if client_left and (status is None or status >= 500):
+                # The client went away before its body was whole (as a load
+                # generator's connections do when it stops), and Litestar's
+                # 500 for the body it could not read went nowhere: 499, as
+                # nginx logs it, so that no server-error alert fires on it.
+                status = CLIENT_CLOSED_REQUEST
+            elif status is None:
+                status = 500  # what the server sends for an answer never started
             elapsed = time.perf_counter() - started
             route = scope.get("path_template") or "unmatched"
             metrics.REQUESTS.labels(scope["method"], route, str(status)).inc()

@@ -1,5 +1,8 @@
 """Every endpoint's success path, over real HTTP."""
 
+import socket
+import time
+
 from tests.api.conftest import post
 from tests.ledger import age_lots
 
@@ -123,3 +126,28 @@ def test_health_readiness_and_metrics(api):
     with api.client("admin") as admin:
         text = admin.get("/metrics").text
     assert "rewards_http_requests_total" in text
+
+
+def _credits_counted(admin, status: str) -> float:
+    line = next((line for line in admin.get("/metrics").text.splitlines()
+                 if line.startswith('rewards_http_requests_total{method="POST",route="/v1/accounts/{user_id}/credits"')
+                 and f'status="{status}"' in line), None)
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+
+def test_a_client_gone_before_its_answer_is_counted_as_499_not_as_a_server_error(api, user):
+    """A load generator that stops leaves requests unanswered: they are the
+    client's doing (499), and an SRE's 500 alert must not fire on them."""
+    host, port = api.base_url.removeprefix("http://").split(":")
+    with api.client("admin") as admin:
+        before = (_credits_counted(admin, "499"), _credits_counted(admin, "500"))
+        with socket.create_connection((host, int(port))) as client:
+            client.sendall(f"POST /v1/accounts/{user}/credits HTTP/1.1\r\nHost: {host}\r\n"
+                           f"Authorization: Bearer {api.keys['all']}\r\nContent-Type: application/json\r\n"
+                           "Content-Length: 400\r\n\r\n{\"amount\": 5,".encode())
+            time.sleep(0.5)  # the API is waiting for the rest of the body when the client leaves
+        deadline = time.monotonic() + 10
+        while _credits_counted(admin, "499") == before[0] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        after = (_credits_counted(admin, "499"), _credits_counted(admin, "500"))
+    assert after == (before[0] + 1, before[1])
