@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
@@ -33,6 +35,25 @@ class KeyCache:
         self.ttl = ttl
         self._known: dict[bytes, tuple[float, ApiKey]] = {}
         self._unknown: dict[bytes, float] = {}
+        self._looking_up: dict[bytes, asyncio.Future[ApiKey | None]] = {}
+
+    async def look_up(self, digest: bytes, fetch: Callable[[], Awaitable[ApiKey | None]]) -> ApiKey | None:
+        """`fetch`'s answer, cached; requests for a key arriving while its lookup
+        runs share it. A burst on a key this process has not seen yet (64
+        connections opening at once) is one lookup and one lookup token, not one
+        each: with a token each, 24 of bench/load.py's first 64 credits were 429s."""
+        running = self._looking_up.get(digest)
+        if running is None:
+            running = asyncio.ensure_future(self._fetch_and_put(digest, fetch))
+            self._looking_up[digest] = running
+            running.add_done_callback(lambda _: self._looking_up.pop(digest, None))
+        # Shielded: a waiter that is cancelled leaves the lookup to the others.
+        return await asyncio.shield(running)
+
+    async def _fetch_and_put(self, digest: bytes, fetch: Callable[[], Awaitable[ApiKey | None]]) -> ApiKey | None:
+        key = await fetch()
+        self.put(digest, key)
+        return key
 
     def get(self, digest: bytes) -> ApiKey | None | Miss:
         """The key, None for one known not to exist, or MISS when it must be looked up."""
@@ -82,13 +103,15 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         digest = keys.secret_hash(secret.strip())
         key = state.key_cache.get(digest)
         if key is MISS:
-            # A lookup costs a pool slot and a round trip: each client address
-            # gets a bucket of them for keys never seen valid, so made-up keys
-            # are refused before the database while a known key always refreshes.
-            if not state.key_cache.was_known(digest):
-                await take_lookup_token(connection)
-            key = await state.ledger(calls.authenticate_v2(digest))
-            state.key_cache.put(digest, key)
+            async def fetch() -> ApiKey | None:
+                # A lookup costs a pool slot and a round trip: each client address
+                # gets a bucket of them for keys never seen valid, so made-up keys
+                # are refused before the database while a known key always refreshes.
+                if not state.key_cache.was_known(digest):
+                    await take_lookup_token(connection)
+                return await state.ledger(calls.authenticate_v2(digest))
+
+            key = await state.key_cache.look_up(digest, fetch)
         if key is None:
             raise problem("unauthorized", "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
         return AuthenticationResult(user=key, auth=key.key_id)

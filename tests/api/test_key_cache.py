@@ -1,6 +1,7 @@
 """The key cache: made-up keys never push out a key in use, and a key seen
 valid refreshes without spending its address's lookup tokens."""
 
+import asyncio
 from datetime import datetime, timezone
 
 from app.api.security import MISS, KeyCache
@@ -35,3 +36,41 @@ def test_a_stale_known_key_is_looked_up_again_but_stays_known():
     assert cache.get(good) is MISS and cache.was_known(good)
     cache.put(good, None)  # revoked since
     assert not cache.was_known(good)
+
+
+def test_requests_arriving_during_a_lookup_share_it():
+    cache = KeyCache(ttl=60)
+    good = secret_hash("rlk_good")
+    lookups = 0
+
+    async def fetch():
+        nonlocal lookups
+        lookups += 1
+        await asyncio.sleep(0.05)
+        return KEY
+
+    async def burst():
+        return await asyncio.gather(*(cache.look_up(good, fetch) for _ in range(64)))
+
+    assert asyncio.run(burst()) == [KEY] * 64
+    assert lookups == 1 and cache.get(good) == KEY
+
+
+def test_a_refused_lookup_refuses_the_requests_that_shared_it_and_the_next_one_looks_up_again():
+    cache = KeyCache(ttl=60)
+    good = secret_hash("rlk_good")
+    answers = iter([RuntimeError("refused"), KEY])
+
+    async def fetch():
+        await asyncio.sleep(0.01)
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def burst():
+        return await asyncio.gather(*(cache.look_up(good, fetch) for _ in range(3)), return_exceptions=True)
+
+    assert [str(answer) for answer in asyncio.run(burst())] == ["refused"] * 3
+    assert cache.get(good) is MISS
+    assert asyncio.run(cache.look_up(good, fetch)) == KEY

@@ -1,5 +1,6 @@
 """Every refusal is RFC 9457 problem+json with a stable type, never a 500, never a write."""
 
+import asyncio
 import time
 import uuid
 
@@ -193,6 +194,20 @@ def lookup_limited_api(api):
     the test's requests, no lookup comes back within it."""
     with another_api(api, {"REWARDS_RATE_KEY_LOOKUP": "0.01/10"}, redis_prefix=f"lookup-{uuid.uuid4().hex[:8]}") as limited:
         yield limited
+
+
+def test_a_burst_of_requests_on_a_key_new_to_the_process_spends_one_lookup(lookup_limited_api, user):
+    """As a load generator's 64 connections open at once: they share the one
+    lookup, so none of them is refused for lack of lookup tokens (10 here)."""
+    api = lookup_limited_api
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=api.base_url, timeout=30,
+                                     headers={"Authorization": f"Bearer {api.keys['read']}"}) as reader:
+            answers = await asyncio.gather(*(reader.get(f"/v1/accounts/{user}/balance") for _ in range(40)))
+        return [answer.status_code for answer in answers]
+
+    assert asyncio.run(burst()) == [200] * 40
 
 
 def test_made_up_keys_are_refused_before_the_database_and_good_keys_still_work(lookup_limited_api, user):
