@@ -423,7 +423,7 @@ def _ha_follow(args: argparse.Namespace) -> int:
 
     logs.configure()
     settings = load()
-    ha.follow(settings, retarget=lambda port: processes.bouncer_up(settings, port))
+    ha.follow(settings, retarget=lambda port: processes.bouncer_retarget(settings, port))
 
 
 def _print_json(value: object) -> None:

@@ -458,9 +458,18 @@ ORDER BY p.proname, signature;
 
 -- name: ha_primary
 -- On the pg_auto_failover monitor: the node that takes writes now (none
--- during a failover, before the standby is promoted).
-SELECT primary_name AS name, primary_host AS host, primary_port AS port
-FROM pgautofailover.get_primary(%(formation)s, 0);
+-- during a failover, before the standby is promoted): one that has reported a
+-- state in which it takes writes and has been assigned one. Not
+-- pgautofailover.get_primary, which names a node as soon as it is assigned
+-- such a state (the standby, before its promotion is done), else the node
+-- failed over from by its last report, else raises an error
+-- (docs/ARCHITECTURE.md).
+SELECT nodename AS name, nodehost AS host, nodeport AS port
+FROM pgautofailover.current_state(%(formation)s)
+WHERE current_group_state::text IN ('single', 'primary', 'wait_primary', 'join_primary', 'apply_settings')
+  AND assigned_group_state::text IN ('single', 'primary', 'wait_primary', 'join_primary', 'apply_settings')
+ORDER BY reported_tli DESC, node_id
+LIMIT 1;
 
 -- name: ha_nodes
 SELECT nodename AS name, nodehost AS host, nodeport AS port, node_id,

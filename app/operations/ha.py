@@ -126,6 +126,17 @@ def primary(settings: Settings) -> Primary | None:
         return _primary_on(conn)
 
 
+def wait_for_primary(settings: Settings, timeout: float = 60.0) -> Primary:
+    """The primary, waited for while a failover promotes the standby (there is
+    none until it has)."""
+    deadline = time.monotonic() + timeout
+    while (current := primary(settings)) is None:
+        if time.monotonic() > deadline:
+            raise HAError(f"no node took writes within {timeout:.0f} s; see `rewards ha status`")
+        time.sleep(0.3)
+    return current
+
+
 def _primary_on(conn: psycopg.Connection) -> Primary | None:
     row = conn.execute(queries.HA_PRIMARY, {"formation": FORMATION}).fetchone()
     return Primary(*row) if row and row[2] else None

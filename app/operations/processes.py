@@ -91,21 +91,18 @@ def _bouncer_dir(settings: Settings) -> Path:
 def bouncer_up(settings: Settings, pg_port: int | None = None) -> None:
     """Write PgBouncer's files and start it, or have it re-read them. Its one
     database entry points at `pg_port` (the cluster's, or with REWARDS_HA=on the
-    primary's, which `rewards ha follow` keeps up to date)."""
+    primary's, which `rewards ha follow` keeps up to date; during a failover,
+    once the standby is promoted)."""
     if pg_port is None:
-        current = ha.primary(settings) if settings.ha else None
-        pg_port = current.port if current else settings.pg_port
+        pg_port = ha.wait_for_primary(settings).port if settings.ha else settings.pg_port
     folder = _bouncer_dir(settings)
     folder.mkdir(parents=True, exist_ok=True)
     userlist = folder / "userlist.txt"
     userlist.write_text(_userlist_line("rewards_api", settings.required("api_password")))
     userlist.chmod(0o600)
-    ini = folder / "pgbouncer.ini"
-    ini.write_text(PGBOUNCER_INI.format(
-        socket_dir=_connstring_value(str(settings.socket_dir)), pg_port=pg_port,
-        bouncer_port=settings.bouncer_port, userlist=userlist))
+    ini = _write_ini(settings, pg_port)
     if os.geteuid() == 0:
-        for path in (folder, userlist, ini):
+        for path in (folder, userlist):
             shutil.chown(path, settings.pg_os_user, settings.pg_os_user)
     _retire_daemon(settings.socket_dir / "pgbouncer.pid")
     supervisor = _supervisor(settings)
@@ -114,12 +111,38 @@ def bouncer_up(settings: Settings, pg_port: int | None = None) -> None:
     supervisor.ensure(Program("pgbouncer", ["pgbouncer", str(ini)], settings.log_dir / "pgbouncer.log",
                               user=_owner(settings), priority=200, stopsignal="INT", stopwaitsecs=30))
     if was_alive:
-        # Re-read the settings without dropping a client connection. A server
-        # connection to a database whose host or port changed is closed as
-        # soon as its transaction ends (PgBouncer 1.18's RELOAD).
-        supervisor.signal("pgbouncer", "HUP")
+        _reload_bouncer(supervisor)
     _wait_for(lambda: port_answers(settings.bouncer_port), "PgBouncer", settings.log_dir / "pgbouncer.log",
               settings.start_seconds)
+
+
+def bouncer_retarget(settings: Settings, pg_port: int) -> None:
+    """PgBouncer pointed at another node (`rewards ha follow`, after a
+    failover): its settings written again with the new database entry, and
+    re-read, and nothing else. A failover is the moment the service waits for
+    this, and each supervisorctl call of `bouncer_up` costs seconds on a loaded
+    machine (12 s in all at load average 25). If PgBouncer is not running, the
+    file is what it reads when supervisord starts it again."""
+    _write_ini(settings, pg_port)
+    _reload_bouncer(_supervisor(settings))
+
+
+def _write_ini(settings: Settings, pg_port: int) -> Path:
+    folder = _bouncer_dir(settings)
+    ini = folder / "pgbouncer.ini"
+    ini.write_text(PGBOUNCER_INI.format(
+        socket_dir=_connstring_value(str(settings.socket_dir)), pg_port=pg_port,
+        bouncer_port=settings.bouncer_port, userlist=folder / "userlist.txt"))
+    if os.geteuid() == 0:
+        shutil.chown(ini, settings.pg_os_user, settings.pg_os_user)
+    return ini
+
+
+def _reload_bouncer(supervisor: Supervisor) -> None:
+    # Re-read the settings without dropping a client connection. A server
+    # connection to a database whose host or port changed is closed as soon
+    # as its transaction ends (PgBouncer 1.18's RELOAD).
+    supervisor.signal("pgbouncer", "HUP")
 
 
 def _userlist_line(user: str, password: str) -> str:
