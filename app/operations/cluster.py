@@ -151,9 +151,18 @@ def machine_conf(settings: Settings, port: bool = True) -> str:
 
 
 def write_owned(settings: Settings, path: Path, text: str) -> None:
-    path.write_text(text)
+    """Written whole or not at all, with the mode the file had: a running node
+    may reload while its files are written again (a pg_autoctl keeper sends
+    its own SIGHUPs), and a pg_ident.conf it read half-written stayed in force,
+    refusing the keeper's own logins, until the next reload, which never came
+    (tests/test_ha.py's trio hung so)."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    if path.exists():
+        partial.chmod(path.stat().st_mode & 0o7777)
     if os.geteuid() == 0:
-        shutil.chown(path, settings.pg_os_user, settings.pg_os_user)
+        shutil.chown(partial, settings.pg_os_user, settings.pg_os_user)
+    os.replace(partial, path)
 
 
 def make_folders(settings: Settings) -> None:
