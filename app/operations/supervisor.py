@@ -12,12 +12,14 @@ down` leaves nothing running. On production hosts systemd takes this place
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.ledger.errors import Refused
 from app.settings import Settings
 
 SUPERVISORD_CONF = """\
@@ -72,9 +74,11 @@ class Program:
     startretries: int = 20
 
     def conf(self) -> str:
+        """The program's file; Refused, before anything is written, for a value
+        supervisord would not hand to the program exactly as given."""
         lines = [
             f"[program:{self.name}]",
-            f"command = {_escape(shlex.join(self.command))}",
+            f"command = {_command(self.name, self.command)}",
             f"priority = {self.priority}",
             "autostart = true",
             # Restarted whenever it exits, however it exits.
@@ -86,29 +90,82 @@ class Program:
             f"stopasgroup = {str(self.stopasgroup).lower()}",
             f"killasgroup = {str(self.stopasgroup).lower()}",
             "redirect_stderr = true",
-            f"stdout_logfile = {_escape(str(self.log_file))}",
+            f"stdout_logfile = {_value(str(self.log_file), f'the log file of {self.name}')}",
             "stdout_logfile_maxbytes = 100MB",
             "stdout_logfile_backups = 5",
         ]
         if self.user:
-            lines.append(f"user = {self.user}")
+            lines.append(f"user = {_value(self.user, f'the user of {self.name}')}")
         if self.directory:
-            lines.append(f"directory = {_escape(str(self.directory))}")
+            lines.append(f"directory = {_value(str(self.directory), f'the directory of {self.name}')}")
         if self.environment:
             lines.append("environment = " + ",".join(
-                f"{key}={_quote(value)}" for key, value in sorted(self.environment.items())))
+                _variable(self.name, key, value) for key, value in sorted(self.environment.items())))
         return "\n".join(lines) + "\n"
 
 
-def _escape(text: str) -> str:
-    # supervisord expands %(name)s in every value: a literal % is %%.
-    return text.replace("%", "%%")
+# How supervisord 4.2.5 reads its files back. Its ini parser ends a value at a
+# ; or # that follows a blank (an inline comment), strips blanks at both ends,
+# and holds no line break in a value; then it replaces the text %(here)s
+# wherever it stands, and expands %(name)s. `command` is then split as a POSIX
+# shell line (shlex.split), and
+# `environment` by shlex's non-POSIX lexer into KEY=VALUE tokens: a value is
+# one quoted token taken as it stands (no escapes: a backslash is itself, a
+# quote fits only between quotes of the other kind), then stripped of every
+# quote at either end.
+_LINE_BREAK_OR_NUL = re.compile(r"[\n\r\0]")
+_INLINE_COMMENT = re.compile(r"(?:^|\s)[;#]")
+_BLANK_BEFORE_COMMENT = re.compile(r"(?<=\s)(?=[;#])")
+_VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _quote(value: str) -> str:
-    # environment= is split like a shell line (shlex, posix): a double-quoted
-    # value with its backslashes and quotes escaped survives whole.
-    return '"' + _escape(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+def _refused(what: str, why: str) -> Refused:
+    # Never the value itself: it may be a password.
+    return Refused(f"supervisord cannot pass {what} as it is ({why}): nothing was written")
+
+
+def _value(text: str, what: str) -> str:
+    """`text` as an ini value that supervisord reads back as it is."""
+    if _LINE_BREAK_OR_NUL.search(text):
+        raise _refused(what, "it holds a line break or a NUL")
+    if text != text.strip():
+        raise _refused(what, "it begins or ends with a blank")
+    if _INLINE_COMMENT.search(text):
+        raise _refused(what, "a ; or # after a blank starts a comment")
+    return _literal(text)
+
+
+def _literal(text: str) -> str:
+    """`text` as supervisord's expansion gives it back: each % doubled, and no
+    %(here)s left for the text replacement (an empty %(here).0s cuts it)."""
+    return text.replace("%", "%%").replace("%%(here)s", "%%%(here).0s(here)s")
+
+
+def _command(name: str, argv: list[str]) -> str:
+    """The line whose POSIX split is `argv`, with no blank right before a ; or
+    #: an argument holding one is quoted in pieces cut there ('a '';b' is the
+    one argument `a ;b`)."""
+    for index, argument in enumerate(argv):
+        if _LINE_BREAK_OR_NUL.search(argument):
+            raise _refused(f"argument {index} of {name}", "it holds a line break or a NUL")
+    line = " ".join("".join(shlex.quote(piece) for piece in _BLANK_BEFORE_COMMENT.split(argument))
+                    for argument in argv)
+    return _value(line, f"the command of {name}")
+
+
+def _variable(name: str, key: str, value: str) -> str:
+    """KEY="VALUE", or KEY='VALUE' when VALUE holds a double quote."""
+    what = f"the variable {key} of {name}"
+    if not _VARIABLE_NAME.fullmatch(key):
+        raise _refused(what, "its name is not letters, digits and underscores")
+    if value[:1] in ("'", '"') or value[-1:] in ("'", '"'):
+        raise _refused(what, "it begins or ends with a quote, which supervisord strips")
+    if '"' in value and "'" in value:
+        raise _refused(what, "it holds both kinds of quote")
+    if _LINE_BREAK_OR_NUL.search(value) or _INLINE_COMMENT.search(value):
+        raise _refused(what, "it holds a line break, a NUL, or a ; or # after a blank")
+    quote = "'" if '"' in value else '"'
+    return f"{key}={quote}{_literal(value)}{quote}"
 
 
 @dataclass(frozen=True)
@@ -146,12 +203,14 @@ class Supervisor:
         return self.conf_file.exists() and self._ctl("pid").returncode == 0
 
     def _start(self) -> None:
+        text = SUPERVISORD_CONF.format(
+            data_dir=_value(str(self.data_dir), "the data folder"), home=_value(str(self.home), "the data folder"),
+            log_dir=_value(str(self.log_dir), "the log folder"))
         for folder in (self.home, self.programs_dir, self.log_dir):
             folder.mkdir(parents=True, exist_ok=True)
         # Program files hold the services' environment, passwords included.
         self.home.chmod(0o700)
-        self.conf_file.write_text(SUPERVISORD_CONF.format(
-            data_dir=_escape(str(self.data_dir)), home=_escape(str(self.home)), log_dir=_escape(str(self.log_dir))))
+        self.conf_file.write_text(text)
         if self.answers():
             return
         subprocess.run(["supervisord", "-c", str(self.conf_file)], check=True, capture_output=True, text=True)
@@ -189,9 +248,9 @@ class Supervisor:
         """The program configured as given and running: started when it is
         not, restarted only when its configuration changed (so `rewards up`
         twice changes nothing)."""
+        text = program.conf()
         self._start()
         path = self._conf_path(program.name)
-        text = program.conf()
         if not path.exists() or path.read_text() != text:
             path.write_text(text)
             path.chmod(0o600)
