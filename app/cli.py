@@ -423,6 +423,10 @@ def _ha_follow(args: argparse.Namespace) -> int:
 
     logs.configure()
     settings = load()
+    if settings.ha_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.ha_metrics_port, addr="127.0.0.1")
     ha.follow(settings, retarget=lambda port: processes.bouncer_retarget(settings, port))
 
 

@@ -99,6 +99,8 @@ class Settings:
     ha: bool = setting(
         "REWARDS_HA", "off", "`on`: pg_auto_failover runs a monitor on `REWARDS_PG_PORT` and a primary and a "
         "synchronous standby on the next two ports (README \"HA\"); `off`: the one cluster", lambda text: text == "on")
+    ha_metrics_port: int = setting("REWARDS_HA_METRICS_PORT", "9191",
+                                   "where `rewards ha follow` serves its metrics (0: nowhere)", int)
 
     # --- PgBouncer and Redis, beside the cluster -------------------------------
     bouncer_port: int = setting("REWARDS_BOUNCER_PORT", "64329", "PgBouncer's port on 127.0.0.1", int)

@@ -478,6 +478,14 @@ SELECT nodename AS name, nodehost AS host, nodeport AS port, node_id,
 FROM pgautofailover.current_state(%(formation)s)
 ORDER BY node_id;
 
+-- name: ha_standbys
+-- On the monitor: the nodes it has seen streaming as a standby, that pass its
+-- health checks now (the listener looks for slot copies on these alone).
+SELECT nodename AS name, nodeport AS port
+FROM pgautofailover.current_state(%(formation)s)
+WHERE current_group_state::text IN ('catchingup', 'secondary') AND health = 1
+ORDER BY node_id;
+
 -- name: ha_perform_failover
 SELECT pgautofailover.perform_failover(%(formation)s, 0);
 

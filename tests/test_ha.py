@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 from psycopg.rows import dict_row
 
 from app import cli
@@ -26,7 +27,7 @@ from app.ledger import calls
 from app.ledger.client import Ledger
 from app.ledger.errors import LedgerError, Unavailable, translated
 from app.operations import ha, processes
-from app.operations.supervisor import Supervisor
+from app.operations.supervisor import Supervisor, SupervisorctlFailed
 from app.settings import Settings
 from tests.conftest import SETTINGS
 
@@ -247,7 +248,9 @@ def test_losing_the_primary_node_keeps_every_acknowledged_write(trio: Settings) 
     lost_node = next(n for n in ha.nodes(trio) if n.port == lost.port)
     ha.kill_node(trio, lost_node, keep_down=True)
     killed = time.monotonic()
-    deadline = killed + 60
+    # A bound on a hang, not a figure: how soon writes come back is measured
+    # by bench/chaos.py (bench/RESULTS.md, "Faults under load").
+    deadline = killed + 180
     # Once the monitor fails the lost node over, ha.primary (the node `follow`
     # points PgBouncer at) never names it again: pgautofailover.get_primary
     # named it, by its last report, until the standby was promoted.
@@ -262,8 +265,7 @@ def test_losing_the_primary_node_keeps_every_acknowledged_write(trio: Settings) 
     time.sleep(2)
     writer.stopping.set()
     writer.join(timeout=30)
-    assert back is not None and back - killed < 30, (
-        f"writes failed for {back and back - killed} s: {writer.failures[-3:]}; {ha.status(trio)}")
+    assert back is not None, f"writes still fail: {writer.failures[-3:]}; {ha.status(trio)}"
     assert {type(exc) for _, exc in writer.failures} <= {Unavailable}, {repr(exc) for _, exc in writer.failures}
     # The monitor's table may name the new primary a moment after it takes writes.
     deadline = time.monotonic() + 30
@@ -283,7 +285,101 @@ def test_losing_the_primary_node_keeps_every_acknowledged_write(trio: Settings) 
         time.sleep(0.5)
     assert ha.settled(trio)
     with psycopg.connect(ha.node_conninfo(trio, lost_node), autocommit=True) as conn:
-        deadline = time.monotonic() + 10
+        # The listener drops it once the monitor finds the node healthy again.
+        deadline = time.monotonic() + 30
         while conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_type = 'logical'").fetchone()[0]:
             assert time.monotonic() < deadline, "the standby kept its copy of the logical slot"
             time.sleep(0.5)
+
+
+def _retarget_failures() -> float:
+    return REGISTRY.get_sample_value("rewards_ha_retarget_failures_total") or 0.0
+
+
+def test_the_listener_lives_through_a_retarget_that_fails(trio: Settings) -> None:
+    # What supervisorctl answers while supervisord restarts a PgBouncer that died.
+    done: list[int] = []
+
+    def retarget(port: int) -> None:
+        if len(done) < 2:
+            done.append(0)
+            raise SupervisorctlFailed("supervisorctl signal HUP pgbouncer: pgbouncer: ERROR (not running)")
+        done.append(port)
+
+    before = _retarget_failures()
+    stopping = threading.Event()
+    listener = threading.Thread(target=ha.follow, kwargs={
+        "settings": trio, "retarget": retarget, "stop": stopping.is_set, "poll_seconds": 0.2}, daemon=True)
+    listener.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(done) < 3:
+            assert listener.is_alive(), "the listener ended on a failed retarget"
+            assert time.monotonic() < deadline, f"the retarget was not tried again: {done}"
+            time.sleep(0.1)
+        current = ha.primary(trio)
+        assert current is not None and done[2] == current.port
+        assert _retarget_failures() - before == 2
+        assert REGISTRY.get_sample_value("rewards_ha_bouncer_behind") == 0
+        time.sleep(1)
+        assert listener.is_alive() and len(done) == 3  # pointed once it worked, and left there
+    finally:
+        stopping.set()
+        listener.join(timeout=10)
+
+
+class _Reached:
+    """The nodes the slot cleanup opens a connection to, for one Settings
+    object (the trio's own listener runs the same code meanwhile)."""
+
+    def __init__(self, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.nodes: list[str] = []
+        conninfo = ha.node_conninfo
+
+        def recording(of: Settings, node: ha.Node, dbname: str | None = None) -> str:
+            if of is settings:
+                self.nodes.append(node.name)
+            return conninfo(of, node, dbname)
+
+        monkeypatch.setattr(ha, "node_conninfo", recording)
+
+
+def _settled_and_healthy(settings: Settings) -> None:
+    deadline = time.monotonic() + 120
+    while not (ha.settled(settings) and ha.status(settings)["problems"] == []):
+        assert time.monotonic() < deadline, ha.status(settings)
+        time.sleep(0.5)
+
+
+def test_slot_copies_are_looked_for_only_on_a_standby_once(trio: Settings, monkeypatch) -> None:
+    _settled_and_healthy(trio)
+    probe = dataclasses.replace(trio)
+    reached = _Reached(probe, monkeypatch)
+    current = ha.primary(trio)
+    standby = next(n for n in ha.nodes(trio) if current is not None and n.port != current.port)
+    cleaned: set[int] = set()
+    with psycopg.connect(ha.monitor_conninfo(trio), autocommit=True) as monitor:
+        ha.drop_stale_slots(probe, monitor, cleaned)
+        assert reached.nodes == [standby.name]
+        ha.drop_stale_slots(probe, monitor, cleaned)
+    assert reached.nodes == [standby.name]
+
+
+def test_a_standby_that_is_down_is_not_waited_for(trio: Settings, monkeypatch) -> None:
+    _settled_and_healthy(trio)
+    current = ha.primary(trio)
+    standby = next(n for n in ha.nodes(trio) if current is not None and n.port != current.port)
+    probe = dataclasses.replace(trio)
+    reached = _Reached(probe, monkeypatch)
+    ha.kill_node(trio, standby, keep_down=True)
+    try:
+        deadline = time.monotonic() + 60
+        while next(row for row in ha.status(trio)["nodes"] if row["port"] == standby.port)["healthy"]:
+            assert time.monotonic() < deadline, f"the monitor still finds {standby.name} healthy"
+            time.sleep(0.5)
+        with psycopg.connect(ha.monitor_conninfo(trio), autocommit=True) as monitor:
+            assert ha.drop_stale_slots(probe, monitor, set()) == []
+        assert reached.nodes == []
+    finally:
+        ha.restart_node(trio, standby)
+    _settled_and_healthy(trio)

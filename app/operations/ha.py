@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from prometheus_client import Counter, Gauge
 from psycopg.rows import dict_row
 
 from app.ledger import queries
 from app.operations import cluster, migrate
-from app.operations.supervisor import ALIVE, Program, Supervisor
+from app.operations.supervisor import ALIVE, Program, Supervisor, SupervisorctlFailed
 from app.settings import Settings
 
 log = logging.getLogger("rewards.ha")
@@ -541,22 +542,45 @@ def bouncer_target(settings: Settings) -> int:
 
 # --- The listener that points PgBouncer at the primary ----------------------
 
-def drop_stale_slots(settings: Settings) -> list[str]:
+# The listener's connections to a standby: on loopback, so one that takes
+# longer is a node to come back to at the next poll, not one to wait for.
+FOLLOW_CONNECT_SECONDS = 2
+
+RETARGET_FAILURES = Counter(
+    "rewards_ha_retarget_failures", "Times `rewards ha follow` could not point PgBouncer at the primary (its file "
+    "or its SIGHUP failed); tried again at the next poll")
+BOUNCER_BEHIND = Gauge(
+    "rewards_ha_bouncer_behind", "1 while the monitor names a primary that PgBouncer has not been pointed at")
+
+
+def drop_stale_slots(settings: Settings, monitor_conn: psycopg.Connection, cleaned: set[int]) -> list[str]:
     """Logical slots on a standby are copies of the old primary's (pg_rewind and
     pg_basebackup bring them along) that PostgreSQL 15 cannot decode from: they
     only pin WAL, and would hand a stale position to a consumer if the node
-    were promoted. Dropped; the consumer makes its slot where the primary is."""
+    were promoted. Dropped; the consumer makes its slot where the primary is.
+
+    Only a node the monitor sees as a healthy standby is reached, once each
+    time it becomes one (`cleaned` holds the ports done and is kept by the
+    caller): never the primary, whose slot is the consumer's, and never a node
+    that is down or failing the monitor's health checks, which is looked at
+    once it is back instead of being waited for."""
+    standbys = {port for _, port in monitor_conn.execute(queries.HA_STANDBYS, {"formation": FORMATION}).fetchall()}
+    cleaned.intersection_update(standbys)
     dropped = []
     for node in nodes(settings):
+        if node.port not in standbys or node.port in cleaned:
+            continue
         try:
-            with psycopg.connect(node_conninfo(settings, node), autocommit=True, row_factory=dict_row) as conn:
+            with psycopg.connect(node_conninfo(settings, node), autocommit=True, row_factory=dict_row,
+                                 connect_timeout=FOLLOW_CONNECT_SECONDS) as conn:
                 if not conn.execute(queries.HA_NODE_ROLE).fetchone()["in_recovery"]:
-                    continue
+                    continue  # promoted since the monitor's answer: its slot is the consumer's
                 for row in conn.execute(queries.HA_LOGICAL_SLOTS).fetchall():
                     conn.execute(queries.DROP_SLOT, {"slot": row["slot"]})
                     dropped.append(f"{node.name}:{row['slot']}")
+            cleaned.add(node.port)
         except psycopg.Error:
-            continue  # down, or starting: looked at again on the next change
+            continue  # gone again, or starting: looked at on the next poll
     return dropped
 
 
@@ -566,25 +590,39 @@ def follow(settings: Settings, retarget: Callable[[int], None], stop: Callable[[
     (rewrite PgBouncer's [databases] entry and reload it). Woken by the
     monitor's NOTIFY on every state change, and every `poll_seconds` anyway,
     so a notification lost while reconnecting costs at most that long. A
-    monitor that does not answer is retried; the current target stays."""
+    monitor that does not answer is retried; the current target stays. A
+    retarget that fails (PgBouncer down while supervisord restarts it) is
+    logged, counted and tried again at the next poll: it never ends the
+    listener, which is the only thing that would point PgBouncer away."""
     target: int | None = None
+    cleaned: set[int] = set()
+    failures = 0
     while not stop():
         try:
             with psycopg.connect(monitor_conninfo(settings), autocommit=True) as conn:
                 conn.execute(queries.HA_LISTEN)
                 log.info("following the monitor", extra={"fields": {"monitor": settings.pg_port}})
-                changed = True
                 while not stop():
                     current = _primary_on(conn)
                     if current is not None and current.port != target:
-                        retarget(current.port)
-                        log.info("PgBouncer now points at the primary",
-                                 extra={"fields": {"node": current.name, "port": current.port, "was": target}})
-                        target = current.port
-                    if changed:
-                        for slot in drop_stale_slots(settings):
-                            log.info("dropped a logical slot left on a standby", extra={"fields": {"slot": slot}})
-                    changed = any(True for _ in conn.notifies(timeout=poll_seconds, stop_after=1))
+                        BOUNCER_BEHIND.set(1)
+                        try:
+                            retarget(current.port)
+                        except (SupervisorctlFailed, OSError) as exc:
+                            failures += 1
+                            RETARGET_FAILURES.inc()
+                            log.warning("could not point PgBouncer at the primary, trying again", extra={"fields": {
+                                "node": current.name, "port": current.port, "error": str(exc).strip(),
+                                "attempt": failures}})
+                        else:
+                            log.info("PgBouncer now points at the primary", extra={"fields": {
+                                "node": current.name, "port": current.port, "was": target,
+                                "after_failures": failures}})
+                            target, failures = current.port, 0
+                            BOUNCER_BEHIND.set(0)
+                    for slot in drop_stale_slots(settings, conn, cleaned):
+                        log.info("dropped a logical slot left on a standby", extra={"fields": {"slot": slot}})
+                    any(True for _ in conn.notifies(timeout=poll_seconds, stop_after=1))
         except psycopg.Error as exc:
             log.warning("the monitor did not answer, retrying", extra={"fields": {"error": str(exc).strip()}})
             time.sleep(1)

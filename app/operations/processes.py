@@ -121,20 +121,21 @@ def bouncer_retarget(settings: Settings, pg_port: int) -> None:
     failover): its settings written again with the new database entry, and
     re-read, and nothing else. A failover is the moment the service waits for
     this, and each supervisorctl call of `bouncer_up` costs seconds on a loaded
-    machine (12 s in all at load average 25). If PgBouncer is not running, the
-    file is what it reads when supervisord starts it again."""
+    machine (12 s in all at load average 25). If PgBouncer is not running,
+    the file is what it reads when supervisord starts it again, and the
+    SIGHUP's SupervisorctlFailed is the caller's to retry."""
     _write_ini(settings, pg_port)
     _reload_bouncer(_supervisor(settings))
 
 
 def _write_ini(settings: Settings, pg_port: int) -> Path:
+    # Whole or not at all: supervisord may start PgBouncer again while the
+    # listener writes it.
     folder = _bouncer_dir(settings)
     ini = folder / "pgbouncer.ini"
-    ini.write_text(PGBOUNCER_INI.format(
+    cluster.write_owned(settings, ini, PGBOUNCER_INI.format(
         socket_dir=_connstring_value(str(settings.socket_dir)), pg_port=pg_port,
         bouncer_port=settings.bouncer_port, userlist=folder / "userlist.txt"))
-    if os.geteuid() == 0:
-        shutil.chown(ini, settings.pg_os_user, settings.pg_os_user)
     return ini
 
 

@@ -50,6 +50,11 @@ files = programs/*.conf
 ALIVE = frozenset({"STARTING", "RUNNING", "BACKOFF"})
 
 
+class SupervisorctlFailed(SystemExit):
+    """A supervisorctl command supervisord refused or could not carry out (a
+    signal to a program that is not running, say)."""
+
+
 @dataclass(frozen=True)
 class Program:
     """One supervised process: how to run it and how to stop it."""
@@ -195,7 +200,7 @@ class Supervisor:
         result = subprocess.run(["supervisorctl", "-c", str(self.conf_file), *args],
                                 check=False, capture_output=True, text=True)
         if check and result.returncode != 0:
-            raise SystemExit(f"supervisorctl {' '.join(args)}: {(result.stdout + result.stderr).strip()}")
+            raise SupervisorctlFailed(f"supervisorctl {' '.join(args)}: {(result.stdout + result.stderr).strip()}")
         return result
 
     def answers(self) -> bool:
