@@ -124,6 +124,20 @@ def test_an_entry_the_stream_has_not_delivered_is_not_missing_but_a_stopped_stre
     assert all(f["detail"]["slot_name"].startswith("audit_") for f in findings)
 
 
+def test_a_node_that_joins_during_a_run_is_waited_on(streamed, monkeypatch):
+    """The consumer's slots are looked up when a batch needs them, not once at
+    the start: here the slot nobody consumes appears only after the first
+    batch (as a node added meanwhile would), and the stream is reported
+    behind rather than carol's late entry taken for missing."""
+    credit(streamed, "carol", "late", 7)  # written, not streamed; carol is in the second batch
+    discover = reconcile.stream.discover
+    joined = threading.Event()
+    monkeypatch.setattr(reconcile.stream, "discover",
+                        lambda target, slot: discover(target, slot) if joined.is_set() else [])
+    findings = _run(streamed, stream_wait=0.5, progress=lambda *counts: joined.set()).findings
+    assert findings and {(f["user_id"], f["finding"]) for f in findings} == {(None, "stream_behind")}
+
+
 def test_another_tools_slot_is_not_waited_on(live):
     """A logical slot that is not the consumer's (a DBA's, read by nobody) feeds
     nothing into the history: a batch that finds an entry missing waits only

@@ -6,10 +6,11 @@ an entry missing from it is only a finding once the stream is shown to have
 passed it: for the accounts a batch finds short, the reconciler reads their
 last seqs, marks every node's WAL after that read (audit.stream_barrier),
 waits until each of the audit consumer's slots (`slot`, named per node as
-`rewards audit run` names them) has confirmed past its node's mark, and checks them
-again requiring only the entries up to those seqs. A stream that does not get
-there in `stream_wait` seconds is itself the finding (`stream_behind`), and
-from then on the run does not wait again.
+`rewards audit run` names them, the nodes looked up after each mark so that
+one added during the run is waited on too) has confirmed past its node's mark,
+and checks them again requiring only the entries up to those seqs. A stream
+that does not get there in `stream_wait` seconds is itself the finding
+(`stream_behind`), and from then on the run does not wait again.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ class _Confirmation:
     """Waits for the stream to deliver what a batch found missing; once it
     has failed to, says so once and stops waiting."""
 
-    def __init__(self, ledger: Ledger, slots: list[str], wait: float) -> None:
-        self.ledger, self.slots, self.wait = ledger, slots, wait
+    def __init__(self, ledger: Ledger, conninfo: str, slot: str, wait: float) -> None:
+        self.ledger, self.conninfo, self.slot, self.wait = ledger, conninfo, slot, wait
         self.stalled: list[dict[str, Any]] | None = None
 
     def confirmed_seqs(self, user_ids: list[str]) -> list[int] | None:
@@ -84,8 +85,11 @@ class _Confirmation:
             return None
         seqs = {row["user_id"]: row["last_seq"] for row in self.ledger(_last_seqs(user_ids))}
         marks = self.ledger(_barrier())["marks"]
+        # After the mark: every node it marked is in the cluster by now, so a
+        # node that joined since the run began has its slot in the list.
+        slots = [node.slot for node in stream.discover(self.conninfo, self.slot)]
         deadline = time.monotonic() + self.wait
-        while behind := self.ledger(_behind(marks, self.slots)):
+        while behind := self.ledger(_behind(marks, slots)):
             if time.monotonic() >= deadline:
                 self.stalled = behind
                 return None
@@ -103,9 +107,8 @@ def reconcile(conninfo: str, batch_size: int = 500, repair: bool = False, pause:
     leaves room for live traffic on a busy database."""
     report = Report()
     after = ""
-    slots = [node.slot for node in stream.discover(conninfo, slot)]
     with Ledger.connect(conninfo) as ledger:
-        confirmation = _Confirmation(ledger, slots, stream_wait)
+        confirmation = _Confirmation(ledger, conninfo, slot, stream_wait)
         total = ledger(_count_accounts())["accounts"]
         while True:
             users = [r["user_id"] for r in ledger(_accounts_after(after, batch_size))]
