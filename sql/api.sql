@@ -357,8 +357,6 @@ ALTER FUNCTION api.list_callback_sources() OWNER TO rewards_owner;
 
 REVOKE ALL ON ALL TABLES IN SCHEMA api FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA api FROM PUBLIC;
--- And of what later migrations create: EXECUTE only where they grant it.
-ALTER DEFAULT PRIVILEGES IN SCHEMA api REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
 GRANT SELECT ON api.keys TO rewards_owner;  -- api.authenticate_v2 and the views
 GRANT SELECT ON api.callback_sources, api.callback_secrets TO rewards_owner;  -- api.callback_salts and the view
 GRANT USAGE ON SCHEMA api TO rewards_api;

@@ -652,8 +652,6 @@ INSERT INTO audit.settings DEFAULT VALUES;
 REVOKE ALL ON ALL TABLES IN SCHEMA audit FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA audit FROM PUBLIC;
 REVOKE ALL ON ALL PROCEDURES IN SCHEMA audit FROM PUBLIC;
--- And of what later migrations create: EXECUTE only where they grant it.
-ALTER DEFAULT PRIVILEGES IN SCHEMA audit REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
 GRANT USAGE ON SCHEMA audit TO rewards_auditor, rewards_audit_writer, rewards_notifier;
 GRANT SELECT ON audit.entries, audit.reservation_events, audit.notifications, audit.stream_progress,
                 audit.settings, audit.chain_checkpoints

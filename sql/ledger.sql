@@ -2094,8 +2094,6 @@ REVOKE ALL ON ALL TABLES IN SCHEMA ledger FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA ledger FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA ledger FROM PUBLIC;
 REVOKE ALL ON ALL PROCEDURES IN SCHEMA ledger FROM PUBLIC;
--- And of what later migrations create: EXECUTE only where they grant it.
-ALTER DEFAULT PRIVILEGES IN SCHEMA ledger REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
 -- Not even the owner may rewrite history (it is the superuser, whom privileges
 -- do not bind: the append-only triggers refuse it all the same).
 REVOKE UPDATE, DELETE, TRUNCATE ON ledger.entries FROM CURRENT_USER;

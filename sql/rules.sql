@@ -547,19 +547,24 @@ $$;
 
 -- ===========================================================================
 -- Public functions: the administration (scope admin in the API, `rewards
--- rules|campaigns` at the CLI). SECURITY INVOKER and run on the coordinator:
--- under Citus a write of a reference table reaches every node over
--- connections made as the current user, which must be able to log in there
--- (rewards_owner cannot; rewards_api and the superuser can). So rewards_api
--- holds the table rights these need, on the rules tables alone (sql/README.md).
+-- rules|campaigns` at the CLI), run on the coordinator. SECURITY DEFINER and,
+-- like the tables, the superuser's (sql/README.md, "Citus"): under Citus a
+-- write of a reference table or of the slices' shards reaches every node over
+-- connections made as the current user, which inside these is their owner, so
+-- it must log in on every node, as the superuser does and rewards_owner
+-- cannot. The caller, rewards_api, holds no right on any table: it executes
+-- these. Each names everything by its schema, builds no SQL from its
+-- arguments, and its search_path ends with pg_temp, so a caller can slip
+-- nothing of its own in. Who made a change is the p_actor the caller passes
+-- (the API key's name, the OS user at the CLI), never the session's role.
 -- Changes serialize on one advisory lock, so `before` is what was there.
 -- ===========================================================================
 
 -- The checks the administration makes before it writes, field by field
 -- (22023 naming the field), before the tables' CHECKs would refuse the row as
--- a whole. SECURITY DEFINER: they only read their arguments, and the
--- administration that calls them runs as its caller (below), who may not call
--- the ledger's private helpers.
+-- a whole. SECURITY DEFINER to rewards_owner: they only read their arguments
+-- and the ledger's settings, so they run with less than the superuser's
+-- rights of the administration that calls them.
 CREATE FUNCTION rules.check_change(p_actor text, p_enabled boolean)
 RETURNS void
 LANGUAGE plpgsql
@@ -656,6 +661,7 @@ CREATE FUNCTION rules.put_rule(
 )
 RETURNS rules.rules
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -696,6 +702,7 @@ $$;
 CREATE FUNCTION rules.enable_rule(p_actor text, p_action_type text, p_enabled boolean)
 RETURNS rules.rules
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -729,6 +736,7 @@ CREATE FUNCTION rules.list_rules()
 RETURNS SETOF rules.rules
 LANGUAGE sql
 STABLE
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT * FROM rules.rules ORDER BY action_type;
@@ -751,6 +759,7 @@ CREATE FUNCTION rules.put_campaign(
 )
 RETURNS rules.campaigns
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -841,6 +850,7 @@ $$;
 CREATE FUNCTION rules.enable_campaign(p_actor text, p_campaign_id bigint, p_enabled boolean)
 RETURNS rules.campaigns
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -879,6 +889,7 @@ RETURNS TABLE (campaign_id bigint, name text, starts_at timestamptz, ends_at tim
                budget bigint, spent bigint, enabled boolean, created_at timestamptz, updated_at timestamptz)
 LANGUAGE sql
 STABLE
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT c.campaign_id, c.name, c.starts_at, c.ends_at, c.multiplier_percent, c.bonus_points,
@@ -899,17 +910,17 @@ $$;
 -- take what they find, down to the last point). A slice gets more than it
 -- asked, a share of what is unallocated (1/slices), so refills stay
 -- rare: one transaction on the coordinator, over the budget's reference row
--- and the slice's shard (every shard when it gathers), run as its caller.
--- Does nothing when another refill came first.
+-- and the slice's shard (every shard when it gathers). Does nothing when
+-- another refill came first.
 CREATE FUNCTION rules.refill_budget_slice(p_campaign_id bigint, p_user_id text, p_points bigint)
 RETURNS void
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_hash constant integer := hashtext(p_user_id);
     v_slices constant bigint := (SELECT count(*) FROM rules.budget_anchors);
-    v_anchor text;
+    v_anchor constant text := rules._budget_anchor(p_user_id);
     v_unallocated bigint;
     v_slice rules.budget_slices;
     v_gathered bigint;
@@ -917,9 +928,6 @@ DECLARE
     v_give bigint;
     v_exhausted boolean := false;
 BEGIN
-    -- rules._budget_anchor's lookup, written out: this runs as its caller,
-    -- who may execute no private helper.
-    SELECT anchor INTO v_anchor FROM rules.budget_anchors WHERE v_hash BETWEEN hash_min AND hash_max;
     IF p_points IS NULL OR p_points < 1 OR v_anchor IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value', COLUMN = 'points',
             MESSAGE = 'invalid points: a refill needs a user id and a positive number of points';
@@ -975,6 +983,7 @@ RETURNS TABLE (campaign_id bigint, name text, ends_at timestamptz, ended boolean
                awarded bigint, left_points bigint, in_slices bigint, unallocated bigint)
 LANGUAGE plpgsql
 STABLE
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -996,6 +1005,7 @@ CREATE FUNCTION rules.list_changes(p_before_id bigint, p_limit integer)
 RETURNS SETOF rules.change_history
 LANGUAGE plpgsql
 STABLE
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -1010,7 +1020,8 @@ END;
 $$;
 
 -- ===========================================================================
--- Ownership: as in the ledger schema (the tables stay with the superuser).
+-- Ownership: as in the ledger schema (the tables stay with the superuser),
+-- but for the administration, which stays the superuser's too (above).
 -- ===========================================================================
 
 DO $owner$
@@ -1025,6 +1036,8 @@ BEGIN
         SELECT format('ALTER ROUTINE %s OWNER TO rewards_owner', p.oid::regprocedure)
         FROM pg_catalog.pg_proc p
         WHERE p.pronamespace = 'rules'::regnamespace
+          AND p.proname NOT IN ('put_rule', 'enable_rule', 'list_rules', 'put_campaign', 'enable_campaign',
+                                'list_campaigns', 'refill_budget_slice', 'budget_report', 'list_changes')
         UNION ALL
         SELECT format('ALTER TYPE %s OWNER TO rewards_owner', t.oid::regtype)
         FROM pg_catalog.pg_type t
@@ -1051,8 +1064,6 @@ SELECT rules._place_budget_anchors();
 REVOKE ALL ON ALL TABLES IN SCHEMA rules FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA rules FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA rules FROM PUBLIC;
--- And of what later migrations create: EXECUTE only where they grant it.
-ALTER DEFAULT PRIVILEGES IN SCHEMA rules REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
 -- Nobody rewrites the history, the owner included (privileges do not bind
 -- the superuser; the functions never do it).
 REVOKE UPDATE, DELETE, TRUNCATE ON rules.changes FROM CURRENT_USER;
@@ -1063,9 +1074,8 @@ GRANT SELECT ON rules.budget_anchors, rules.campaign_budgets TO rewards_owner;
 GRANT SELECT, INSERT, UPDATE ON rules.earnings TO rewards_owner;
 GRANT SELECT, INSERT ON rules.action_claims TO rewards_owner;
 GRANT USAGE ON SCHEMA rules TO rewards_owner;
--- The API: the earning, and the administration, which runs as the API's role
--- itself (above): it writes the rules tables and the history, and nothing
--- else; the ledger's tables stay out of its reach.
+-- The API: the earning and the administration, as functions alone; no table
+-- of the schema is in its reach.
 GRANT USAGE ON SCHEMA rules TO rewards_api;
 GRANT EXECUTE ON FUNCTION
     rules.claim_action(text, text),
@@ -1077,18 +1087,9 @@ GRANT EXECUTE ON FUNCTION
     rules.enable_campaign(text, bigint, boolean),
     rules.list_campaigns(),
     rules.list_changes(bigint, integer),
-    rules.check_change(text, boolean),
-    rules.check_rule(rules.rules),
-    rules.check_campaign(rules.campaigns)
+    rules.refill_budget_slice(bigint, text, bigint),
+    rules.budget_report(bigint)
 TO rewards_api;
-GRANT SELECT, INSERT, UPDATE ON rules.rules, rules.campaigns TO rewards_api;
-GRANT SELECT, INSERT, UPDATE, DELETE ON rules.campaign_budgets, rules.budget_slices TO rewards_api;
-GRANT SELECT ON rules.budget_anchors TO rewards_api;
--- The refill, which runs as the API's role (above).
-GRANT EXECUTE ON FUNCTION rules.refill_budget_slice(bigint, text, bigint), rules.budget_report(bigint) TO rewards_api;
-GRANT SELECT, INSERT ON rules.changes TO rewards_api;
-GRANT SELECT ON rules.change_history TO rewards_api;
-GRANT USAGE ON SEQUENCE rules.campaigns_campaign_id_seq, rules.changes_change_id_seq TO rewards_api;
 -- Auditors read the history: the view, and under Citus its table too, whose
 -- shard the view's query reads as the auditor (a view's owner's rights do not
 -- reach a shard on another node, or on this one under Citus). The view shows

@@ -7,9 +7,11 @@ changes nothing; a new revision runs the SQL file named like it."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -88,6 +90,20 @@ def test_upgrading_twice_is_a_no_op(database):
     with psycopg.connect(SETTINGS.superuser_conninfo(dbname)) as conn:
         versions = conn.execute("SELECT version_num FROM public.alembic_version").fetchall()
     assert versions == [(_head(),)]
+
+
+def test_a_plain_alembic_upgrade_leaves_public_executing_nothing(database):
+    """The guard against PostgreSQL's default EXECUTE for PUBLIC runs in
+    migrations/env.py, so the Alembic command line ends with it too, not only
+    `rewards db migrate`: a function PUBLIC could run is closed by the upgrade."""
+    public_may_run = "SELECT has_function_privilege('public', 'ledger.stray()', 'EXECUTE') AS runs"
+    with psycopg.connect(SETTINGS.superuser_conninfo(database), autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("CREATE FUNCTION ledger.stray() RETURNS integer LANGUAGE sql AS 'SELECT 1'")
+        assert conn.execute(public_may_run).fetchone()["runs"]
+        subprocess.run([sys.executable, "-m", "alembic", "-c", str(PROJECT_ROOT / "alembic.ini"), "upgrade", "head"],
+                       check=True, capture_output=True, cwd=PROJECT_ROOT,
+                       env={**os.environ, "REWARDS_DATABASE": database})
+        assert not conn.execute(public_may_run).fetchone()["runs"]
 
 
 # --- What pg_dump --schema-only does not see --------------------------------

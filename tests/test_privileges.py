@@ -39,6 +39,14 @@ REFUSED = [
     "SELECT rules._claim_budget(1, 'alice', 10)",
     "SELECT rules._place_budget_anchors()",
     "CALL ledger.expire_reservations()",
+    # the rules administration's tables: only through its functions
+    "SELECT * FROM rules.rules",
+    "UPDATE rules.campaigns SET enabled = false",
+    "UPDATE rules.budget_slices SET remaining = 1000000",
+    "DELETE FROM rules.campaign_budgets",
+    "INSERT INTO rules.changes (actor, subject, subject_id, operation, after) VALUES ('x', 'rule', 'x', 'create', '{}')",
+    "SELECT nextval('rules.campaigns_campaign_id_seq')",
+    "SELECT rules.check_change('x', true)",
 ]
 
 
@@ -99,10 +107,19 @@ WHERE n.nspname = ANY (%(schemas)s)
   AND EXISTS (SELECT FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
               WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE')"""
 # The API's role runs the public functions the code calls (sql/queries.sql),
-# and besides them only these: the field checks its administration calls,
-# SECURITY DEFINER so that they may use the ledger's helpers, and the first
-# api.authenticate, for API processes of before authenticate_v2.
-API_BESIDES_QUERIES = {"rules.check_change", "rules.check_rule", "rules.check_campaign", "api.authenticate"}
+# and besides them only the first api.authenticate, for API processes of
+# before authenticate_v2.
+API_BESIDES_QUERIES = {"api.authenticate"}
+# Every right granted to the role on a table, view or sequence of the
+# project's schemas.
+RELATION_RIGHTS = """
+SELECT format('%%s.%%s', n.nspname, c.relname) AS relation, a.privilege_type AS privilege
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
+     aclexplode(c.relacl) a
+WHERE n.nspname = ANY (%(schemas)s) AND a.grantee = %(role)s::regrole
+ORDER BY 1, 2"""
+RULES_ADMINISTRATION = ("put_rule", "enable_rule", "list_rules", "put_campaign", "enable_campaign",
+                        "list_campaigns", "refill_budget_slice", "budget_report", "list_changes")
 
 
 def _executable(topology, database: str) -> dict[str, list[dict]]:
@@ -140,3 +157,34 @@ def test_the_api_role_executes_only_what_the_code_calls(topology, database):
 def test_the_auditor_executes_only_the_chain_check(topology, database):
     for node, rows in _executable(topology, database).items():
         assert {row["function"] for row in rows if row["role"] == "rewards_auditor"} == {"audit.verify_chain"}, node
+
+
+def test_the_api_role_holds_no_right_on_any_table_on_any_node(topology, database):
+    """Not even on the rules tables its administration writes: those functions
+    write them as their owner."""
+    for node in topology.nodes:
+        with psycopg.connect(node.superuser_conninfo(database), row_factory=dict_row) as conn:
+            rights = conn.execute(RELATION_RIGHTS, {"schemas": SCHEMAS, "role": "rewards_api"}).fetchall()
+        assert rights == [], f"{node.pg_host or node.socket_dir}:{node.pg_port}"
+
+
+def test_the_rules_administration_runs_as_the_tables_owner(db):
+    """SECURITY DEFINER to the superuser who owns the tables (under Citus its
+    connections to the workers are made as the owner, who must log in there),
+    with a search_path a caller cannot put anything of its own in front of."""
+    functions = db.execute(
+        """SELECT p.proname, p.prosecdef, p.proconfig, p.proowner = c.relowner AS owns_the_tables, r.rolsuper
+           FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner, pg_class c
+           WHERE p.pronamespace = 'rules'::regnamespace AND p.proname = ANY (%s)
+             AND c.oid = 'rules.campaigns'::regclass""", (list(RULES_ADMINISTRATION),)).fetchall()
+    assert len(functions) == len(RULES_ADMINISTRATION)
+    assert all(f["prosecdef"] and f["owns_the_tables"] and f["rolsuper"] for f in functions), functions
+    assert {tuple(f["proconfig"]) for f in functions} == {("search_path=pg_catalog, pg_temp",)}
+
+
+def test_the_history_records_the_callers_actor(api_db, db):
+    """The change's actor is the one the API passes (its key's name), not a role."""
+    api_db.execute("SELECT * FROM rules.put_rule('key-ops', 'privs_probe', 5, NULL, NULL, NULL, NULL, true, NULL, NULL)")
+    api_db.execute("SELECT * FROM rules.enable_rule('key-audit', 'privs_probe', false)")
+    rows = db.execute("SELECT actor, operation FROM rules.changes WHERE subject_id = 'privs_probe' ORDER BY change_id")
+    assert rows.fetchall() == [{"actor": "key-ops", "operation": "create"}, {"actor": "key-audit", "operation": "disable"}]

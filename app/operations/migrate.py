@@ -41,14 +41,15 @@ def upgrade(conninfo: str, revision: str = "head") -> None:
 
     with _driver_errors():
         command.upgrade(_config(conninfo), revision)
-    close_routines_to_public(conninfo)
 
 
 def close_routines_to_public(conninfo: str) -> None:
     """PUBLIC executes none of the project's functions, on any node: Citus
     creates a function on a worker with PostgreSQL's default EXECUTE for PUBLIC
     (ledger._close_routines_to_public). After the migration has committed:
-    inside it, the workers' copies of what it changed are locked by it."""
+    inside it, the workers' copies of what it changed are locked by it.
+    migrations/env.py runs it after every Alembic command, build_fresh after
+    its files."""
     with translated(), psycopg.connect(conninfo, autocommit=True) as conn:
         if conn.execute(queries.ROUTINES_CLOSABLE).fetchone()[0]:
             conn.execute(queries.CLOSE_ROUTINES_TO_PUBLIC)
