@@ -102,8 +102,14 @@ def api_workers(settings: Settings) -> list[int]:
 
 def postmaster(settings: Settings) -> list[int]:
     """The running postmaster of the service database: the cluster's, or with
-    REWARDS_HA=on the primary node's."""
-    return _postmaster_of(_primary_node(settings).pg_data if settings.ha else settings.pg_data)
+    REWARDS_HA=on the primary node's, none while no node is (a crashed
+    primary's standby being promoted) or the monitor does not answer."""
+    if not settings.ha:
+        return _postmaster_of(settings.pg_data)
+    try:
+        return _postmaster_of(_primary_node(settings).pg_data)
+    except (psycopg.Error, StopIteration):
+        return []
 
 
 def _postmaster_of(pg_data: Path) -> list[int]:
