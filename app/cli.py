@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from app import earning_cli
 from app.audit import stream
@@ -23,6 +23,18 @@ def _up(args: argparse.Namespace) -> int:
     processes.up(settings)
     print(f"Rewards Ledger is up: http://{settings.api_host}:{settings.api_port} "
           f"(PgBouncer on 127.0.0.1:{settings.bouncer_port}, PostgreSQL on port {settings.pg_port})")
+    return 0
+
+
+def _setup(args: argparse.Namespace) -> int:
+    settings = load()
+    workers = [nodes.Address.parse(text) for text in args.worker]
+    if workers and settings.citus != "on":
+        raise InvalidArgument(f"Citus workers need REWARDS_CITUS=on (it is {settings.citus})", "worker")
+    processes.setup(settings, [replace(settings, pg_host=node.host, pg_port=node.port) for node in workers])
+    print(f"database {settings.database} on {settings.pg_host or settings.socket_dir}:{settings.pg_port} migrated"
+          + (f" with the workers {', '.join(map(str, workers))}" if workers else "")
+          + f"; PgBouncer's files written to {settings.data_dir / 'pgbouncer'}")
     return 0
 
 
@@ -553,6 +565,12 @@ def _parser() -> argparse.ArgumentParser:
 
     groups.add_parser("up", help="database, PgBouncer, Redis and the API (safe to repeat)").set_defaults(func=_up)
     groups.add_parser("down", help="stop everything `rewards up` started").set_defaults(func=_down)
+    setup = groups.add_parser(
+        "setup", help="what `rewards up` does before it starts anything, on database nodes it does not run "
+                      "(REWARDS_PG_HOST): secrets, workers registered, migration, PgBouncer's files (safe to repeat)")
+    setup.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
+                       help="a Citus worker to register before the migration distributes (REWARDS_CITUS=on)")
+    setup.set_defaults(func=_setup)
     groups.add_parser("status", help="each supervised program and its state; exit 1 unless all run").set_defaults(
         func=_status)
 

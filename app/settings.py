@@ -103,7 +103,10 @@ class Settings:
                                    "where `rewards ha follow` serves its metrics (0: nowhere)", int)
 
     # --- PgBouncer and Redis, beside the cluster -------------------------------
-    bouncer_port: int = setting("REWARDS_BOUNCER_PORT", "64329", "PgBouncer's port on 127.0.0.1", int)
+    bouncer_host: str = setting(
+        "REWARDS_BOUNCER_HOST", "127.0.0.1", "PgBouncer's address: where it listens and the API reaches it (a name "
+        "is looked up by both, as docker-compose.yml's `pgbouncer` is)")
+    bouncer_port: int = setting("REWARDS_BOUNCER_PORT", "64329", "PgBouncer's port", int)
     redis_url: str = setting("REWARDS_REDIS_URL", "redis://127.0.0.1:6379/0",
                              "Redis for the shared rate limits (started by `make run` when nothing answers there)")
     redis_prefix: str = setting("REWARDS_REDIS_PREFIX", "rewards", "prefix of the bucket keys")
@@ -239,14 +242,14 @@ class Settings:
 
     def api_conninfo(self, dbname: str | None = None) -> str:
         """The API's role, straight to PostgreSQL over TCP."""
-        return self._api_role_over_tcp(self.db_ports, dbname)
+        return self._api_role_over_tcp("127.0.0.1", self.db_ports, dbname)
 
     def bouncer_conninfo(self, dbname: str | None = None) -> str:
         """The API's role through PgBouncer, as the API connects."""
-        return self._api_role_over_tcp((self.bouncer_port,), dbname)
+        return self._api_role_over_tcp(self.bouncer_host, (self.bouncer_port,), dbname)
 
-    def _api_role_over_tcp(self, ports: tuple[int, ...], dbname: str | None) -> str:
-        return self._conninfo("127.0.0.1", ports, "rewards_api", dbname, password=self.required("api_password"))
+    def _api_role_over_tcp(self, host: str, ports: tuple[int, ...], dbname: str | None) -> str:
+        return self._conninfo(host, ports, "rewards_api", dbname, password=self.required("api_password"))
 
     def required(self, name: str) -> str:
         """A secret's value, or a refusal saying where it comes from."""

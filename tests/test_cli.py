@@ -70,6 +70,14 @@ def test_a_stopped_database_is_one_line_not_a_traceback(command, tmp_path):
     _one_clear_line(done, 1, "the database did not answer")
 
 
+def test_setup_on_a_stopped_database_or_with_workers_it_cannot_register_is_one_line(tmp_path):
+    elsewhere = {"REWARDS_DATA_DIR": str(tmp_path), "REWARDS_PG_HOST": "127.0.0.1", "REWARDS_PG_PORT": str(free_port())}
+    _one_clear_line(_rewards("setup", **elsewhere, REWARDS_CITUS="off"), 1, "the database did not answer")
+    _one_clear_line(_rewards("setup", "--worker", "worker1:5432", **elsewhere, REWARDS_CITUS="off"), 2,
+                    "REWARDS_CITUS=on")
+    _one_clear_line(_rewards("setup", "--worker", "worker1", **elsewhere, REWARDS_CITUS="on"), 2, "HOST:PORT")
+
+
 def test_the_command_line_leaves_the_slow_imports_to_the_commands_that_need_them():
     """supervisord starts the audit consumer and the sender as `rewards audit run`
     and `rewards notify run`: a restart must not first spend seconds importing

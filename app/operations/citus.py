@@ -42,8 +42,9 @@ def local_workers(settings: Settings) -> list[Settings]:
 
 
 def address(node: Settings) -> dict[str, object]:
-    """How the nodes reach each other: the node's Unix socket folder and port."""
-    return {"host": str(node.socket_dir), "port": node.pg_port}
+    """How the nodes reach each other: as we reach the node, by its host
+    (REWARDS_PG_HOST) or else its Unix socket folder, and its port."""
+    return {"host": str(node.pg_host or node.socket_dir), "port": node.pg_port}
 
 
 def create_extension(node: Settings) -> None:

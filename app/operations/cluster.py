@@ -331,9 +331,17 @@ def up(settings: Settings) -> None:
     nodes = _nodes(settings)
     for node in nodes:
         start_node(node, settings)
+    setup(settings, nodes[1:])
+
+
+def setup(settings: Settings, workers: list[Settings]) -> None:
+    """On nodes that run already: the service database on each; under
+    REWARDS_CITUS=on the extension on each and the workers registered, so that
+    the migration distributes; then the migration, and the API's role let in."""
+    for node in (settings, *workers):
         _create_database(node)
     if settings.citus == "on":
-        citus.prepare(settings, nodes[1:])
+        citus.prepare(settings, workers)
     migrate.upgrade(settings.superuser_conninfo())
     _let_api_log_in(settings)
 

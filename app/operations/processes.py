@@ -23,10 +23,10 @@ from app.settings import PROJECT_ROOT, Settings
 PGBOUNCER_INI = """\
 ; Written by `rewards up`.
 [databases]
-* = host={socket_dir} port={pg_port}
+* = host={pg_host} port={pg_port}
 
 [pgbouncer]
-listen_addr = 127.0.0.1
+listen_addr = {listen_addr}
 listen_port = {bouncer_port}
 unix_socket_dir =
 auth_type = scram-sha-256
@@ -88,6 +88,29 @@ def _bouncer_dir(settings: Settings) -> Path:
     return settings.data_dir / "pgbouncer"
 
 
+def bouncer_files(settings: Settings, pg_port: int) -> None:
+    """PgBouncer's ini and auth file in the data folder (see _write_ini)."""
+    folder = _bouncer_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    userlist = folder / "userlist.txt"
+    userlist.write_text(_userlist_line("rewards_api", settings.required("api_password")))
+    userlist.chmod(0o600)
+    _write_ini(settings, pg_port)
+    if os.geteuid() == 0:
+        for path in (folder, userlist):
+            shutil.chown(path, settings.pg_os_user, settings.pg_os_user)
+
+
+def _bouncer_ini(settings: Settings) -> Path:
+    return _bouncer_dir(settings) / "pgbouncer.ini"
+
+
+def bouncer_program(settings: Settings) -> Program:
+    # SIGINT is PgBouncer's safe shutdown: transactions under way finish first.
+    return Program("pgbouncer", ["pgbouncer", str(_bouncer_ini(settings))], settings.log_dir / "pgbouncer.log",
+                   user=_owner(settings), priority=200, stopsignal="INT", stopwaitsecs=30)
+
+
 def bouncer_up(settings: Settings, pg_port: int | None = None) -> None:
     """Write PgBouncer's files and start it, or have it re-read them. Its one
     database entry points at `pg_port` (the cluster's, or with REWARDS_HA=on the
@@ -95,25 +118,15 @@ def bouncer_up(settings: Settings, pg_port: int | None = None) -> None:
     once the standby is promoted)."""
     if pg_port is None:
         pg_port = ha.wait_for_primary(settings).port if settings.ha else settings.pg_port
-    folder = _bouncer_dir(settings)
-    folder.mkdir(parents=True, exist_ok=True)
-    userlist = folder / "userlist.txt"
-    userlist.write_text(_userlist_line("rewards_api", settings.required("api_password")))
-    userlist.chmod(0o600)
-    ini = _write_ini(settings, pg_port)
-    if os.geteuid() == 0:
-        for path in (folder, userlist):
-            shutil.chown(path, settings.pg_os_user, settings.pg_os_user)
+    bouncer_files(settings, pg_port)
     _retire_daemon(settings.socket_dir / "pgbouncer.pid")
     supervisor = _supervisor(settings)
     was_alive = supervisor.status("pgbouncer").state in ALIVE
-    # SIGINT is PgBouncer's safe shutdown: transactions under way finish first.
-    supervisor.ensure(Program("pgbouncer", ["pgbouncer", str(ini)], settings.log_dir / "pgbouncer.log",
-                              user=_owner(settings), priority=200, stopsignal="INT", stopwaitsecs=30))
+    supervisor.ensure(bouncer_program(settings))
     if was_alive:
         _reload_bouncer(supervisor)
-    _wait_for(lambda: port_answers(settings.bouncer_port), "PgBouncer", settings.log_dir / "pgbouncer.log",
-              settings.start_seconds)
+    _wait_for(lambda: port_answers(settings.bouncer_port, settings.bouncer_host), "PgBouncer",
+              settings.log_dir / "pgbouncer.log", settings.start_seconds)
 
 
 def bouncer_retarget(settings: Settings, pg_port: int) -> None:
@@ -128,15 +141,16 @@ def bouncer_retarget(settings: Settings, pg_port: int) -> None:
     _reload_bouncer(_supervisor(settings))
 
 
-def _write_ini(settings: Settings, pg_port: int) -> Path:
+def _write_ini(settings: Settings, pg_port: int) -> None:
+    """PgBouncer listens on REWARDS_BOUNCER_HOST, and its one database entry
+    points at `pg_port` on the cluster's host (REWARDS_PG_HOST, or the socket
+    folder)."""
     # Whole or not at all: supervisord may start PgBouncer again while the
     # listener writes it.
-    folder = _bouncer_dir(settings)
-    ini = folder / "pgbouncer.ini"
-    cluster.write_owned(settings, ini, PGBOUNCER_INI.format(
-        socket_dir=_connstring_value(str(settings.socket_dir)), pg_port=pg_port,
-        bouncer_port=settings.bouncer_port, userlist=folder / "userlist.txt"))
-    return ini
+    cluster.write_owned(settings, _bouncer_ini(settings), PGBOUNCER_INI.format(
+        pg_host=_connstring_value(str(settings.pg_host or settings.socket_dir)), pg_port=pg_port,
+        listen_addr=settings.bouncer_host, bouncer_port=settings.bouncer_port,
+        userlist=_bouncer_dir(settings) / "userlist.txt"))
 
 
 def _reload_bouncer(supervisor: Supervisor) -> None:
@@ -174,37 +188,48 @@ def redis_answers(url: str) -> bool:
         return False
 
 
-def _redis_program(url: str) -> str:
-    return f"redis-{urlparse(url).port or 6379}"
+def _redis_port(url: str) -> int:
+    return urlparse(url).port or 6379
+
+
+def redis_folder(settings: Settings, url: str) -> Path:
+    return settings.data_dir / f"redis-{_redis_port(url)}"
+
+
+def redis_program(settings: Settings, url: str) -> Program:
+    """Debian's redis-server, listening where `url` points."""
+    name = f"redis-{_redis_port(url)}"
+    # Buckets refill within seconds: nothing of them is worth saving to disk.
+    # The address it binds decides alone who reaches it: protected mode, on
+    # by default without a password, would refuse every client not on
+    # loopback (the API's container, in docker-compose.yml).
+    return Program(name, [
+        "redis-server", "--bind", urlparse(url).hostname, "--port", str(_redis_port(url)), "--protected-mode", "no",
+        "--daemonize", "no", "--dir", str(redis_folder(settings, url)), "--save", "", "--appendonly", "no",
+        "--maxmemory", "256mb", "--maxmemory-policy", "volatile-ttl",
+    ], settings.log_dir / f"{name}.log", user=_owner(settings), priority=200)
 
 
 def redis_up(settings: Settings, url: str | None = None) -> None:
     """Run Debian's redis-server for `url` unless something else already answers there."""
     url = url or settings.redis_url
-    parsed = urlparse(url)
-    port = parsed.port or 6379
-    folder = settings.data_dir / f"redis-{port}"
+    folder = redis_folder(settings, url)
     _retire_daemon(folder / "redis.pid")
     supervisor = _supervisor(settings)
-    name = _redis_program(url)
-    if not supervisor.has(name) and redis_answers(url):
+    program = redis_program(settings, url)
+    if not supervisor.has(program.name) and redis_answers(url):
         return
-    if parsed.hostname not in ("127.0.0.1", "localhost"):
+    if urlparse(url).hostname not in ("127.0.0.1", "localhost"):
         raise SystemExit(f"nothing answers at {url}, and only a local Redis can be started here")
     folder.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         shutil.chown(folder, settings.pg_os_user, settings.pg_os_user)
-    log_file = settings.log_dir / f"{name}.log"
-    # Buckets refill within seconds: nothing of them is worth saving to disk.
-    supervisor.ensure(Program(name, [
-        "redis-server", "--bind", "127.0.0.1", "--port", str(port), "--daemonize", "no", "--dir", str(folder),
-        "--save", "", "--appendonly", "no", "--maxmemory", "256mb", "--maxmemory-policy", "volatile-ttl",
-    ], log_file, user=_owner(settings), priority=200))
-    _wait_for(lambda: redis_answers(url), "Redis", log_file, settings.start_seconds)
+    supervisor.ensure(program)
+    _wait_for(lambda: redis_answers(url), "Redis", program.log_file, settings.start_seconds)
 
 
 def redis_down(settings: Settings, url: str | None = None) -> None:
-    _supervisor(settings).remove(_redis_program(url or settings.redis_url))
+    _supervisor(settings).remove(redis_program(settings, url or settings.redis_url).name)
 
 
 # --- The API ----------------------------------------------------------------
@@ -238,30 +263,40 @@ def _api_program(settings: Settings) -> str:
     return f"api-{settings.api_port}"
 
 
+def api_metrics_dir(settings: Settings) -> Path:
+    """Where the API's worker processes keep their metrics: emptied before it starts."""
+    return settings.socket_dir / f"prometheus-{settings.api_port}"
+
+
+def api_program(settings: Settings, env: dict[str, str] | None = None, workers: int | None = None) -> Program:
+    return Program(
+        _api_program(settings), api_command(settings, workers or settings.api_workers),
+        settings.log_dir / f"{_api_program(settings)}.log", directory=PROJECT_ROOT,
+        environment={**settings.environment(), **(env or {}),
+                     "PROMETHEUS_MULTIPROC_DIR": str(api_metrics_dir(settings))},
+        priority=300, stopwaitsecs=15,
+        # The server's worker processes go with it, so none is left holding the port.
+        stopasgroup=True)
+
+
 def api_up(settings: Settings, env: dict[str, str] | None = None, workers: int | None = None) -> int:
     """Run the API on settings.api_port, with `env` over the settings'
     variables; its pid once it answers."""
-    name = _api_program(settings)
-    _retire_daemon(settings.socket_dir / f"{name}.pid")
+    program = api_program(settings, env, workers)
+    _retire_daemon(settings.socket_dir / f"{program.name}.pid")
     supervisor = _supervisor(settings)
-    metrics_dir = settings.socket_dir / f"prometheus-{settings.api_port}"
-    if supervisor.status(name).state not in ALIVE:
+    metrics_dir = api_metrics_dir(settings)
+    if supervisor.status(program.name).state not in ALIVE:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True, exist_ok=True)
-    log_file = settings.log_dir / f"{name}.log"
-    supervisor.ensure(Program(
-        name, api_command(settings, workers or settings.api_workers), log_file, directory=PROJECT_ROOT,
-        environment={**settings.environment(), **(env or {}), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
-        priority=300, stopwaitsecs=15,
-        # The server's worker processes go with it, so none is left holding the port.
-        stopasgroup=True))
+    supervisor.ensure(program)
     health = f"http://{settings.api_host}:{settings.api_port}/healthz"
     try:
-        _wait_for(lambda: _http_ok(health), "the API", log_file, settings.start_seconds)
+        _wait_for(lambda: _http_ok(health), "the API", program.log_file, settings.start_seconds)
     except SystemExit:
-        supervisor.remove(name)  # leave nothing half-started behind
+        supervisor.remove(program.name)  # leave nothing half-started behind
         raise
-    return supervisor.pid(name)
+    return supervisor.pid(program.name)
 
 
 def api_down(settings: Settings) -> None:
@@ -273,11 +308,14 @@ def api_down(settings: Settings) -> None:
 WORKERS = {"audit": ["audit", "run"], "notify": ["notify", "run"], "ha-follow": ["ha", "follow"]}
 
 
+def worker_program(settings: Settings, name: str) -> Program:
+    return Program(name, [sys.executable, "-m", "app.cli", *WORKERS[name]], settings.log_dir / f"{name}.log",
+                   directory=PROJECT_ROOT, environment=settings.environment(), priority=400)
+
+
 def worker_up(settings: Settings, name: str) -> None:
     _retire_daemon(settings.socket_dir / f"{name}.pid")
-    _supervisor(settings).ensure(Program(
-        name, [sys.executable, "-m", "app.cli", *WORKERS[name]], settings.log_dir / f"{name}.log",
-        directory=PROJECT_ROOT, environment=settings.environment(), priority=400))
+    _supervisor(settings).ensure(worker_program(settings, name))
 
 
 def worker_down(settings: Settings, name: str) -> None:
@@ -289,9 +327,9 @@ def status(settings: Settings) -> list[Status]:
     return _supervisor(settings).status()
 
 
-def port_answers(port: int) -> bool:
+def port_answers(port: int, host: str = "127.0.0.1") -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False
@@ -312,6 +350,16 @@ def _wait_for(ready, what: str, log_file: Path, timeout: float) -> None:
             tail = log_file.read_text()[-2000:] if log_file.exists() else "(no log)"
             raise SystemExit(f"{what} did not come up within {timeout:.0f} s; its log ends:\n{tail}")
         time.sleep(0.2)
+
+
+def setup(settings: Settings, workers: list[Settings]) -> None:
+    """What `rewards up` does before it starts anything, on database nodes that
+    something else runs (docker-compose.yml's): the secrets, the service database
+    with its schema (the Citus `workers` registered first under REWARDS_CITUS=on),
+    the API's role let in, and PgBouncer's files."""
+    settings = secrets.ensure(settings)
+    cluster.setup(settings, workers)
+    bouncer_files(settings, settings.pg_port)
 
 
 def up(settings: Settings) -> None:
