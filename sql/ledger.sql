@@ -2094,6 +2094,13 @@ REVOKE ALL ON ALL TABLES IN SCHEMA ledger FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA ledger FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA ledger FROM PUBLIC;
 REVOKE ALL ON ALL PROCEDURES IN SCHEMA ledger FROM PUBLIC;
+-- The tables' owner (the superuser) needs no grant, but a Citus shard move
+-- applies the rows written during its copy as a role that is only a member of
+-- that owner (citus_shard_move_subscription_role_*, no superuser): without
+-- EXECUTE on what the entries_well_formed CHECK calls, the first entry written
+-- meanwhile fails there and the move never catches up.
+GRANT EXECUTE ON FUNCTION ledger._entry_well_formed(text, bigint, bigint, bigint, bigint, bigint, text, text, text,
+                                                    bytea, bytea) TO CURRENT_USER;
 -- Not even the owner may rewrite history (it is the superuser, whom privileges
 -- do not bind: the append-only triggers refuse it all the same).
 REVOKE UPDATE, DELETE, TRUNCATE ON ledger.entries FROM CURRENT_USER;

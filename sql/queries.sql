@@ -609,6 +609,26 @@ WHERE p.partmethod = 'h'
                   AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident)))
 ORDER BY 1;
 
+-- name: checks_a_move_cannot_apply
+-- CHECK constraints of Citus tables calling a function their table's owner may
+-- execute only as a superuser (neither it nor PUBLIC has EXECUTE, nor owns it).
+-- A shard move applies the rows written during its copy as a member of that
+-- owner that is no superuser: the first such row fails there, and the move
+-- never catches up.
+SELECT DISTINCT c.conrelid::regclass::text AS table_name, c.conname AS constraint_name,
+       f.oid::regprocedure::text AS function, t.relowner::regrole::text AS owner
+FROM pg_dist_partition p
+JOIN pg_class t ON t.oid = p.logicalrelid
+JOIN pg_constraint c ON c.conrelid = t.oid AND c.contype = 'c'
+JOIN pg_depend d ON d.classid = 'pg_constraint'::regclass AND d.objid = c.oid
+                AND d.refclassid = 'pg_proc'::regclass
+JOIN pg_proc f ON f.oid = d.refobjid
+WHERE f.proowner <> t.relowner
+  AND f.proacl IS NOT NULL
+  AND NOT EXISTS (SELECT FROM aclexplode(f.proacl) a
+                  WHERE a.privilege_type = 'EXECUTE' AND a.grantee IN (0, t.relowner))
+ORDER BY 1, 2;
+
 -- name: distributed_row_counts
 -- Rows per distributed table, counted across its shards (query_to_xml runs
 -- each table's count, the table named through format('%%I')).

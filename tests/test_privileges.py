@@ -1,10 +1,12 @@
 """The API's role executes the public functions and can do nothing else."""
 
 import re
+import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from tests.ledger import balance, commit, credit, debit, release, reserve
@@ -188,3 +190,25 @@ def test_the_history_records_the_callers_actor(api_db, db):
     api_db.execute("SELECT * FROM rules.enable_rule('key-audit', 'privs_probe', false)")
     rows = db.execute("SELECT actor, operation FROM rules.changes WHERE subject_id = 'privs_probe' ORDER BY change_id")
     assert rows.fetchall() == [{"actor": "key-ops", "operation": "create"}, {"actor": "key-audit", "operation": "disable"}]
+
+
+def test_a_member_of_the_tables_owner_may_run_the_entries_check_on_every_node(topology, database):
+    """A Citus shard move writes the rows of its catch-up as a role that is a
+    member of the tables' owner but no superuser (citus_shard_move_subscription_role_*):
+    it must be able to run what the entries_well_formed CHECK calls, or the
+    first entry written during a move fails on the target and the move never ends."""
+    role = f"test_move_{uuid.uuid4().hex[:8]}"
+    for node in topology.nodes:
+        with psycopg.connect(node.superuser_conninfo(database), autocommit=True, row_factory=dict_row) as conn:
+            owner = conn.execute("SELECT relowner::regrole::text AS owner FROM pg_class "
+                                 "WHERE oid = 'ledger.entries'::regclass").fetchone()["owner"]
+            conn.execute("SET citus.enable_ddl_propagation = off")  # this node's own role, as Citus makes it
+            conn.execute(sql.SQL("CREATE ROLE {} NOSUPERUSER IN ROLE {}").format(sql.Identifier(role),
+                                                                                  sql.Identifier(owner)))
+            try:
+                allowed = conn.execute(
+                    "SELECT has_function_privilege(%s, 'ledger._entry_well_formed(text, bigint, bigint, bigint, "
+                    "bigint, bigint, text, text, text, bytea, bytea)', 'EXECUTE') AS allowed", (role,)).fetchone()
+            finally:
+                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+            assert allowed == {"allowed": True}, node.pg_port

@@ -74,8 +74,9 @@ def latest(ledger: Ledger) -> Job | None:
 
 
 def check(settings: Settings, ledger: Ledger, slot: str) -> None:
-    """Refuse a rebalance that could not keep writes going or would move shards
-    to a node whose audit slot is missing (made here when it is)."""
+    """Refuse a rebalance that could not keep writes going, could not apply
+    them on the target (it would wait for its catch-up for hours), or would
+    move shards to a node whose audit slot is missing (made here when it is)."""
     stuck = [f"{n['host']}:{n['port']} ({n['wal_level'] if n['success'] else 'did not answer: ' + n['wal_level']})"
              for n in ledger(Call(queries.NODES_WAL_LEVEL, shape=Shape.MANY))
              if not n["success"] or n["wal_level"] != "logical"]
@@ -86,6 +87,13 @@ def check(settings: Settings, ledger: Ledger, slot: str) -> None:
     if tables:
         raise Refused(f"{', '.join(tables)} has no primary key or replica identity: a move could not keep it "
                       "writable while it copies (give it one, or move with block_writes by hand)")
+    unapplied = ledger(Call(queries.CHECKS_A_MOVE_CANNOT_APPLY, shape=Shape.MANY))
+    if unapplied:
+        checks = "; ".join(f"{row['table_name']} {row['constraint_name']} calls {row['function']}, which only a "
+                           f"superuser may execute: GRANT EXECUTE ON FUNCTION {row['function']} TO {row['owner']}"
+                           for row in unapplied)
+        raise Refused(f"a shard move could not apply the rows written during its copy (it writes them as a member "
+                      f"of the table's owner that is no superuser, and would wait for hours): {checks}")
     for node in stream.discover(settings.local_conninfo("rewards_audit_writer"), slot):
         try:
             node.ensure_slot()
