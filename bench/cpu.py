@@ -6,11 +6,10 @@ how long it took on a shared machine."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-from app.operations import citus
+from app.operations import citus, processes
 from app.settings import Settings
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -55,16 +54,6 @@ def _redis_pids(url: str) -> list[int]:
         return []
 
 
-def _bouncer_pids(settings: Settings) -> Iterator[int]:
-    ini = str(settings.data_dir / "pgbouncer" / "pgbouncer.ini").encode()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if ini in cmdline.read_bytes().split(b"\0"):
-                yield int(cmdline.parent.name)
-        except OSError:
-            continue
-
-
 def service_pids(settings: Settings, api_pid: int) -> dict[str, list[int]]:
     """The roots of what serves a request, by part (PARTS): the single node's
     or Citus coordinator's postmaster and the local Citus workers' (their
@@ -74,7 +63,7 @@ def service_pids(settings: Settings, api_pid: int) -> dict[str, list[int]]:
         return int((node.pg_data / "postmaster.pid").read_text().split("\n", 1)[0])
 
     return {"postgres": [postmaster(settings)], "workers": [postmaster(node) for node in citus.local_workers(settings)],
-            "pgbouncer": list(_bouncer_pids(settings)), "redis": _redis_pids(settings.redis_url), "api": [api_pid]}
+            "pgbouncer": processes.bouncer_pids(settings), "redis": _redis_pids(settings.redis_url), "api": [api_pid]}
 
 
 def snapshot(pids: dict[str, list[int]]) -> dict[str, float]:

@@ -27,7 +27,7 @@ from app.ledger import calls
 from app.ledger.client import Ledger
 from app.ledger.errors import LedgerError, Unavailable, translated
 from app.operations import ha, processes
-from app.operations.supervisor import Supervisor, SupervisorctlFailed
+from app.operations.supervisor import Supervisor
 from app.settings import Settings
 from tests.conftest import SETTINGS
 
@@ -297,13 +297,13 @@ def _retarget_failures() -> float:
 
 
 def test_the_listener_lives_through_a_retarget_that_fails(trio: Settings) -> None:
-    # What supervisorctl answers while supervisord restarts a PgBouncer that died.
+    # What processes.bouncer_retarget raises while a PgBouncer that died is restarted.
     done: list[int] = []
 
     def retarget(port: int) -> None:
         if len(done) < 2:
             done.append(0)
-            raise SupervisorctlFailed("supervisorctl signal HUP pgbouncer: pgbouncer: ERROR (not running)")
+            raise ProcessLookupError("no PgBouncer runs with .../pgbouncer/pgbouncer.ini")
         done.append(port)
 
     before = _retarget_failures()

@@ -213,3 +213,22 @@ def test_the_api_lives_through_a_pgbouncer_restart(stack):
                              json={"amount": 1, "reason": "after the restart"},
                              headers={"Idempotency-Key": uuid.uuid4().hex}).status_code for _ in range(12)]
     assert answers == [201] * 12
+
+
+def test_pgbouncer_is_retargeted_by_its_own_process_not_through_its_supervisor(stack):
+    """`rewards ha follow` signals PgBouncer itself (as under systemd, where
+    there is no supervisorctl): the process supervisord runs is the one found,
+    it re-reads its ini and keeps serving; with none running, the retarget
+    raises ProcessLookupError for the follower to try again."""
+    settings = stack.settings
+    assert processes.bouncer_pids(settings) == [stack.pid("pgbouncer")]
+    before = (settings.log_dir / "pgbouncer.log").read_text().count("got SIGHUP")
+    processes.bouncer_retarget(settings, settings.pg_port)
+    _eventually(lambda: (settings.log_dir / "pgbouncer.log").read_text().count("got SIGHUP") > before,
+                "PgBouncer's reload in its log")
+    assert processes.bouncer_pids(settings) == [stack.pid("pgbouncer")]
+    _serves(stack)
+    elsewhere = dataclasses.replace(settings, data_dir=settings.data_dir.parent / "no-bouncer")
+    (elsewhere.data_dir / "pgbouncer").mkdir(parents=True)
+    with pytest.raises(ProcessLookupError):
+        processes.bouncer_retarget(elsewhere, settings.pg_port)

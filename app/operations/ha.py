@@ -33,7 +33,7 @@ from psycopg.rows import dict_row
 
 from app.ledger import queries
 from app.operations import cluster, migrate
-from app.operations.supervisor import ALIVE, Program, Supervisor, SupervisorctlFailed
+from app.operations.supervisor import ALIVE, Program, Supervisor
 from app.settings import Settings
 
 log = logging.getLogger("rewards.ha")
@@ -608,7 +608,7 @@ def follow(settings: Settings, retarget: Callable[[int], None], stop: Callable[[
                         BOUNCER_BEHIND.set(1)
                         try:
                             retarget(current.port)
-                        except (SupervisorctlFailed, OSError) as exc:
+                        except OSError as exc:
                             failures += 1
                             RETARGET_FAILURES.inc()
                             log.warning("could not point PgBouncer at the primary, trying again", extra={"fields": {

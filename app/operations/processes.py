@@ -124,7 +124,7 @@ def bouncer_up(settings: Settings, pg_port: int | None = None) -> None:
     was_alive = supervisor.status("pgbouncer").state in ALIVE
     supervisor.ensure(bouncer_program(settings))
     if was_alive:
-        _reload_bouncer(supervisor)
+        _reload_bouncer(settings)
     _wait_for(lambda: port_answers(settings.bouncer_port, settings.bouncer_host), "PgBouncer",
               settings.log_dir / "pgbouncer.log", settings.start_seconds)
 
@@ -135,10 +135,10 @@ def bouncer_retarget(settings: Settings, pg_port: int) -> None:
     re-read, and nothing else. A failover is the moment the service waits for
     this, and each supervisorctl call of `bouncer_up` costs seconds on a loaded
     machine (12 s in all at load average 25). If PgBouncer is not running,
-    the file is what it reads when supervisord starts it again, and the
-    SIGHUP's SupervisorctlFailed is the caller's to retry."""
+    the file is what it reads when its supervisor starts it again, and the
+    OSError of the SIGHUP is the caller's to retry."""
     _write_ini(settings, pg_port)
-    _reload_bouncer(_supervisor(settings))
+    _reload_bouncer(settings)
 
 
 def _write_ini(settings: Settings, pg_port: int) -> None:
@@ -153,11 +153,33 @@ def _write_ini(settings: Settings, pg_port: int) -> None:
         userlist=_bouncer_dir(settings) / "userlist.txt"))
 
 
-def _reload_bouncer(supervisor: Supervisor) -> None:
-    # Re-read the settings without dropping a client connection. A server
-    # connection to a database whose host or port changed is closed as soon
-    # as its transaction ends (PgBouncer 1.18's RELOAD).
-    supervisor.signal("pgbouncer", "HUP")
+def bouncer_pids(settings: Settings) -> list[int]:
+    """The PgBouncer processes that read this data folder's ini, found by
+    their command line: the same under `make run`'s supervisord and under
+    systemd (ops/systemd), and never a process that took a dead one's pid."""
+    ini = str(_bouncer_ini(settings)).encode()
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            arguments = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # ended while we looked
+        if arguments and Path(arguments[0].decode(errors="replace")).name == "pgbouncer" and ini in arguments:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def _reload_bouncer(settings: Settings) -> None:
+    """PgBouncer re-reads its settings without dropping a client connection (a
+    server connection to a database whose host or port changed is closed as
+    soon as its transaction ends: PgBouncer 1.18's RELOAD, on SIGHUP). It is
+    signalled itself, not through its supervisor, so that `rewards ha follow`
+    retargets it wherever it runs; ProcessLookupError when none runs."""
+    pids = bouncer_pids(settings)
+    if not pids:
+        raise ProcessLookupError(f"no PgBouncer runs with {_bouncer_ini(settings)}")
+    for pid in pids:
+        os.kill(pid, signal.SIGHUP)
 
 
 def _userlist_line(user: str, password: str) -> str:
