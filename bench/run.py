@@ -155,13 +155,17 @@ def main() -> int:
     print(f"preparing {LEDGER_DB} ({USERS} funded accounts) and {TPCB_DB} (scale 10)...", file=sys.stderr)
     _prepare(settings)
 
+    with psycopg.connect(settings.superuser_conninfo(LEDGER_DB), autocommit=True) as conn:
+        distributed = Ledger(conn)(calls.citus_installed())["citus"]
+
     runs: dict[str, list[dict]] = {"tpcb-like": [], **{name: [] for name in SCRIPTS}}
     for round_no in range(1, args.rounds + 1):
         for name in runs:
             if name == "tpcb-like":
                 bench_args, dbname = ["-b", "tpcb-like"], TPCB_DB
             else:
-                bench_args, dbname = ["-D", f"users={USERS}", "-f", str(BENCH / SCRIPTS[name])], LEDGER_DB
+                bench_args, dbname = ["-D", f"users={USERS}", "-D", f"distributed={int(distributed)}",
+                                      "-f", str(BENCH / SCRIPTS[name])], LEDGER_DB
             slug = re.sub(r"\W+", "_", name)
             result = measure(settings, bench_args, dbname, args.clients, args.seconds,
                              out_dir / f"{slug}.round{round_no}.txt")

@@ -62,7 +62,7 @@ SELECT rules.claim_action(%(action_key)s, %(user_id)s) AS owner;
 
 -- name: act
 SELECT * FROM rules.act(%(user_id)s, %(key)s, %(source)s, %(external_id)s, %(type)s, %(value)s,
-                        %(occurred_at)s, %(metadata)s);
+                        %(occurred_at)s, %(metadata)s, %(claimed)s);
 
 -- name: refill_budget_slice
 SELECT rules.refill_budget_slice(%(campaign_id)s, %(user_id)s, %(points)s);

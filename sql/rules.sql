@@ -20,7 +20,8 @@ REVOKE ALL ON SCHEMA rules FROM PUBLIC;
 -- ===========================================================================
 
 -- What rules.act returns: the ledger's answer and why it earned what it did.
--- status: ok | idempotency_key_reused | action_already_credited | not_eligible | cap_reached
+-- status: ok | idempotency_key_reused | action_already_credited | not_eligible | cap_reached,
+-- and on a single node action_claimed_by_another_user (nothing written)
 CREATE TYPE rules.action_result AS (
     status            text,
     user_id           text,
@@ -201,16 +202,23 @@ CREATE TABLE rules.earnings (
 
 -- Which user a verified action (source, external id) belongs to: the first
 -- one it was reported for, forever. Keyed by action_key = source || ' ' ||
--- external_id (neither may hold a space), and under Citus distributed by that
--- key (colocated with the accounts' hashing), so the claim is a one-shard
--- transaction of its own, on the action's shard (docs/ARCHITECTURE.md).
+-- external_id (neither may hold a space). On a single node rules.act takes
+-- the claim in the credit's own transaction; under Citus the table is
+-- distributed by that key (colocated with the accounts' hashing), so the claim
+-- is a one-shard transaction of its own on the action's shard, made first
+-- (rules.claim_action; docs/ARCHITECTURE.md).
 CREATE TABLE rules.action_claims (
     action_key  text NOT NULL,
     user_id     text NOT NULL,
     claimed_at  timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT action_claims_pkey PRIMARY KEY (action_key),
+    -- The lengths apart from the pattern: with a bounded repetition ({1,255})
+    -- PostgreSQL's regex engine works through hundreds of states, about ten
+    -- times this form's cost and most of what a claim's insert cost.
     CONSTRAINT action_claims_key_format CHECK (
-        action_key ~ '^[A-Za-z0-9._:-]{1,64} [!-~]{1,255}$'),
+        action_key ~ '^[A-Za-z0-9._:-]+ [!-~]+$'
+        AND position(' ' IN action_key) <= 65
+        AND length(action_key) <= position(' ' IN action_key) + 255),
     CONSTRAINT action_claims_user_id_format CHECK (
         length(user_id) BETWEEN 1 AND 64 AND user_id !~ '[^A-Za-z0-9._:-]')
 );
@@ -349,6 +357,27 @@ BEGIN
 END;
 $$;
 
+-- Bind the action to p_user_id unless it is bound already, and answer whom
+-- it belongs to: the one claim of rules.claim_action and rules.act. A report
+-- for another user waits here for the transaction that claimed the action to
+-- end, then reads its user (or claims it, when that one rolled back).
+CREATE FUNCTION rules._claim(p_action_key text, p_user_id text)
+RETURNS text
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_owner text;
+BEGIN
+    INSERT INTO rules.action_claims (action_key, user_id) VALUES (p_action_key, p_user_id)
+    ON CONFLICT (action_key) DO NOTHING
+    RETURNING user_id INTO v_owner;
+    IF v_owner IS NULL THEN
+        SELECT user_id INTO STRICT v_owner FROM rules.action_claims WHERE action_key = p_action_key;
+    END IF;
+    RETURN v_owner;
+END;
+$$;
+
 -- The answer of rules.act from a ledger.result and the earning it recorded.
 CREATE FUNCTION rules._action_result(p_result ledger.result, p_earning jsonb)
 RETURNS rules.action_result
@@ -369,27 +398,26 @@ $$;
 -- ===========================================================================
 
 -- Bind a verified action to the user it is reported for, the first time, and
--- answer whom it belongs to (the caller goes on to rules.act only when that is
--- its user). Idempotent; a one-shard transaction on the action's shard.
+-- answer whom it belongs to (the caller goes on to rules.act, with p_claimed,
+-- only when that is its user). Under Citus the first step of an action: a
+-- one-shard transaction on the action's shard. Idempotent.
 CREATE FUNCTION rules.claim_action(p_action_key text, p_user_id text)
 RETURNS text
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-    v_owner text;
 BEGIN
-    IF p_action_key IS NULL OR p_action_key !~ '^[A-Za-z0-9._:-]{1,64} [!-~]{1,255}$' THEN
+    -- action_claims_key_format, checked first to name the argument
+    IF p_action_key IS NULL OR NOT (p_action_key ~ '^[A-Za-z0-9._:-]+ [!-~]+$'
+                                    AND position(' ' IN p_action_key) <= 65
+                                    AND length(p_action_key) <= position(' ' IN p_action_key) + 255) THEN
         PERFORM ledger._invalid('action_key', 'must be the source, a space and the external id');
     END IF;
     IF NOT ledger._is_name(p_user_id) THEN
         PERFORM ledger._invalid('user_id', 'must be 1-64 characters of A-Z a-z 0-9 . _ : -');
     END IF;
-    INSERT INTO rules.action_claims (action_key, user_id) VALUES (p_action_key, p_user_id)
-    ON CONFLICT (action_key) DO NOTHING;
-    SELECT user_id INTO STRICT v_owner FROM rules.action_claims WHERE action_key = p_action_key;
-    RETURN v_owner;
+    RETURN rules._claim(p_action_key, p_user_id);
 END;
 $$;
 
@@ -402,6 +430,15 @@ $$;
 -- the rule's lot terms (pending, expiry; none: plain points); the earning (rule, campaign, caps, budget) is kept in the entry's metadata under
 -- "earning". Refusals (not_eligible, cap_reached, action_already_credited)
 -- write only their idempotency record.
+-- Once ever across users: on a single node the action is claimed here first,
+-- before the account (rules._claim; lock order: claim, account, slice), so the
+-- claim commits with the credit, and an action another user holds is refused
+-- (action_claimed_by_another_user) writing nothing. Under Citus the claim's
+-- row is on the action's shard, which this call, delegated to the user's,
+-- cannot reach: p_claimed says the caller claimed it for this user with
+-- rules.claim_action, committed; without it the call raises RLB03 (nothing
+-- written). p_claimed defaults to true for code before revision 0035, which
+-- claimed first and passed eight arguments.
 CREATE FUNCTION rules.act(
     p_user_id text,
     p_idempotency_key text,
@@ -410,7 +447,8 @@ CREATE FUNCTION rules.act(
     p_action_type text,
     p_value bigint,
     p_occurred_at timestamptz,
-    p_metadata jsonb
+    p_metadata jsonb,
+    p_claimed boolean DEFAULT true
 )
 RETURNS rules.action_result
 LANGUAGE plpgsql
@@ -454,6 +492,17 @@ BEGIN
     IF p_occurred_at IS NOT NULL
        AND (p_occurred_at > v_now + interval '5 minutes' OR p_occurred_at < v_now - interval '30 days') THEN
         PERFORM ledger._invalid('occurred_at', 'must be within the last 30 days (and not in the future)');
+    END IF;
+
+    IF EXISTS (SELECT FROM pg_catalog.pg_extension WHERE extname = 'citus') THEN
+        IF p_claimed IS NOT TRUE THEN
+            RAISE EXCEPTION USING ERRCODE = 'RLB03',
+                MESSAGE = format('action not claimed: %s %s', p_source, p_external_id),
+                HINT = 'call rules.claim_action(action_key, user_id), then rules.act with p_claimed true';
+        END IF;
+    ELSIF rules._claim(p_source || ' ' || p_external_id, p_user_id) <> p_user_id THEN
+        RETURN ROW('action_claimed_by_another_user', p_user_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                   NULL, NULL, NULL, NULL, false)::rules.action_result;
     END IF;
 
     v_account := ledger._lock_account(p_user_id);
@@ -1079,7 +1128,7 @@ GRANT USAGE ON SCHEMA rules TO rewards_owner;
 GRANT USAGE ON SCHEMA rules TO rewards_api;
 GRANT EXECUTE ON FUNCTION
     rules.claim_action(text, text),
-    rules.act(text, text, text, text, text, bigint, timestamptz, jsonb),
+    rules.act(text, text, text, text, text, bigint, timestamptz, jsonb, boolean),
     rules.put_rule(text, text, bigint, bigint, bigint, bigint, bigint, boolean, integer, integer),
     rules.enable_rule(text, text, boolean),
     rules.list_rules(),
@@ -1102,9 +1151,9 @@ GRANT SELECT ON rules.change_history, rules.changes TO rewards_auditor;
 -- ===========================================================================
 
 COMMENT ON FUNCTION rules.claim_action(text, text) IS
-'Bind the verified action (action_key: source, a space, external id) to p_user_id the first time; answers the user it belongs to. Call before rules.act, which runs only for that user.';
-COMMENT ON FUNCTION rules.act(text, text, text, text, text, bigint, timestamptz, jsonb) IS
-'Earn the points the rules give a verified action. Args: user_id, idempotency_key, source, external_id, action type, value (minor currency units, for per-unit rules), occurred_at (NULL: now), metadata. Status: ok | idempotency_key_reused | action_already_credited | not_eligible | cap_reached; rule, campaign, capped and budget_exhausted say why. Invalid arguments raise 22023 naming the argument.';
+'Bind the verified action (action_key: source, a space, external id) to p_user_id the first time; answers the user it belongs to. Under Citus call it before rules.act (p_claimed true), and that only for the user it answers.';
+COMMENT ON FUNCTION rules.act(text, text, text, text, text, bigint, timestamptz, jsonb, boolean) IS
+'Earn the points the rules give a verified action. Args: user_id, idempotency_key, source, external_id, action type, value (minor currency units, for per-unit rules), occurred_at (NULL: now), metadata, claimed (under Citus: rules.claim_action bound it to this user; RLB03 otherwise). Status: ok | idempotency_key_reused | action_already_credited | action_claimed_by_another_user (single node) | not_eligible | cap_reached; rule, campaign, capped and budget_exhausted say why. Invalid arguments raise 22023 naming the argument.';
 COMMENT ON FUNCTION rules.put_rule(text, text, bigint, bigint, bigint, bigint, bigint, boolean, integer, integer) IS
 'Create or change the rule of an action type (fixed_points, or points_per_unit per unit_value, rounded down; daily and lifetime caps; pending_seconds and expiry_seconds for the lot each credit makes); recorded in rules.changes.';
 COMMENT ON FUNCTION rules.put_campaign(text, bigint, text, timestamptz, timestamptz, integer, bigint, text[], text[], bigint, boolean) IS
@@ -1147,7 +1196,7 @@ BEGIN
     LOOP
         PERFORM create_distributed_function(v_function);
     END LOOP;
-    PERFORM create_distributed_function('rules.act(text, text, text, text, text, bigint, timestamptz, jsonb)',
+    PERFORM create_distributed_function('rules.act(text, text, text, text, text, bigint, timestamptz, jsonb, boolean)',
                                         'p_user_id', colocate_with => 'ledger.accounts', force_delegation => true);
     PERFORM create_distributed_function('rules.claim_action(text, text)', 'p_action_key',
                                         colocate_with => 'ledger.accounts', force_delegation => true);

@@ -1,7 +1,8 @@
-"""Verified actions earn what the rules say (rules.claim_action, then rules.act),
-on the real database as the API's role: fixed and per-unit points, campaigns
-inside their window only, caps and budgets under concurrent claims, once ever
-per (source, external id), and refusals that write only their key."""
+"""Verified actions earn what the rules say (rules.act; under Citus after
+rules.claim_action), on the real database as the API's role: fixed and per-unit
+points, campaigns inside their window only, caps and budgets under concurrent
+claims, once ever per (source, external id), and refusals that write only
+their key."""
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -13,7 +14,8 @@ from psycopg.rows import dict_row
 
 from app.ledger import actions, calls
 from app.ledger.client import Ledger
-from app.ledger.errors import InvalidArgument
+from app.ledger.errors import ClaimFirst, InvalidArgument
+from app.ledger.results import ActionStatus
 from tests.conftest import SETTINGS
 from tests.ledger import balance, entries, row_counts, unreconciled_accounts
 
@@ -127,6 +129,39 @@ def test_an_action_earns_once_ever_whoever_it_is_reported_for(api_db, db):
     assert act(api_db, "bob", "imp-1")["status"] == "action_claimed_by_another_user"
     assert balance(db, "bob")["available"] == 0
     assert db.execute("SELECT count(*) AS n FROM ledger.idempotency_keys WHERE user_id = 'bob'").fetchone()["n"] == 0
+
+
+def _claims(db):
+    return [(c["action_key"], c["user_id"]) for c in db.execute(
+        "SELECT action_key, user_id FROM rules.action_claims ORDER BY action_key").fetchall()]
+
+
+def test_act_claims_the_action_with_its_credit_on_a_single_node_and_asks_for_the_claim_under_citus(
+        topology, api_db, db):
+    rule(api_db, "ad_view", fixed_points=10)
+    rule(api_db, "purchase", points_per_unit=1, unit_value=100)
+    ledger = Ledger(api_db)
+    if topology.citus:
+        # The claim's row is on the action's shard: rules.act cannot take it,
+        # and refuses to earn until the caller says it did.
+        before = row_counts(db)
+        with pytest.raises(ClaimFirst):
+            ledger(calls.act("alice", "k-1", "adnet", "imp-1", "ad_view"))
+        assert row_counts(db) == before and _claims(db) == []
+        return
+    # One call, one transaction: the claim commits with the credit...
+    assert ledger(calls.act("alice", "k-1", "adnet", "imp-1", "ad_view")).points == 10
+    assert _claims(db) == [("adnet imp-1", "alice")]
+    # ...binds the action for every other user, whom it refuses writing nothing...
+    before = row_counts(db)
+    refused = ledger(calls.act("bob", "k-1", "adnet", "imp-1", "ad_view"))
+    assert (refused.status, refused.available) == (ActionStatus.ACTION_CLAIMED_BY_ANOTHER_USER, None)
+    assert row_counts(db) == before
+    # ...and goes with its transaction when the call raises.
+    with pytest.raises(InvalidArgument):
+        ledger(calls.act("alice", "k-2", "store", "o-1", "purchase"))
+    assert _claims(db) == [("adnet imp-1", "alice")]
+    assert ledger(calls.act("bob", "k-2", "store", "o-1", "purchase", value=500)).points == 5
 
 
 def test_a_storm_of_users_claiming_one_action_pays_one(api_db, db, database):

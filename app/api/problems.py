@@ -68,7 +68,7 @@ REFUSALS: dict[Status, str] = {
 }
 
 
-# What a verified action can be refused with (rules.act, rules.claim_action).
+# What a verified action can be refused with (app.ledger.actions).
 ACTION_REFUSALS: dict[ActionStatus, str] = {
     ActionStatus.IDEMPOTENCY_KEY_REUSED: "idempotency-key-reused",
     ActionStatus.ACTION_ALREADY_CREDITED: "action-already-credited",

@@ -143,16 +143,20 @@ def action_key(source: str, external_id: str) -> str:
 
 
 def claim_action(user_id: str, source: str, external_id: str) -> Call[dict]:
-    """Bind the action to this user the first time; answers {"owner": user}."""
+    """Bind the action to this user the first time; answers {"owner": user}.
+    Under Citus the step before `act`, which cannot reach the claim's shard."""
     return Call(queries.CLAIM_ACTION, {"action_key": action_key(source, external_id), "user_id": _user(user_id)})
 
 
 def act(user_id: str, key: str, source: str, external_id: str, action_type: str, value: int | None = None,
-        occurred_at: datetime | None = None, metadata: dict[str, Any] | None = None) -> Call[ActionOutcome]:
-    """Earn what the rules give a verified action (after claim_action bound it to this user)."""
+        occurred_at: datetime | None = None, metadata: dict[str, Any] | None = None,
+        claimed: bool = False) -> Call[ActionOutcome]:
+    """Earn what the rules give a verified action. On a single node the call
+    claims the action itself; under Citus `claimed` says claim_action bound it
+    to this user first, and without it the call raises ClaimFirst."""
     return Call(queries.ACT, {
         "user_id": _user(user_id), "key": key, "source": source, "external_id": external_id, "type": action_type,
-        "value": value, "occurred_at": occurred_at, "metadata": _json(metadata)}, ActionOutcome)
+        "value": value, "occurred_at": occurred_at, "metadata": _json(metadata), "claimed": claimed}, ActionOutcome)
 
 
 def refill_budget_slice(campaign_id: int, user_id: str, points: int) -> Call[dict]:

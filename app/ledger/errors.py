@@ -54,6 +54,13 @@ class BudgetSliceLow(LedgerError):
         self.points = points
 
 
+class ClaimFirst(LedgerError):
+    """rules.act under Citus, called without saying the action was claimed
+    (SQLSTATE RLB03): the claim lives on the action's own shard, out of the
+    call's reach, and nothing was written. Claim it (calls.claim_action) and
+    call again with claimed=True. app.ledger.actions does."""
+
+
 class AlreadyExists(LedgerError):
     """The object a call creates is there already (SQLSTATE 42710), such as a
     replication slot another process made a moment before."""
@@ -167,12 +174,16 @@ def _ledger_error(kind: type[psycopg.Error], sqlstate: str | None, message: str,
     # message, which Citus relays from a worker without the error's other fields.
     if low := _BUDGET_SLICE_LOW.match(message or ""):
         return BudgetSliceLow(_line(message), int(low.group(1)), int(low.group(2)))
+    # rules.act's RLB03, read alike.
+    if _NOT_CLAIMED.match(message or ""):
+        return ClaimFirst(_line(message))
     return None
 
 
 # A precondition of one of the ledger's own functions does not hold (sql/api.sql).
 REFUSED_SQLSTATE = "RLB02"
 _BUDGET_SLICE_LOW = re.compile(r"^budget slice low: campaign (\d+) needs (\d+)$")
+_NOT_CLAIMED = re.compile(r"^action not claimed: ")
 
 
 def _argument_named_in(message: str) -> str | None:

@@ -211,14 +211,15 @@ class CallbackSecret:
 
 
 class ActionStatus(StrEnum):
-    """rules.action_result.status, and the claim's own refusal."""
+    """rules.action_result.status."""
 
     OK = "ok"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
     ACTION_ALREADY_CREDITED = "action_already_credited"
     NOT_ELIGIBLE = "not_eligible"
     CAP_REACHED = "cap_reached"
-    # rules.claim_action: the action belongs to another user
+    # the action belongs to another user (rules.act on a single node,
+    # rules.claim_action's answer under Citus): nothing written
     ACTION_CLAIMED_BY_ANOTHER_USER = "action_claimed_by_another_user"
 
 

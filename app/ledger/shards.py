@@ -110,6 +110,12 @@ class ShardMap:
     def single(self) -> bool:
         return len(self.shard_ids) == 1
 
+    @property
+    def distributed(self) -> bool:
+        """Under Citus (with any number of shards): a verified action's claim is
+        then on a shard of its own (app.ledger.actions)."""
+        return self != SINGLE
+
     def shard_of(self, user_id: str) -> int:
         """The shard (of ledger.accounts) holding this user: Citus' own answer
         (get_shard_id_for_distribution_column) for a map that is current."""

@@ -14,13 +14,14 @@ from app.api.security import scope_required
 from app.ledger import actions
 from app.ledger.client import AsyncLedger
 from app.ledger.results import ActionOutcome
+from app.ledger.shards import Shards
 
 
 @post("/v1/actions", guards=[scope_required("points:earn")], dto=StrictJson[ActionRequest], return_dto=None,
       status_code=201, tags=["actions"], summary="Report a verified action; the rules say what it earns",
       responses=documented("forbidden", "source-not-allowed", "action-already-credited", "action-claimed",
                            "cap-reached", "not-eligible", "idempotency-key-reused", "payload-too-large"))
-async def report_action(request: Request, ledger: AsyncLedger, idempotency_key: IdempotencyKey,
+async def report_action(request: Request, ledger: AsyncLedger, shards: Shards, idempotency_key: IdempotencyKey,
                         data: ActionRequest) -> Response[ActionEarned]:
     # The source check comes before the token: a key refused a source spends
     # nothing of the user's bucket.
@@ -29,7 +30,7 @@ async def report_action(request: Request, ledger: AsyncLedger, idempotency_key: 
                       extra={"field": "source"})
     rate_limit = await take_token(request, "earn", data.user_id)
     outcome = await actions.earn(ledger, data.user_id, idempotency_key, data.source, data.external_id, data.type,
-                                 data.value, data.occurred_at, data.metadata)
+                                 data.value, data.occurred_at, data.metadata, (await shards.current()).distributed)
     return answer(outcome, rate_limit)
 
 

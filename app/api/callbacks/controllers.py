@@ -24,6 +24,7 @@ from app.api.problems import documented, problem
 from app.api.ratelimit import take_callback_token
 from app.ledger import actions, calls, limits
 from app.ledger.client import AsyncLedger
+from app.ledger.shards import Shards
 
 SourceName = Annotated[str, Parameter(pattern=limits.NAME_PATTERN, description="the source, as `rewards sources create` named it")]
 
@@ -48,12 +49,14 @@ async def _known_user(ledger: AsyncLedger, user_id: str) -> None:
       responses=documented("callback-source-unknown", "signature-invalid", "signature-stale", "unknown-user",
                            "action-already-credited", "action-claimed", "cap-reached", "not-eligible",
                            "idempotency-key-reused", "payload-too-large"))
-async def callback(request: Request, ledger: AsyncLedger, source: SourceName) -> Response[ActionEarned]:
+async def callback(request: Request, ledger: AsyncLedger, shards: Shards,
+                   source: SourceName) -> Response[ActionEarned]:
     data = strict(await verified_body(request, source), CallbackRequest)
     rate_limit = await take_callback_token(request, source, data.user_id)
     await _known_user(ledger, data.user_id)
     outcome = await actions.earn(ledger, data.user_id, idempotency_key(source, data.external_id), source,
-                                 data.external_id, data.type, data.value, data.occurred_at, data.metadata)
+                                 data.external_id, data.type, data.value, data.occurred_at, data.metadata,
+                                 (await shards.current()).distributed)
     return answer(outcome, rate_limit)
 
 
