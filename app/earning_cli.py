@@ -1,12 +1,14 @@
-"""`rewards rules ...` and `rewards campaigns ...`: the earning rules from the
-command line, each change recorded in the history under the OS user who ran it
-(`rewards rules history` lists them). `app.cli` registers these commands."""
+"""`rewards rules ...`, `rewards campaigns ...` and `rewards refunds ...`: the
+earning rules from the command line, each change recorded in the history under
+the OS user who ran it (`rewards rules history` lists them), and refunds of
+what verified actions earned. `app.cli` registers these commands."""
 
 from __future__ import annotations
 
 import argparse
 import getpass
 import json
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict
@@ -15,7 +17,7 @@ from datetime import datetime
 from app.ledger import calls
 from app.ledger.client import Ledger
 from app.ledger.errors import InvalidArgument
-from app.ledger.results import Campaign, Rule
+from app.ledger.results import Campaign, Outcome, Rule, Status
 
 Connect = Callable[[], AbstractContextManager[Ledger]]
 
@@ -67,6 +69,27 @@ def _print_campaign(campaign: Campaign) -> None:
     print(f"{campaign.campaign_id}\t{campaign.name}\t{adds}\t{campaign.starts_at:%Y-%m-%dT%H:%M%z}.."
           f"{campaign.ends_at:%Y-%m-%dT%H:%M%z}\ttypes {_or_any(campaign.action_types)}\tsources "
           f"{_or_any(campaign.sources)}\t{budget}\t{'enabled' if campaign.enabled else 'disabled'}")
+
+
+# What each refusal of a refund says, after the action it names.
+_REFUND_REFUSALS = {
+    Status.ACTION_NOT_FOUND: "the user has no credit of it: nothing to refund",
+    Status.ACTION_ALREADY_REFUNDED: "refunded already, under another key",
+    Status.ACTION_POINTS_EXPIRED: "every point it earned has expired: nothing to reverse",
+    Status.IDEMPOTENCY_KEY_REUSED: "the key was used for another request",
+}
+
+# ledger.settings.refund_shortfall: what a refund does with points already spent.
+_SHORTFALLS = {
+    "owe": "owed by the user, paid off first by later credits",
+    "write_off": "written off: recorded as lost, nothing owed",
+}
+
+
+def _print_refund(outcome: Outcome, action: str) -> None:
+    replayed = " (a replay: refunded before under this key)" if outcome.replayed else ""
+    print(f"{outcome.user_id}\t{action}\trefunded {outcome.amount} points (last entry {outcome.entry_id})\t"
+          f"available {outcome.available}\treserved {outcome.reserved}{replayed}")
 
 
 def register(groups: argparse._SubParsersAction, connect: Connect) -> None:
@@ -132,6 +155,27 @@ def register(groups: argparse._SubParsersAction, connect: Connect) -> None:
         _print_campaign(campaign)
         return 0
 
+    def refunds_create(args: argparse.Namespace, ledger: Ledger) -> int:
+        key = args.key or calls.action_idempotency_key("cli-refund", args.source, args.external_id)
+        outcome = ledger(calls.refund(args.user_id, key, args.source, args.external_id, args.reason))
+        action = f"{args.source} {args.external_id}"
+        if args.json:
+            print(json.dumps(asdict(outcome), default=str, sort_keys=True))
+        elif outcome.ok:
+            _print_refund(outcome, action)
+        if not outcome.ok:
+            print(f"rewards: {action} of {args.user_id}: {_REFUND_REFUSALS[outcome.status]} ({outcome.status})",
+                  file=sys.stderr)
+            return 2
+        return 0
+
+    def refunds_shortfall(args: argparse.Namespace, ledger: Ledger) -> int:
+        if args.set:
+            ledger(calls.set_refund_shortfall(args.set))
+        shortfall = ledger(calls.refund_shortfall())["refund_shortfall"]
+        print(f"refund shortfall: {shortfall} (what the user already spent is {_SHORTFALLS[shortfall]})")
+        return 0
+
     rules = groups.add_parser("rules", help="what each action type earns").add_subparsers(
         dest="command", required=True)
     rules.add_parser("list", help="every rule").set_defaults(func=run(rules_list))
@@ -183,3 +227,19 @@ def register(groups: argparse._SubParsersAction, connect: Connect) -> None:
         switch = campaigns.add_parser(name, help=f"{name} a campaign")
         switch.add_argument("campaign_id", type=int)
         switch.set_defaults(func=run(campaigns_switch), enabled=enabled)
+
+    refunds = groups.add_parser("refunds", help="reverse what verified actions earned").add_subparsers(
+        dest="command", required=True)
+    refund = refunds.add_parser("create", help="refund an action: pending points cancelled, available ones taken "
+                                               "back, spent ones owed or written off")
+    refund.add_argument("user_id")
+    refund.add_argument("source")
+    refund.add_argument("external_id")
+    refund.add_argument("--reason", default="refund", help="the entries' reason (default: refund)")
+    refund.add_argument("--key", help="idempotency key (default: one made from the action, so the same command "
+                                      "again replays the first answer)")
+    refund.add_argument("--json", action="store_true", help="print the ledger's answer as JSON")
+    refund.set_defaults(func=run(refunds_create))
+    shortfall = refunds.add_parser("shortfall", help="show or set what a refund does with points already spent")
+    shortfall.add_argument("--set", choices=sorted(_SHORTFALLS), help="owe (the default) or write_off")
+    shortfall.set_defaults(func=run(refunds_shortfall))

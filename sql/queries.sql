@@ -331,6 +331,12 @@ SELECT history_retention::text AS retention, history_horizon AS horizon FROM aud
 -- A bad interval is refused here (SQLSTATE 22007), not at the next drop.
 UPDATE audit.settings SET history_retention = %(retention)s::interval;
 
+-- name: refund_shortfall
+SELECT refund_shortfall FROM ledger.settings;
+
+-- name: set_refund_shortfall
+UPDATE ledger.settings SET refund_shortfall = %(shortfall)s;
+
 -- name: idempotency_retention
 SELECT idempotency_retention::text AS retention FROM ledger.settings;
 

@@ -3,6 +3,7 @@ line on stderr and a non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 
 from app.operations.processes import free_port
 from app.settings import PROJECT_ROOT
+from tests.ledger import balance, credit, debit, entries
 
 
 def _rewards(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -62,6 +64,8 @@ def test_a_bad_retention_interval_is_refused_in_one_line(db):
     ["audit", "retention"],
     ["notify", "dead"],
     ["notify", "resend", "1"],
+    ["refunds", "create", "alice", "store", "o-1"],
+    ["refunds", "shortfall"],
     ["db", "migrate"],
 ], ids=" ".join)
 def test_a_stopped_database_is_one_line_not_a_traceback(command, tmp_path):
@@ -101,3 +105,36 @@ def test_the_retention_of_keys_and_notifications_is_shown_set_and_refused_in_one
     assert db.execute("SELECT (SELECT idempotency_retention::text FROM ledger.settings) AS keys, "
                       "(SELECT notification_retention::text FROM audit.settings) AS sent").fetchone() == {
         "keys": "90 days", "sent": "12:00:00"}
+
+
+def test_a_refund_from_the_command_line_reverses_the_action_once_and_refusals_are_one_line(db):
+    name = db.info.dbname
+    credit(db, "alice", "c-1", 50, "purchase", source="store", external_id="o-1")
+    debit(db, "alice", "d-1", 30)
+    done = _rewards("refunds", "create", "alice", "store", "o-1", "--reason", "returned", REWARDS_DATABASE=name)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("alice\tstore o-1\trefunded 50 points (last entry "), done.stdout
+    assert done.stdout.rstrip().endswith("available 0\treserved 0"), done.stdout
+    # The same command again replays the answer (its key is made from the action).
+    again = _rewards("refunds", "create", "alice", "store", "o-1", "--reason", "returned", "--json",
+                     REWARDS_DATABASE=name)
+    assert again.returncode == 0, again.stderr
+    assert {k: v for k, v in json.loads(again.stdout).items() if k in ("status", "amount", "replayed")} == {
+        "status": "ok", "amount": 50, "replayed": True}
+    _one_clear_line(_rewards("refunds", "create", "alice", "store", "o-1", "--key", "another",
+                             REWARDS_DATABASE=name), 2, "refunded already")
+    _one_clear_line(_rewards("refunds", "create", "bob", "store", "o-1", REWARDS_DATABASE=name), 2, "no credit")
+    parts = [(e["kind"], e["amount"]) for e in entries(db, "alice") if e["kind"] in ("reversal", "owed")]
+    assert parts == [("reversal", 20), ("owed", 30)]
+    assert (balance(db, "alice")["available"], balance(db, "alice")["owed"]) == (0, 30)
+
+
+def test_the_refund_shortfall_is_shown_and_set(db):
+    name = db.info.dbname
+    assert _rewards("refunds", "shortfall", REWARDS_DATABASE=name).stdout.startswith("refund shortfall: owe ")
+    done = _rewards("refunds", "shortfall", "--set", "write_off", REWARDS_DATABASE=name)
+    assert done.returncode == 0 and done.stdout.startswith("refund shortfall: write_off "), done.stderr
+    assert db.execute("SELECT refund_shortfall FROM ledger.settings").fetchone()["refund_shortfall"] == "write_off"
+    refused = _rewards("refunds", "shortfall", "--set", "forgive", REWARDS_DATABASE=name)
+    assert refused.returncode == 2 and "invalid choice" in refused.stderr and "Traceback" not in refused.stderr
+

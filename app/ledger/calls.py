@@ -7,6 +7,7 @@ argument is passed, so the server never expands a default.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -134,6 +135,25 @@ def refund(user_id: str, key: str, action_source: str, action_external_id: str, 
     return Call(queries.REFUND, {
         "user_id": _user(user_id), "key": key, "action_source": action_source,
         "action_external_id": action_external_id, "reason": reason, "metadata": _json(metadata)}, Outcome)
+
+
+def refund_shortfall() -> Call[dict]:
+    """{"refund_shortfall": 'owe' or 'write_off'}: what a refund does with the
+    points it cannot take back (ledger.settings)."""
+    return Call(queries.REFUND_SHORTFALL)
+
+
+def set_refund_shortfall(shortfall: str) -> Call[dict]:
+    """Make refunds owe ('owe') or write off ('write_off') what the user already spent."""
+    return Call(queries.SET_REFUND_SHORTFALL, {"shortfall": shortfall}, shape=Shape.NONE)
+
+
+def action_idempotency_key(what: str, source: str, external_id: str) -> str:
+    """The idempotency key of a write that names its action and carries no key
+    of its own (a partner's callback, a refund from the command line): the
+    action is its identity, so the same write again replays the first answer,
+    and `what` keeps the writes of one action apart."""
+    return f"{what}:" + hashlib.sha256(f"{source} {external_id}".encode()).hexdigest()
 
 
 def action_key(source: str, external_id: str) -> str:

@@ -5,7 +5,6 @@ as POST /v1/refunds would."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Annotated
 
 from litestar import Request, Response, post
@@ -34,7 +33,7 @@ def idempotency_key(source: str, external_id: str, what: str = "callback") -> st
     partner's retry replays the first answer and the same external id with
     another body is refused (a key reused for a different request). A refund
     of the action has a key of its own (`what`)."""
-    return f"{what}:" + hashlib.sha256(f"{source} {external_id}".encode()).hexdigest()
+    return calls.action_idempotency_key(what, source, external_id)
 
 
 async def _known_user(ledger: AsyncLedger, user_id: str) -> None:
