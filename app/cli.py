@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +32,10 @@ def _setup(args: argparse.Namespace) -> int:
     workers = [nodes.Address.parse(text) for text in args.worker]
     if workers and settings.citus != "on":
         raise InvalidArgument(f"Citus workers need REWARDS_CITUS=on (it is {settings.citus})", "worker")
+    if settings.ha:
+        # PgBouncer's file would name REWARDS_PG_PORT, which is the monitor's under HA.
+        raise InvalidArgument("rewards setup prepares servers it did not start, and REWARDS_HA=on runs nodes "
+                              "`rewards up` starts itself: unset REWARDS_HA", "REWARDS_HA")
     processes.setup(settings, [replace(settings, pg_host=node.host, pg_port=node.port) for node in workers])
     print(f"database {settings.database} on {settings.pg_host or settings.socket_dir}:{settings.pg_port} migrated"
           + (f" with the workers {', '.join(map(str, workers))}" if workers else "")
@@ -152,8 +157,23 @@ def _audit_streams(args: argparse.Namespace) -> list:
     return stream.discover(load().local_conninfo("rewards_audit_writer"), args.slot)
 
 
+def _serve_metrics(port: int, process: str) -> None:
+    """The process's /metrics on 127.0.0.1:`port`. A port already taken is
+    logged and the process goes on without its metrics: its work (the history,
+    the notifications, PgBouncer on the primary) matters more than their
+    series, whose absence `up` shows, and exiting would only have its
+    supervisor start it again into the same taken port until it gave up."""
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port, addr="127.0.0.1")
+    except OSError as exc:
+        logging.getLogger(f"rewards.{process}").error(
+            "metrics not served: port %s could not be bound (%s); going on without them", port, exc)
+
+
 def _audit_run(args: argparse.Namespace) -> int:
-    from prometheus_client import REGISTRY, start_http_server
+    from prometheus_client import REGISTRY
 
     from app import logs
     from app.audit import metrics
@@ -165,7 +185,7 @@ def _audit_run(args: argparse.Namespace) -> int:
         # Each scrape also reads every node the stream reads (run() adds new ones to `streams`).
         REGISTRY.register(metrics.NodeCollector(lambda: [s.source_conninfo for s in streams],
                                                 settings.local_conninfo("rewards_audit_writer")))
-        start_http_server(settings.audit_metrics_port, addr="127.0.0.1")
+        _serve_metrics(settings.audit_metrics_port, "audit")
     # run() finds the nodes itself, waiting for the database when it is away.
     stream.run(streams, rediscover=lambda: _audit_streams(args))
     return 0
@@ -235,9 +255,7 @@ def _notify_run(args: argparse.Namespace) -> int:
         return 2
     logs.configure()
     if settings.notify_metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.notify_metrics_port, addr="127.0.0.1")
+        _serve_metrics(settings.notify_metrics_port, "notify")
     Sender(settings.local_conninfo("rewards_notifier"), settings.notify_url, settings.required("notify_secret"),
            max_attempts=settings.notify_max_attempts).run()
     return 0
@@ -436,9 +454,7 @@ def _ha_follow(args: argparse.Namespace) -> int:
     logs.configure()
     settings = load()
     if settings.ha_metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.ha_metrics_port, addr="127.0.0.1")
+        _serve_metrics(settings.ha_metrics_port, "ha")
     ha.follow(settings, retarget=lambda port: processes.bouncer_retarget(settings, port))
 
 

@@ -80,6 +80,7 @@ def test_setup_on_a_stopped_database_or_with_workers_it_cannot_register_is_one_l
     _one_clear_line(_rewards("setup", "--worker", "worker1:5432", **elsewhere, REWARDS_CITUS="off"), 2,
                     "REWARDS_CITUS=on")
     _one_clear_line(_rewards("setup", "--worker", "worker1", **elsewhere, REWARDS_CITUS="on"), 2, "HOST:PORT")
+    _one_clear_line(_rewards("setup", **elsewhere, REWARDS_CITUS="off", REWARDS_HA="on"), 2, "unset REWARDS_HA")
 
 
 def test_the_command_line_leaves_the_slow_imports_to_the_commands_that_need_them():

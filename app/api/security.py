@@ -46,9 +46,14 @@ class KeyCache:
         if running is None:
             running = asyncio.ensure_future(self._fetch_and_put(digest, fetch))
             self._looking_up[digest] = running
-            running.add_done_callback(lambda _: self._looking_up.pop(digest, None))
+            running.add_done_callback(lambda done: self._settled(digest, done))
         # Shielded: a waiter that is cancelled leaves the lookup to the others.
         return await asyncio.shield(running)
+
+    def _settled(self, digest: bytes, done: asyncio.Future[ApiKey | None]) -> None:
+        self._looking_up.pop(digest, None)
+        if not done.cancelled():
+            done.exception()  # retrieved, should every waiter have gone: no "never retrieved" warning
 
     async def _fetch_and_put(self, digest: bytes, fetch: Callable[[], Awaitable[ApiKey | None]]) -> ApiKey | None:
         key = await fetch()

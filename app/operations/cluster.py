@@ -9,6 +9,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -156,13 +157,19 @@ def write_owned(settings: Settings, path: Path, text: str) -> None:
     its own SIGHUPs), and a pg_ident.conf it read half-written stayed in force,
     refusing the keeper's own logins, until the next reload, which never came
     (tests/test_ha.py's trio hung so)."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    if path.exists():
-        partial.chmod(path.stat().st_mode & 0o7777)
-    if os.geteuid() == 0:
-        shutil.chown(partial, settings.pg_os_user, settings.pg_os_user)
-    os.replace(partial, path)
+    # A name of its own per call: two writers of one file (`rewards up` and the
+    # HA follower's retarget) must not rename each other's half-written file.
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    partial = Path(name)
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        partial.chmod(path.stat().st_mode & 0o7777 if path.exists() else 0o644)
+        if os.geteuid() == 0:
+            shutil.chown(partial, settings.pg_os_user, settings.pg_os_user)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def make_folders(settings: Settings) -> None:

@@ -572,7 +572,9 @@ def drop_stale_slots(settings: Settings, monitor_conn: psycopg.Connection, clean
             continue
         try:
             with psycopg.connect(node_conninfo(settings, node), autocommit=True, row_factory=dict_row,
-                                 connect_timeout=FOLLOW_CONNECT_SECONDS) as conn:
+                                 connect_timeout=FOLLOW_CONNECT_SECONDS,
+                                 # a standby that logs in and then stalls must not hold up the retarget
+                                 options=f"-c statement_timeout={FOLLOW_CONNECT_SECONDS * 1000}") as conn:
                 if not conn.execute(queries.HA_NODE_ROLE).fetchone()["in_recovery"]:
                     continue  # promoted since the monitor's answer: its slot is the consumer's
                 for row in conn.execute(queries.HA_LOGICAL_SLOTS).fetchall():
@@ -608,7 +610,7 @@ def follow(settings: Settings, retarget: Callable[[int], None], stop: Callable[[
                         BOUNCER_BEHIND.set(1)
                         try:
                             retarget(current.port)
-                        except OSError as exc:
+                        except Exception as exc:  # noqa: BLE001 - whatever it was, the listener must go on
                             failures += 1
                             RETARGET_FAILURES.inc()
                             log.warning("could not point PgBouncer at the primary, trying again", extra={"fields": {

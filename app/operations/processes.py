@@ -157,14 +157,17 @@ def bouncer_pids(settings: Settings) -> list[int]:
     """The PgBouncer processes that read this data folder's ini, found by
     their command line: the same under `make run`'s supervisord and under
     systemd (ops/systemd), and never a process that took a dead one's pid."""
-    ini = str(_bouncer_ini(settings)).encode()
+    ini = _bouncer_ini(settings).resolve()
     pids = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            arguments = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue  # ended while we looked
-        if arguments and Path(arguments[0].decode(errors="replace")).name == "pgbouncer" and ini in arguments:
+            program, *arguments = (Path(os.fsdecode(a)) for a in cmdline.read_bytes().split(b"\0") if a)
+            # The ini as its unit or supervisor wrote it (a symlinked or
+            # relative REWARDS_DATA_DIR), resolved in PgBouncer's own folder.
+            cwd = Path(os.readlink(cmdline.parent / "cwd"))
+        except (OSError, ValueError):
+            continue  # ended while we looked, or no command line
+        if program.name == "pgbouncer" and any((cwd / a).resolve() == ini for a in arguments):
             pids.append(int(cmdline.parent.name))
     return pids
 
