@@ -106,6 +106,16 @@ def test_a_plain_alembic_upgrade_leaves_public_executing_nothing(database):
         assert not conn.execute(public_may_run).fetchone()["runs"]
 
 
+def test_the_schema_status_only_reads(database):
+    """`rewards db status` (Alembic's current) leaves the privileges alone: it
+    must answer while a Citus worker is down, where the guard would fail."""
+    public_may_run = "SELECT has_function_privilege('public', 'ledger.stray()', 'EXECUTE') AS runs"
+    with psycopg.connect(SETTINGS.superuser_conninfo(database), autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("CREATE FUNCTION ledger.stray() RETURNS integer LANGUAGE sql AS 'SELECT 1'")
+        migrate.current(SETTINGS.superuser_conninfo(database))
+        assert conn.execute(public_may_run).fetchone()["runs"]
+
+
 # --- What pg_dump --schema-only does not see --------------------------------
 
 

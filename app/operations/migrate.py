@@ -59,7 +59,9 @@ def current(conninfo: str) -> None:
     from alembic import command
 
     with _driver_errors():
-        command.current(_config(conninfo), verbose=True)
+        config = _config(conninfo)
+        config.attributes["command"] = "current"  # read only: migrations/env.py leaves the privileges alone
+        command.current(config, verbose=True)
 
 
 @contextmanager
